@@ -1,0 +1,35 @@
+# Each target creates .venv on first use (torch pinned to the local CPU wheel via constraints.txt).
+PY      := .venv/bin/python
+STAMP   := .venv/.installed
+DEMO_STEPS ?= 30000
+
+.PHONY: demo test test-fast bench lint format clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	.venv/bin/plumb train --preset lecture-deep --steps $(DEMO_STEPS) --lr-decay-step $$(( $(DEMO_STEPS) * 3 / 4 )) --out runs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(PY) bench/bench_step.py
+
+lint: $(STAMP)
+	.venv/bin/ruff check src tests bench
+	.venv/bin/ruff format --check src tests bench
+
+format: $(STAMP)
+	.venv/bin/ruff format src tests bench
+	.venv/bin/ruff check --fix src tests bench
+
+clean:
+	rm -rf .venv runs .pytest_cache build src/*.egg-info

@@ -1,0 +1,36 @@
+"""plumb: makemore Part 3 (activations, gradients, BatchNorm) as software.
+
+A character-level MLP language model built from from-scratch layers with principled
+initialisation, trained on a names dataset; see the README for the CLI.
+"""
+
+__version__ = "0.1.0"
+
+from plumb.data import Dataset, Vocab, load_dataset
+from plumb.errors import PlumbError
+from plumb.init import calculate_gain, expected_initial_loss
+from plumb.models import MLP, PRESETS, ModelConfig, preset_config
+from plumb.pipeline import eval_run, sample_run, train_run
+from plumb.runs import Run
+from plumb.train import TrainConfig, split_loss, train
+
+__all__ = [
+    "MLP",
+    "PRESETS",
+    "Dataset",
+    "ModelConfig",
+    "PlumbError",
+    "Run",
+    "TrainConfig",
+    "Vocab",
+    "__version__",
+    "calculate_gain",
+    "eval_run",
+    "expected_initial_loss",
+    "load_dataset",
+    "preset_config",
+    "sample_run",
+    "split_loss",
+    "train",
+    "train_run",
+]

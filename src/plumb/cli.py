@@ -1,0 +1,313 @@
+"""``plumb`` command line: parses arguments and calls the library (see pipeline.py).
+
+User mistakes print one line, ``plumb: error: ...``, and exit 2, with no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import NoReturn
+
+from plumb.errors import PlumbError
+
+EPILOG_TRAIN = """examples:
+  plumb train                                   # lecture-deep, 200k steps, bundled names
+  plumb train --steps 20000 --lr-decay-step 15000 --out runs/quick
+  plumb train --preset lecture-mlp:batchnorm --threads 1
+  plumb train --data words.txt --n-layers 2 --norm layer --activation relu --optimizer adamw --lr 1e-3
+"""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit code 2, as argparse uses)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"plumb: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    from plumb.models import BIAS_POLICIES, INITS, NORMS
+    from plumb.nn import ACTIVATIONS
+
+    g = p.add_argument_group("model (defaults come from --preset)")
+    g.add_argument(
+        "--preset",
+        default="lecture-deep",
+        help="lecture-deep (default), lecture-mlp, lecture-mlp:STAGE",
+    )
+    g.add_argument("--block-size", type=int, help="context length in characters (3)")
+    g.add_argument("--n-embd", type=int, help="embedding dimension")
+    g.add_argument("--n-hidden", type=int, help="hidden units per layer")
+    g.add_argument("--n-layers", type=int, help="hidden [Linear, Norm, Act] blocks")
+    g.add_argument("--norm", choices=NORMS)
+    g.add_argument("--activation", choices=tuple(ACTIVATIONS))
+    g.add_argument(
+        "--out-norm",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a norm layer after the output Linear",
+    )
+    g.add_argument("--init", choices=INITS, help="hidden weight init scheme")
+    g.add_argument("--gain", type=float, help="init gain (default: the activation's, tanh 5/3)")
+    g.add_argument("--weight-scale", type=float, help="extra factor on hidden weights")
+    g.add_argument("--out-init", choices=INITS, help="output layer init scheme")
+    g.add_argument(
+        "--out-scale", type=float, help="output calibration factor (0.1 for lecture-deep)"
+    )
+    g.add_argument("--bias", choices=BIAS_POLICIES, help="auto: no bias before a norm layer")
+    g.add_argument("--bias-scale", type=float)
+    g.add_argument("--out-bias-scale", type=float)
+    g.add_argument(
+        "--bn-variance",
+        choices=("torch", "lecture"),
+        help="torch: biased var to normalise; lecture: unbiased",
+    )
+    g.add_argument("--bn-momentum", type=float)
+    g.add_argument("--bn-eps", type=float)
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    from plumb.train import OPTIMIZERS
+
+    g = p.add_argument_group("training (defaults come from --preset)")
+    g.add_argument("--data", help="UTF-8 text file, one item per line (default: bundled names)")
+    g.add_argument("--out", help="run directory (default: runs/PRESET-TIMESTAMP)")
+    g.add_argument("--steps", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--lr-decay-step", type=int, help="step from which lr becomes --lr-final")
+    g.add_argument("--lr-final", type=float)
+    g.add_argument("--optimizer", choices=OPTIMIZERS)
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--seed", type=int, help="generator seed for init and batches (2147483647)")
+    g.add_argument("--device", help="cpu (default), cuda, cuda:N")
+    g.add_argument("--threads", type=int, help="torch threads; 1 for bit-exact lecture numbers")
+    g.add_argument(
+        "--calibrate-bn",
+        action="store_true",
+        help="set BatchNorm running stats from the whole training set after training",
+    )
+    g.add_argument("--print-every", type=int)
+    g.add_argument("--samples", type=int, default=20, help="samples to print at the end (20)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_configs(args: argparse.Namespace):
+    from plumb.models import PRESET_TRAIN, ModelConfig, preset_config
+    from plumb.train import TrainConfig
+
+    model_over = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(ModelConfig)
+        if getattr(args, f.name, None) is not None
+    }
+    model_cfg = preset_config(args.preset, **model_over)
+    train_over = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(TrainConfig)
+        if getattr(args, f.name, None) not in (None, False)
+    }
+    train_cfg = TrainConfig(**{**PRESET_TRAIN.get(args.preset, {}), **train_over})
+    return model_cfg, train_cfg
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from plumb.pipeline import sample_run, train_run
+
+    model_cfg, train_cfg = build_configs(args)
+    out = Path(args.out or f"runs/{args.preset.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.samples < 0:
+        raise PlumbError(f"--samples must be >= 0, got {args.samples}")
+    print(
+        f"plumb: training {args.preset} for {train_cfg.steps:,} steps "
+        f"(batch {train_cfg.batch_size}, {train_cfg.optimizer} lr {train_cfg.lr:g}"
+        + (
+            f" -> {train_cfg.lr_final:g} at step {train_cfg.lr_decay_step:,}"
+            if train_cfg.lr_decay_step is not None and train_cfg.lr_decay_step < train_cfg.steps
+            else ""
+        )
+        + f", device {train_cfg.device})"
+    )
+
+    def on_print(step: int, loss: float) -> None:
+        if args.no_progress:
+            print(f"{step:7d}/{train_cfg.steps:7d}: {loss:.4f}", flush=True)
+
+    run = train_run(
+        model_cfg, train_cfg, out, args.data, progress=not args.no_progress, on_print=on_print
+    )
+    m = run.metrics
+    print(
+        f"parameters {m['num_parameters']:,}  step-0 loss {m['step0_loss']:.4f}  "
+        f"({m['train_seconds']:.1f} s, {m['us_per_step']:.0f} us/step)"
+    )
+    print("loss (eval mode): " + "  ".join(f"{k} {v:.4f}" for k, v in m["loss"].items()))
+    if args.samples:
+        print(f"{args.samples} samples:")
+        for word, where in sample_run(out, n=args.samples, device=train_cfg.device):
+            print(f"  {word}" + ("" if where in ("new", "?") else f"   (in {where} set)"))
+    print(f"run directory: {out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from plumb.pipeline import eval_run
+
+    splits = [s.strip() for s in args.split.split(",") if s.strip()]
+    for name, value in eval_run(args.run, splits, args.device, args.data).items():
+        print(f"{name} {value:.4f}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from plumb.pipeline import sample_run
+
+    rows = sample_run(args.run, args.n, args.seed, args.temperature, args.top_k, args.device)
+    for word, where in rows:
+        print(word + ("" if where in ("new", "?") else f"   (in {where} set)"))
+    counts = {k: sum(1 for _, w in rows if w == k) for k in ("train", "val", "test", "new")}
+    if any(where == "?" for _, where in rows):
+        print(
+            "(the run's data file is gone or changed: cannot tell which samples are in the data)",
+            file=sys.stderr,
+        )
+    else:
+        print(
+            f"({counts['new']} new, {counts['train']} in train, {counts['val']} in val, "
+            f"{counts['test']} in test)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_lecture(args: argparse.Namespace) -> int:
+    from plumb.lecture import run_lecture
+    from plumb.models import LECTURE_STAGES
+
+    stages = (
+        list(LECTURE_STAGES)
+        if args.stages == "all"
+        else [s.strip() for s in args.stages.split(",")]
+    )
+    bad = [s for s in stages if s not in LECTURE_STAGES]
+    if bad:
+        raise PlumbError(
+            f"unknown stage(s) {', '.join(bad)}: choose from {', '.join(LECTURE_STAGES)}"
+        )
+    if args.steps is not None and args.steps < 1:
+        raise PlumbError(f"--steps must be >= 1, got {args.steps}")
+    if args.threads < 1 or (args.jobs is not None and args.jobs < 1):
+        raise PlumbError("--threads and --jobs must be >= 1")
+    steps = args.steps or 200_000
+    print(
+        f"plumb lecture: {len(stages)} stage(s) x {steps:,} steps, {args.threads} thread(s) each "
+        "(published numbers: 200,000 steps; exact with 1 thread on torch 2.13.0 CPU)",
+        flush=True,
+    )
+    header = f"{'stage':<12} {'published train':>15} {'val':>7}   {'plumb train':>11} {'val':>7}   {'diff train':>10} {'val':>7}"
+    print(header)
+    print("-" * len(header))
+
+    def row(r) -> None:
+        tr, va = r.compared
+        ptr, pva = r.published
+        print(
+            f"{r.stage:<12} {ptr:>15.4f} {pva:>7.4f}   {tr:>11.4f} {va:>7.4f}   {tr - ptr:>+10.4f} {va - pva:>+7.4f}",
+            flush=True,
+        )
+        if r.calibrated is not None:
+            print(
+                f"{'':<12} {'(running stats, not calibrated)':>31}   {r.train:>11.4f} {r.val:>7.4f}"
+            )
+
+    run_lecture(stages, args.data, args.steps, args.threads, args.jobs, on_result=row)
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    from plumb import __version__
+
+    parser = Parser(
+        prog="plumb",
+        description="makemore Part 3 as software: train, evaluate and sample "
+        "a character-level MLP built from scratch.",
+        epilog="run `plumb COMMAND --help` for each command's flags and examples",
+    )
+    parser.add_argument("--version", action="version", version=f"plumb {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    p = sub.add_parser(
+        "train",
+        help="train a model and save a run directory",
+        epilog=EPILOG_TRAIN,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_model_flags(p)
+    _add_train_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "eval",
+        help="loss of a saved run on its splits",
+        epilog="example:\n  plumb eval --run runs/quick --split val,test",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--split", default="train,val,test", help="comma-separated splits")
+    p.add_argument("--data", help="data file (default: the one the run was trained on)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "sample",
+        help="sample items from a saved run",
+        epilog="example:\n  plumb sample --run runs/quick -n 20 --temperature 0.8 --top-k 10",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("-n", type=int, default=20, help="number of samples (20)")
+    p.add_argument("--seed", type=int, default=2147483647 + 10)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser(
+        "lecture",
+        help="rerun the lecture's loss-log table and compare",
+        epilog="examples:\n  plumb lecture                     # all five stages, 200k steps each\n"
+        "  plumb lecture --steps 20000 --stages kaiming,batchnorm",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--steps", type=int, help="steps per stage (200000, as published)")
+    p.add_argument(
+        "--stages",
+        default="all",
+        help="comma-separated: original,fix-softmax,fix-tanh,kaiming,batchnorm",
+    )
+    p.add_argument("--threads", type=int, default=1, help="threads per stage (1: bit-exact)")
+    p.add_argument("--jobs", type=int, help="stages run at once (default: cores)")
+    p.add_argument("--data", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_lecture)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except PlumbError as e:
+        print(f"plumb: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("plumb: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
