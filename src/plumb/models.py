@@ -143,7 +143,8 @@ class MLP(nn.Module):
             layers[f"linear{i}"] = self._linear(fan_in, cfg.n_hidden, _has_bias(cfg, hidden))
             if hidden:
                 layers[f"norm{i}"] = _norm(cfg, cfg.n_hidden)
-            layers[f"{cfg.activation}{i}"] = act()
+            # activation layers are named after the function (tanh1, relu2, identity3)
+            layers[f"{'identity' if cfg.activation == 'linear' else cfg.activation}{i}"] = act()
             fan_in = cfg.n_hidden
         layers["output"] = self._linear(fan_in, cfg.vocab_size, _has_bias(cfg, cfg.out_norm))
         if cfg.out_norm:

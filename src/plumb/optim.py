@@ -27,8 +27,9 @@ class SGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr = group["lr"]
-            for p in group["params"]:
-                if p.grad is not None:
-                    p.add_(-lr * p.grad)
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                # Two foreach calls for all parameters: -lr * grad, then p + that.
+                updates = torch._foreach_mul([p.grad for p in params], -group["lr"])
+                torch._foreach_add_(params, updates)
         return loss

@@ -51,6 +51,7 @@ class TrainConfig:
     device: str = "cpu"
     threads: int | None = None  # torch.set_num_threads; exact reproduction needs 1
     calibrate_bn: bool = False  # set BatchNorm running stats from the whole training set
+    compile: bool = False  # torch.compile the model (fused kernels; not bit-exact with eager)
     print_every: int = 10_000
 
     def __post_init__(self) -> None:
@@ -230,6 +231,7 @@ def train(
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     opt = optimizer or make_optimizer(model, cfg)
+    forward = torch.compile(model) if cfg.compile else model
     X, Y = data.train.X.to(device), data.train.Y.to(device)
     n = X.shape[0]
     losses = torch.empty(cfg.steps, device=device)
@@ -240,7 +242,7 @@ def train(
     step0 = float("nan")
     for i in range(cfg.steps):
         ix = torch.randint(0, n, (cfg.batch_size,), generator=generator).to(device)
-        loss = F.cross_entropy(model(X[ix]), Y[ix].long())
+        loss = F.cross_entropy(forward(X[ix]), Y[ix].long())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         lr = cfg.lr_at(i)

@@ -1,0 +1,131 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from plumb.cli import main
+from plumb.runs import Run
+
+TINY = ["--n-hidden", "16", "--n-layers", "2", "--steps", "300", "--no-progress", "--samples", "5"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    assert main(["train", *TINY, "--out", str(out), "--print-every", "100"]) == 0
+    return out
+
+
+def test_train_writes_a_complete_run(run_dir, capsys):
+    assert {p.name for p in run_dir.iterdir()} >= {
+        "config.json",
+        "model.safetensors",
+        "metrics.json",
+        "losses.safetensors",
+    }
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert cfg["format"] == 1 and cfg["model"]["n_hidden"] == 16 and len(cfg["data"]["vocab"]) == 26
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics["loss"]) == {"train", "val", "test"}
+    run = Run(run_dir)
+    assert run.losses()["loss"].shape == (300,)
+    assert not any(p.suffix in (".pt", ".pkl", ".pth") for p in run_dir.iterdir())
+
+
+def test_eval_reloads_the_same_numbers(run_dir, capsys):
+    assert main(["eval", "--run", str(run_dir)]) == 0
+    out = dict(line.split() for line in capsys.readouterr().out.strip().splitlines())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for split, value in out.items():
+        assert float(value) == pytest.approx(metrics["loss"][split], abs=1e-4)
+
+
+def test_sample_is_reproducible_and_marks_training_items(run_dir, capsys):
+    args = ["sample", "--run", str(run_dir), "-n", "30", "--seed", "5"]
+    assert main(args) == 0
+    first = capsys.readouterr()
+    assert main(args) == 0
+    second = capsys.readouterr()
+    assert first.out == second.out and len(first.out.strip().splitlines()) == 30
+    assert "new" in first.err
+    # top-k 1 with a low temperature is greedy: every sample the same
+    assert main(["sample", "--run", str(run_dir), "-n", "5", "--top-k", "1"]) == 0
+    assert (
+        len(
+            {
+                line.split()[0] if line.split() else ""
+                for line in capsys.readouterr().out.splitlines()
+            }
+        )
+        == 1
+    )
+
+
+def test_lecture_command_short(capsys):
+    assert main(["lecture", "--steps", "50", "--stages", "original,kaiming", "--jobs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "original" in out and "kaiming" in out and "2.1245" in out
+
+
+BAD = [
+    (["train", "--data", "/nonexistent/names.txt"], "does not exist"),
+    (["train", "--block-size", "0"], "block_size must be a positive integer"),
+    (["train", "--steps", "-1"], "steps must be an integer >= 0"),
+    (["train", "--lr", "0"], "lr must be a finite number > 0"),
+    (["train", "--lr", "nan"], "lr must be a finite number > 0"),
+    (["train", "--preset", "nope"], "unknown preset"),
+    (["train", "--norm", "group"], "invalid choice"),
+    (["train", "--steps", "ten"], "invalid int value"),
+    (["train", "--device", "tpu"], "device"),
+    (["sample", "--run", "/nonexistent/run"], "does not exist"),
+    (["sample", "--run", ".", "--temperature", "0"], "config.json is missing"),
+    (["lecture", "--stages", "bogus"], "unknown stage"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD)
+def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, argv, message):
+    out = tmp_path / "run"
+    argv = [*argv, "--out", str(out)] if argv[0] == "train" else argv
+    proc = subprocess.run(
+        [sys.executable, "-m", "plumb.cli", *argv],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("plumb: error:"), proc.stderr
+    assert message in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n", b"ok\n\xff\n", b"one\n"])
+def test_bad_data_files_write_nothing(tmp_path, content):
+    data = tmp_path / "d.txt"
+    data.write_bytes(content)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(out), "--steps", "5"]) == 2
+    assert not out.exists()
+
+
+def test_damaged_run_is_a_clear_error(run_dir, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.json", "metrics.json"):
+        (broken / name).write_bytes((run_dir / name).read_bytes())
+    (broken / "model.safetensors").write_bytes((run_dir / "model.safetensors").read_bytes()[:100])
+    assert main(["sample", "--run", str(broken)]) == 2
+    assert "not a readable safetensors file" in capsys.readouterr().err
+    (broken / "config.json").write_text("{not json")
+    assert main(["eval", "--run", str(broken)]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_help_has_examples(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "examples:" in capsys.readouterr().out

@@ -1,0 +1,116 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from plumb import nn as pnn
+from plumb.errors import PlumbError
+from plumb.models import LECTURE_SEED, MLP, PRESETS, ModelConfig, preset_config
+
+
+def test_parameter_counts_match_lecture():
+    assert MLP(preset_config("lecture-mlp:batchnorm")).num_parameters() == 12097
+    assert MLP(preset_config("lecture-deep")).num_parameters() == 47024
+
+
+def test_deep_architecture_and_bias_policy():
+    m = MLP(preset_config("lecture-deep"))
+    kinds = [type(layer).__name__ for layer in m.layers]
+    assert kinds == ["Embedding", "Flatten"] + ["Linear", "BatchNorm1d", "Tanh"] * 5 + [
+        "Linear",
+        "BatchNorm1d",
+    ]
+    assert all(
+        layer.bias is None for layer in m.layers if isinstance(layer, pnn.Linear)
+    )  # all feed a BN
+    mlp = MLP(preset_config("lecture-mlp:batchnorm"))
+    assert mlp.layers.linear1.bias is None and mlp.layers.output.bias is not None
+    always = MLP(ModelConfig(bias="always"))
+    assert always.layers.linear1.bias is not None
+
+
+def test_init_draws_in_the_notebooks_order():
+    """lecture-mlp:kaiming draws C, W1, b1, W2, b2 from one generator, as the notebook."""
+    g = torch.Generator().manual_seed(LECTURE_SEED)
+    C = torch.randn((27, 10), generator=g)
+    W1 = torch.randn((30, 200), generator=g) * (5 / 3) / ((30) ** 0.5)
+    b1 = torch.randn(200, generator=g) * 0.01
+    W2 = torch.randn((200, 27), generator=g) * 0.01
+    b2 = torch.randn(27, generator=g) * 0
+    m = MLP(preset_config("lecture-mlp:kaiming"), torch.Generator().manual_seed(LECTURE_SEED))
+    L = m.layers
+    for ours, ref in [
+        (L.embedding.weight, C),
+        (L.linear1.weight, W1),
+        (L.linear1.bias, b1),
+        (L.output.weight, W2),
+        (L.output.bias, b2),
+    ]:
+        assert torch.equal(ours.detach(), ref)
+
+
+def test_deep_init_matches_notebook():
+    g = torch.Generator().manual_seed(LECTURE_SEED)
+    C = torch.randn((27, 10), generator=g)
+    Ws = [
+        torch.randn((fi, fo), generator=g) / fi**0.5
+        for fi, fo in [(30, 100)] + [(100, 100)] * 4 + [(100, 27)]
+    ]
+    m = MLP(preset_config("lecture-deep"), torch.Generator().manual_seed(LECTURE_SEED))
+    assert torch.equal(m.layers.embedding.weight.detach(), C)
+    lins = [layer for layer in m.layers if isinstance(layer, pnn.Linear)]
+    for lin, W in zip(lins, Ws, strict=True):
+        assert torch.equal(lin.weight.detach(), W)
+    assert torch.allclose(m.layers.output_norm.weight, torch.full((27,), 0.1))
+
+
+@pytest.mark.parametrize("stage", ["fix-softmax", "kaiming", "batchnorm"])
+def test_calibrated_stages_start_near_ln_vocab(names, stage):
+    m = MLP(preset_config(f"lecture-mlp:{stage}"), torch.Generator().manual_seed(0))
+    loss = F.cross_entropy(m(names.train.X[:4096]), names.train.Y[:4096].long()).item()
+    assert abs(loss - math.log(27)) < 0.15
+
+
+def test_original_stage_is_confidently_wrong(names):
+    m = MLP(preset_config("lecture-mlp:original"), torch.Generator().manual_seed(LECTURE_SEED))
+    loss = F.cross_entropy(m(names.train.X[:4096]), names.train.Y[:4096].long()).item()
+    assert loss > 15  # the lecture's 27.9 at step 0
+
+
+@pytest.mark.parametrize("norm", ["none", "batch", "layer"])
+@pytest.mark.parametrize("activation", ["tanh", "relu", "leaky_relu", "sigmoid", "linear"])
+@pytest.mark.parametrize("init", ["kaiming", "xavier", "normal", "torch"])
+def test_every_config_builds_and_runs(norm, activation, init):
+    cfg = ModelConfig(n_hidden=16, n_layers=2, norm=norm, activation=activation, init=init)
+    m = MLP(cfg, torch.Generator().manual_seed(0))
+    out = m(torch.randint(0, 27, (8, 3)))
+    assert out.shape == (8, 27) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(n_hidden=0),
+        dict(block_size=-1),
+        dict(norm="group"),
+        dict(activation="gelu"),
+        dict(init="he"),
+        dict(weight_scale=float("nan")),
+        dict(gain=0.0),
+        dict(bn_momentum=0.0),
+        dict(n_layers=-1),
+        dict(norm="none", out_norm=True),
+    ],
+)
+def test_bad_config(bad):
+    with pytest.raises(PlumbError):
+        ModelConfig(**bad)
+
+
+def test_presets_and_unknown_preset():
+    assert {"lecture-deep", "lecture-mlp", "lecture-mlp:batchnorm"} <= set(PRESETS)
+    with pytest.raises(PlumbError, match="unknown preset"):
+        preset_config("gpt-5")
+    cfg = ModelConfig.from_dict(preset_config("lecture-deep").to_dict())
+    assert cfg == preset_config("lecture-deep")

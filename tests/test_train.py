@@ -1,0 +1,101 @@
+"""Exact reproduction of the lecture (CPU, 1 thread, torch 2.13.0): the fast checks here,
+the full 200,000-step stages as slow tests."""
+
+import pytest
+import torch
+
+from plumb import reference
+from plumb.lecture import run_lecture, run_stage
+from plumb.models import LECTURE_SEED, MLP, preset_config
+from plumb.optim import SGD
+from plumb.train import TrainConfig, calibrate_batchnorm, split_loss, train
+
+
+def printed(x: float) -> str:
+    return f"{x:.4f}"
+
+
+def test_lecture_deep_1001_steps(names):
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(LECTURE_SEED)
+    model = MLP(preset_config("lecture-deep"), g)
+    result = train(
+        model, names, TrainConfig(steps=1001, lr_decay_step=150_000, threads=1), g, progress=False
+    )
+    assert printed(result.step0_loss) == printed(reference.DEEP_STEP0_LOSS)
+    train_loss, val_loss = split_loss(model, names.train), split_loss(model, names.val)
+    assert (printed(train_loss), printed(val_loss)) == tuple(map(printed, reference.DEEP_1001))
+    # On this build the numbers agree to the last float32 bit; allow an ulp or two elsewhere.
+    assert abs(train_loss - reference.DEEP_1001[0]) < 1e-6
+    assert abs(val_loss - reference.DEEP_1001[1]) < 1e-6
+
+
+def test_batchnorm_stage_first_10000_steps(names):
+    r = run_stage("batchnorm", names, steps=10_001, threads=1)
+    assert [printed(v) for _, v in r.printed] == [
+        printed(v) for v in reference.BATCHNORM_PRINTED[:2]
+    ]
+
+
+def test_sgd_is_the_notebooks_update():
+    p = torch.nn.Parameter(torch.randn(50, 50))
+    p.grad = torch.randn(50, 50) * 1e-2
+    expected = p.detach() + (-0.1 * p.grad)
+    SGD([p], lr=0.1).step()
+    assert torch.equal(p.detach(), expected)
+
+
+def test_lr_schedule_and_losses_stay_on_device(names):
+    cfg = TrainConfig(steps=30, lr=0.2, lr_decay_step=10, lr_final=0.02, print_every=1000)
+    g = torch.Generator().manual_seed(0)
+    model = MLP(preset_config("lecture-deep", n_hidden=16), g)
+    res = train(model, names, cfg, g, progress=False)
+    assert res.lrs[:10].eq(0.2).all() and res.lrs[10:].eq(0.02).all()
+    assert res.losses.shape == (30,) and torch.isfinite(res.losses).all()
+
+
+def test_adamw_and_calibration(names):
+    cfg = TrainConfig(steps=200, optimizer="adamw", lr=3e-3, print_every=1000)
+    g = torch.Generator().manual_seed(0)
+    model = MLP(preset_config("lecture-deep", n_hidden=32, n_layers=2), g)
+    res = train(model, names, cfg, g, progress=False)
+    assert res.losses[-50:].mean() < res.losses[:50].mean() - 0.3
+    before = split_loss(model, names.val)
+    assert calibrate_batchnorm(model, names.train) == 3
+    bn = model.layers.norm1
+    h = model.layers.linear1(model.layers.flatten(model.layers.embedding(names.train.X)))
+    torch.testing.assert_close(bn.running_mean, h.mean(0).detach(), rtol=1e-4, atol=1e-5)
+    assert abs(split_loss(model, names.val) - before) < 0.2
+    assert model.training  # calibration leaves the mode as it found it
+
+
+def test_same_seed_same_run(names):
+    def run():
+        g = torch.Generator().manual_seed(3)
+        model = MLP(preset_config("lecture-deep", n_hidden=16, n_layers=2), g)
+        return train(
+            model, names, TrainConfig(steps=50, print_every=1000), g, progress=False
+        ).losses
+
+    assert torch.equal(run(), run())
+
+
+@pytest.mark.slow
+def test_full_lecture_reproduction():
+    """All five stages, 200,000 steps each (about 15 min on 2 cores)."""
+    results = {r.stage: r for r in run_lecture(jobs=2)}
+    for stage, r in results.items():
+        published = reference.LOSS_LOG[stage]
+        assert abs(r.compared[0] - published[0]) < 0.01, stage
+        assert abs(r.compared[1] - published[1]) < 0.01, stage
+    bn = results["batchnorm"]
+    assert (printed(bn.train), printed(bn.val)) == tuple(map(printed, reference.BATCHNORM_RUNNING))
+    ours = [printed(v) for _, v in bn.printed]
+    published = [printed(v) for v in reference.BATCHNORM_PRINTED]
+    # Every printed loss to 4 decimals. On AMD/AVX2 MKL kernels the step-180000 loss is
+    # 2.01984930, 7e-8 below the rounding boundary of the published 2.0199: we allow a
+    # difference of one unit in the 4th decimal there and count exact matches.
+    assert all(abs(float(a) - float(b)) <= 1.0001e-4 for a, b in zip(ours, published, strict=True))
+    assert sum(a == b for a, b in zip(ours, published, strict=True)) >= 19
+    k = results["kaiming"]
+    assert (printed(k.train), printed(k.val)) == ("2.0377", "2.1070")
