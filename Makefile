@@ -22,6 +22,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_step.py
+	$(PY) bench/bench_data.py
 
 lint: $(STAMP)
 	.venv/bin/ruff check src tests bench

@@ -16,7 +16,7 @@ def lecture_build(words, stoi, block_size):
             ix = stoi[ch]
             X.append(context)
             Y.append(ix)
-            context = context[1:] + [ix]
+            context = [*context[1:], ix]
     return torch.tensor(X), torch.tensor(Y)
 
 
@@ -27,7 +27,7 @@ def test_names_split_sizes_match_lecture(names):
 
 
 def test_examples_equal_the_notebooks_build_dataset(names):
-    words = open(names_path()).read().splitlines()
+    words = names_path().read_text().splitlines()
     chars = sorted(set("".join(words)))
     stoi = {s: i + 1 for i, s in enumerate(chars)}
     stoi["."] = 0
@@ -59,7 +59,7 @@ def test_dot_in_data_does_not_collide_with_boundary(tmp_path):
     assert data.vocab.stoi["."] != 0
     assert data.vocab.boundary != "."
     # the boundary id 0 only appears as padding/terminator, never for a real "."
-    X, Y = context_windows(["a.b"], data.vocab, 3)
+    _, Y = context_windows(["a.b"], data.vocab, 3)
     assert Y.tolist() == [data.vocab.stoi[c] for c in "a.b"] + [0]
 
 
