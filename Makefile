@@ -1,7 +1,7 @@
 # Each target creates .venv on first use (torch pinned to the local CPU wheel via constraints.txt).
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
-DEMO_STEPS ?= 30000
+DEMO_STEPS ?= 50000
 
 .PHONY: demo test test-fast bench lint format clean
 

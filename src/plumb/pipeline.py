@@ -3,6 +3,7 @@ evaluate a saved run, sample from it."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,8 +57,7 @@ def train_run(
     out = Path(out)
     check_out_dir(out)
     data = load_dataset(data_path, block_size=model_cfg.block_size)
-    model_cfg.vocab_size = data.vocab.size
-    model_cfg.validate()
+    model_cfg = dataclasses.replace(model_cfg, vocab_size=data.vocab.size)  # validates again
     train_cfg.validate()
     if train_cfg.threads is not None:
         torch.set_num_threads(train_cfg.threads)
