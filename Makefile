@@ -1,7 +1,7 @@
 # Each target creates .venv on first use (torch pinned to the local CPU wheel via constraints.txt).
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
-DEMO_STEPS ?= 50000
+DEMO_STEPS ?= 40000
 
 .PHONY: demo test test-fast bench lint format clean
 
@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	.venv/bin/plumb train --preset lecture-deep --steps $(DEMO_STEPS) --lr-decay-step $$(( $(DEMO_STEPS) * 3 / 4 )) --out runs/demo
+	.venv/bin/plumb train --preset lecture-deep --steps $(DEMO_STEPS) --lr-decay-step $$(( $(DEMO_STEPS) * 3 / 4 )) --threads 1 --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q
