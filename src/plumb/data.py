@@ -29,12 +29,10 @@ import torch
 
 from plumb.errors import PlumbError
 
-BOUNDARY = 0
 # Symbols to show the boundary token with, in order of preference; the first one that
 # is not a character of the data is used.
 _BOUNDARY_SYMBOLS = (".", "·", "¶", "␄", "⟂")
 DEFAULT_MAX_ITEM_CHARS = 10_000
-SPLITS = ("train", "val", "test")
 
 
 def names_path() -> Path:

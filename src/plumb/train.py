@@ -192,7 +192,7 @@ class Progress:
         self.tty = sys.stderr.isatty()
         self.t0 = time.perf_counter()
 
-    def update(self, step: int, loss: float, lr: float, force_line: bool = False) -> None:
+    def update(self, step: int, loss: float, lr: float) -> None:
         if not self.enabled:
             return
         rate = step / max(time.perf_counter() - self.t0, 1e-9)
@@ -200,7 +200,7 @@ class Progress:
         filled = int(width * step / max(self.total, 1))
         bar = "#" * filled + "-" * (width - filled)
         text = f"step {step:>7d}/{self.total} [{bar}] loss {loss:.4f} lr {lr:g} {rate:,.0f} it/s"
-        if self.tty and not force_line:
+        if self.tty:
             sys.stderr.write("\r" + text)
         else:
             sys.stderr.write(text + "\n")
@@ -256,6 +256,6 @@ def train(
                 step0 = value
             if on_print is not None and i % cfg.print_every == 0:
                 on_print(i, value)
-            bar.update(i + 1, value, lr, force_line=False)
+            bar.update(i + 1, value, lr)
     bar.close()
     return TrainResult(losses.cpu(), lrs, time.perf_counter() - t0, step0)
