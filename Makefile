@@ -23,6 +23,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_step.py
 	$(PY) bench/bench_data.py
+	$(PY) bench/bench_probes.py
 
 lint: $(STAMP)
 	.venv/bin/ruff check src tests bench

@@ -129,3 +129,49 @@ def test_help_has_examples(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     assert "examples:" in capsys.readouterr().out
+
+
+def test_train_writes_probes_report_and_layer_table(run_dir, capsys, tmp_path):
+    assert (run_dir / "report.html").is_file() and (run_dir / "probes" / "meta.json").is_file()
+    assert main(["report", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "layer statistics at step 250" in out and "tanh2" in out and "report:" in out
+    assert main(["report", str(run_dir), "--tensorboard", str(tmp_path / "tb")]) == 0
+    assert any((tmp_path / "tb").iterdir())
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--probe-every", "0"], "probe_every must be an integer >= 1"),
+        (["train", "--probe-every", "10", "--hist-every", "15"], "must be a multiple"),
+        (["train", "--no-probes", "--tensorboard"], "--tensorboard needs the probes"),
+        (["report", "/nonexistent/run"], "does not exist"),
+    ],
+)
+def test_probe_flags_bad_input(args, message, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "plumb.cli", *args, "--out", str(tmp_path / "o")]
+        if args[0] == "train"
+        else [sys.executable, "-m", "plumb.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_report_on_damaged_record(run_dir, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(run_dir, bad)
+    (bad / "probes" / "histograms.safetensors").write_bytes(b"\x00garbage")
+    proc = subprocess.run(
+        [sys.executable, "-m", "plumb.cli", "report", str(bad)], capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and "not a readable safetensors file" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -11,15 +11,27 @@ from plumb.errors import PlumbError
 from plumb.init import calculate_gain, expected_initial_loss
 from plumb.models import MLP, PRESETS, ModelConfig, preset_config
 from plumb.pipeline import eval_run, sample_run, train_run
+from plumb.probes import Monitor
+from plumb.record import Record, load_run
 from plumb.runs import Run
 from plumb.train import TrainConfig, split_loss, train
+
+
+def write_report(run_dir):
+    """(Re)build ``RUN_DIR/report.html`` and ``RUN_DIR/figures/`` from the probe record."""
+    from plumb.report import write_report as _write
+
+    return _write(run_dir)
+
 
 __all__ = [
     "MLP",
     "PRESETS",
     "Dataset",
     "ModelConfig",
+    "Monitor",
     "PlumbError",
+    "Record",
     "Run",
     "TrainConfig",
     "Vocab",
@@ -28,9 +40,11 @@ __all__ = [
     "eval_run",
     "expected_initial_loss",
     "load_dataset",
+    "load_run",
     "preset_config",
     "sample_run",
     "split_loss",
     "train",
     "train_run",
+    "write_report",
 ]

@@ -99,6 +99,20 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--print-every", type=int)
     g.add_argument("--samples", type=int, default=20, help="samples to print at the end (20)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("probes and report")
+    g.add_argument(
+        "--probe-every", type=int, help="record layer statistics every N steps (max(50, steps/500))"
+    )
+    g.add_argument("--hist-every", type=int, help="histograms every N steps (10 x --probe-every)")
+    g.add_argument("--no-probes", action="store_true", help="train without probes (no report)")
+    g.add_argument("--no-report", action="store_true", help="do not write report.html")
+    g.add_argument(
+        "--tensorboard",
+        nargs="?",
+        const="",
+        metavar="DIR",
+        help="also write TensorBoard event files (default DIR: RUN_DIR/tensorboard)",
+    )
 
 
 def build_configs(args: argparse.Namespace):
@@ -117,12 +131,14 @@ def build_configs(args: argparse.Namespace):
         # `is` checks: 0 == False in Python, and a flag like --lr 0 must reach validation.
         if getattr(args, f.name, None) is not None and getattr(args, f.name) is not False
     }
+    if getattr(args, "no_probes", False):
+        train_over["probes"] = False
     train_cfg = TrainConfig(**{**PRESET_TRAIN.get(args.preset, {}), **train_over})
     return model_cfg, train_cfg
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from plumb.pipeline import sample_run, train_run
+    from plumb.pipeline import train_run
 
     model_cfg, train_cfg = build_configs(args)
     out = Path(args.out or f"runs/{args.preset.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -143,8 +159,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.no_progress:
             print(f"{step:7d}/{train_cfg.steps:7d}: {loss:.4f}", flush=True)
 
+    tensorboard = None
+    if args.tensorboard is not None:
+        if args.no_probes:
+            raise PlumbError("--tensorboard needs the probes: drop --no-probes")
+        tensorboard = Path(args.tensorboard) if args.tensorboard else out / "tensorboard"
     run = train_run(
-        model_cfg, train_cfg, out, args.data, progress=not args.no_progress, on_print=on_print
+        model_cfg,
+        train_cfg,
+        out,
+        args.data,
+        progress=not args.no_progress,
+        on_print=on_print,
+        samples=args.samples,
+        report=not args.no_report,
+        tensorboard=tensorboard,
     )
     m = run.metrics
     print(
@@ -152,10 +181,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"({m['train_seconds']:.1f} s, {m['us_per_step']:.0f} us/step)"
     )
     print("loss (eval mode): " + "  ".join(f"{k} {v:.4f}" for k, v in m["loss"].items()))
-    if args.samples:
-        print(f"{args.samples} samples:")
-        for word, where in sample_run(out, n=args.samples, device=train_cfg.device):
+    if run.samples:
+        print(f"{len(run.samples)} samples:")
+        for word, where in run.samples:
             print(f"  {word}" + ("" if where in ("new", "?") else f"   (in {where} set)"))
+    if train_cfg.probes:
+        from plumb.record import load_run
+        from plumb.report.tables import terminal_table
+
+        print(terminal_table(load_run(out)))
+        if not args.no_report:
+            print(f"report: {out / 'report.html'}")
+    if tensorboard is not None:
+        print(f"tensorboard: tensorboard --logdir {tensorboard}")
     print(f"run directory: {out}")
     return 0
 
@@ -234,6 +272,22 @@ def cmd_lecture(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from plumb.record import load_run
+    from plumb.report import write_report
+    from plumb.report.tables import terminal_table
+
+    path = write_report(args.run_dir)
+    print(terminal_table(load_run(args.run_dir)))
+    print(f"report: {path}")
+    if args.tensorboard is not None:
+        from plumb.report.tensorboard import export_tensorboard
+
+        logdir = export_tensorboard(args.run_dir, args.tensorboard or None)
+        print(f"tensorboard: tensorboard --logdir {logdir}")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     from plumb import __version__
 
@@ -281,6 +335,22 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser(
+        "report",
+        help="(re)build RUN_DIR/report.html and figures from a run's probe record",
+        epilog="examples:\n  plumb report runs/demo\n  plumb report runs/mine --tensorboard",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("run_dir", help="run directory (plumb train --out, or Monitor(out=...))")
+    p.add_argument(
+        "--tensorboard",
+        nargs="?",
+        const="",
+        metavar="DIR",
+        help="also export TensorBoard event files (default DIR: RUN_DIR/tensorboard)",
+    )
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(
         "lecture",

@@ -3,6 +3,7 @@ evaluate a saved run, sample from it."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -15,7 +16,8 @@ from plumb import __version__
 from plumb.data import Dataset, load_dataset
 from plumb.errors import PlumbError
 from plumb.models import MLP, ModelConfig
-from plumb.runs import Run, save_run, sha256_file
+from plumb.probes import Monitor
+from plumb.runs import Run, save_run, sha256_file, write_json
 from plumb.sample import sample
 from plumb.train import (
     TrainConfig,
@@ -34,6 +36,7 @@ class TrainedRun:
     data: Dataset
     result: TrainResult
     metrics: dict[str, Any]
+    samples: list[tuple[str, str]]
 
 
 def check_out_dir(out: Path) -> None:
@@ -49,9 +52,14 @@ def train_run(
     *,
     progress: bool = True,
     on_print=None,
+    samples: int = 20,
+    report: bool = True,
+    tensorboard: str | Path | None = None,
 ) -> TrainedRun:
-    """Load data, build the model (vocab size and block size from the data), train,
-    evaluate every split in eval mode, and save the run directory ``out``.
+    """Load data, build the model (vocab size and block size from the data), train with
+    the probes attached (unless ``train_cfg.probes`` is off), evaluate every split in eval
+    mode, and save the run directory ``out``: config, weights, metrics, losses, the probe
+    record, ``samples`` samples, and ``report.html`` (``report=True``).
 
     Everything is validated before ``out`` is created, so bad input writes nothing."""
     out = Path(out)
@@ -64,7 +72,21 @@ def train_run(
     device = resolve_device(train_cfg.device)
     g = torch.Generator().manual_seed(train_cfg.seed)
     model = MLP(model_cfg, g).to(device)
-    result = train(model, data, train_cfg, g, progress=progress, on_print=on_print)
+    if samples < 0:
+        raise PlumbError(f"samples must be >= 0, got {samples}")
+    sinks = []
+    if tensorboard is not None:
+        from plumb.report.tensorboard import TensorBoardSink
+
+        sinks.append(TensorBoardSink(tensorboard))
+    monitor = None
+    if train_cfg.probes:
+        every, hist_every = train_cfg.cadence()
+        monitor = Monitor(model, every, hist_every=hist_every, out=out, report=False, sinks=sinks)
+    with monitor if monitor is not None else contextlib.nullcontext():
+        result = train(
+            model, data, train_cfg, g, progress=progress, on_print=on_print, monitor=monitor
+        )
     calibrated = train_cfg.calibrate_bn and calibrate_batchnorm(model, data.train, device) > 0
     losses = {name: split_loss(model, split, device) for name, split in data.splits.items()}
     metrics = {
@@ -95,7 +117,34 @@ def train_run(
     out.mkdir(parents=True, exist_ok=True)
     save_run(out, model.cpu(), train_cfg, data_info, metrics, result.losses, result.lrs)
     model.to(device)
-    return TrainedRun(out, model, data, result, metrics)
+    rows = sample_run(out, n=samples, device=train_cfg.device) if samples else []
+    write_json(
+        out / "samples.json",
+        {
+            "samples": [list(r) for r in rows],
+            "data_preview": {
+                "first items of the file": _first_items(data.source, 12),
+                **{f"{name} split": split.items[:8] for name, split in data.splits.items()},
+            },
+        },
+    )
+    if report and monitor is not None:
+        from plumb.report import write_report
+
+        write_report(out)
+    return TrainedRun(out, model, data, result, metrics, rows)
+
+
+def _first_items(path: str | Path, n: int) -> list[str]:
+    """The first ``n`` items of a data file (stripped, blank lines skipped), read lazily."""
+    items: list[str] = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                items.append(line.strip())
+                if len(items) == n:
+                    break
+    return items
 
 
 def training_items(run: Run, data_path: str | Path | None = None) -> dict[str, set[str]] | None:

@@ -53,6 +53,9 @@ class TrainConfig:
     calibrate_bn: bool = False  # set BatchNorm running stats from the whole training set
     compile: bool = False  # torch.compile the model (fused kernels; not bit-exact with eager)
     print_every: int = 10_000
+    probes: bool = True  # record activation/gradient/update statistics (plumb.Monitor)
+    probe_every: int | None = None  # record-step cadence; None: max(50, steps // 500)
+    hist_every: int | None = None  # histogram cadence; None: 10 * probe_every
 
     def __post_init__(self) -> None:
         self.validate()
@@ -80,7 +83,22 @@ class TrainConfig:
             raise PlumbError(f"threads must be >= 1, got {self.threads!r}")
         if self.print_every < 1:
             raise PlumbError(f"print_every must be >= 1, got {self.print_every!r}")
+        for name in ("probe_every", "hist_every"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise PlumbError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.hist_every is not None and self.hist_every % self.cadence()[0]:
+            raise PlumbError(
+                f"hist_every ({self.hist_every}) must be a multiple of probe_every "
+                f"({self.cadence()[0]})"
+            )
         resolve_device(self.device)
+
+    def cadence(self) -> tuple[int, int]:
+        """(probe_every, hist_every): ~500 record steps and ~50 histograms per run, at
+        most one record every 50 steps (about 2% of the step time, see bench_probes)."""
+        every = self.probe_every or max(50, self.steps // 500)
+        return every, self.hist_every or 10 * every
 
     def lr_at(self, step: int) -> float:
         if self.lr_decay_step is not None and step >= self.lr_decay_step:
@@ -221,12 +239,14 @@ def train(
     optimizer: torch.optim.Optimizer | None = None,
     on_print: Callable[[int, float], None] | None = None,
     progress: bool = True,
+    monitor: Any = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``cfg.steps`` minibatch steps.
 
     ``generator`` must be the one the model was initialised from, for the lecture's
     order of random draws; ``on_print(step, loss)`` is called every ``cfg.print_every``
-    steps (the notebook prints at steps 0, 10000, ...)."""
+    steps (the notebook prints at steps 0, 10000, ...). ``monitor`` (a ``plumb.Monitor``
+    already attached to ``model``) is stepped after every update."""
     device = resolve_device(cfg.device)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -250,6 +270,8 @@ def train(
             group["lr"] = lr
         opt.step()
         losses[i] = loss.detach()
+        if monitor is not None:
+            monitor.step(loss)
         if i % cfg.print_every == 0 or i == cfg.steps - 1:
             value = loss.item()
             if i == 0:

@@ -1,0 +1,297 @@
+"""The probe record: what a ``Monitor`` measured, on the host and on disk.
+
+On disk, in ``RUN_DIR/probes/`` (format version ``RECORD_FORMAT``):
+
+    meta.json               {"format": 1, "every", "hist_every", "bins", "saturation_layer",
+                             "thresholds", "layers": [{name, type, kind}],
+                             "params": [{name, shape, layer}], "model"}
+    scalars.jsonl           one JSON object per record step:
+                             {"step": 100, "loss": 2.41,
+                              "layer": {NAME: {"mean", "std", "grad_mean", "grad_std",
+                                               "saturated" | "zero", "dead"}},
+                              "param": {NAME: {"std", "grad_mean", "grad_std", "grad_data",
+                                               "update_data"}}}
+                             (a stat a layer does not have is absent; NaN/Infinity are
+                             written as Python's json writes them)
+    loss.safetensors        "loss": float32 (steps,), the training loss of every step
+    histograms.safetensors  for each SERIES ("layer/NAME", "layer_grad/NAME",
+                             "param_grad/NAME"): "SERIES/steps" int64 (H,),
+                             "SERIES/counts" int32 (H, bins), "SERIES/range" float32 (H, 2)
+                             [min, max]; "satmap/steps" int64 (M,) and "satmap/maps"
+                             float16 (M, examples, units) for the saturation layer
+
+Layer NAMEs are ``model.named_modules()`` names; a module called k > 1 times in one
+forward pass appears as ``NAME#k`` for its later calls. ``plumb.load_run(DIR)`` reads it all.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from plumb.errors import PlumbError
+from plumb.runs import atomic_write_bytes, read_json, read_tensors, write_json, write_tensors
+
+RECORD_FORMAT = 1
+PROBES = "probes"
+
+
+class History:
+    """The host-side record of one Monitor: losses, scalar rows, histograms, maps."""
+
+    def __init__(self, meta: dict[str, Any]):
+        self.meta = meta
+        self.loss_chunks: list[np.ndarray] = []
+        self.rows: list[dict[str, Any]] = []
+        self.hists: dict[str, dict[str, list]] = {}
+        self.satmaps: list[tuple[int, np.ndarray]] = []
+
+    @property
+    def loss(self) -> np.ndarray:
+        if not self.loss_chunks:
+            return np.empty(0, np.float32)
+        return np.concatenate(self.loss_chunks)
+
+    def add(self, start: int, losses: torch.Tensor, snaps: list) -> tuple[list, dict]:
+        """Bring losses (from step ``start``) and device snapshots to the host: one copy
+        for all values, one for all histograms."""
+        loss = losses.numpy().astype(np.float32)
+        self.loss_chunks.append(loss)
+        rows: list[dict[str, Any]] = []
+        new_hists: dict[str, list] = {}
+        if not snaps:
+            return rows, new_hists
+        values = torch.cat([s.values for s in snaps]).cpu().numpy()
+        with_hist = [s for s in snaps if s.hist is not None]
+        if with_hist:
+            counts = torch.cat([s.hist for s in with_hist]).cpu().numpy().astype(np.int32)
+            ranges = torch.cat([s.hist_range for s in with_hist]).float().cpu().numpy()
+        offset = hoffset = 0
+        for s in snaps:
+            keys, scales = s.plan.keys, s.plan.scales
+            n = len(keys)
+            row: dict[str, Any] = {"step": s.step}
+            i = s.step - start
+            if 0 <= i < len(loss):
+                row["loss"] = float(loss[i])
+            row["layer"], row["param"] = {}, {}
+            chunk = values[offset : offset + n] / np.asarray(
+                scales, np.float64
+            )  # counts -> fractions
+            for (section, name, stat), v in zip(keys, chunk.tolist(), strict=True):
+                row[section].setdefault(name, {})[stat] = v
+            offset += n
+            _derive(row["param"])
+            rows.append(row)
+            if s.hist is not None:
+                for j, (section, name) in enumerate(s.plan.hist_keys):
+                    key = f"{section}/{name}"
+                    entry = (s.step, counts[hoffset + j], ranges[hoffset + j])
+                    self.hists.setdefault(key, {"steps": [], "counts": [], "range": []})
+                    for field, x in zip(("steps", "counts", "range"), entry, strict=True):
+                        self.hists[key][field].append(x)
+                    new_hists.setdefault(key, []).append(entry)
+                hoffset += len(s.plan.hist_keys)
+            if s.satmap is not None:
+                self.satmaps.append((s.step, s.satmap.float().cpu().numpy()))
+        self.rows.extend(rows)
+        return rows, new_hists
+
+
+def _derive(params: dict[str, dict[str, float]]) -> None:
+    """grad:data = std(grad) / std(p); update:data = log10(std(p_t - p_{t-1}) / std(p_t))
+    (float32 arithmetic, as the lecture's ``(grad.std() / p.std())``)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for stats in params.values():
+            std = np.float32(stats.get("std", np.nan))
+            if "grad_std" in stats:
+                stats["grad_data"] = float(np.float32(stats["grad_std"]) / std)
+            if "update_std" in stats:
+                stats["update_data"] = float(np.log10(np.float32(stats["update_std"]) / std))
+
+
+def hist_tensors(history: History) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for key, h in history.hists.items():
+        out[f"{key}/steps"] = torch.tensor(h["steps"], dtype=torch.int64)
+        out[f"{key}/counts"] = torch.from_numpy(np.stack(h["counts"]).astype(np.int32))
+        out[f"{key}/range"] = torch.from_numpy(np.stack(h["range"]).astype(np.float32))
+    if history.satmaps:
+        out["satmap/steps"] = torch.tensor([s for s, _ in history.satmaps], dtype=torch.int64)
+        shapes = {m.shape for _, m in history.satmaps}
+        if len(shapes) == 1:
+            maps = np.stack([m for _, m in history.satmaps])
+        else:  # batch size changed: keep the last shape, pad/crop the others
+            shape = history.satmaps[-1][1].shape
+            maps = np.zeros((len(history.satmaps), *shape), np.float32)
+            for k, (_, m) in enumerate(history.satmaps):
+                e, u = min(m.shape[0], shape[0]), min(m.shape[1], shape[1])
+                maps[k, :e, :u] = m[:e, :u]
+        out["satmap/maps"] = torch.from_numpy(maps.astype(np.float16))
+    return out
+
+
+class RecordWriter:
+    """Writes a Monitor's record to ``run_dir/probes/`` as it is flushed."""
+
+    def __init__(self, run_dir: str | Path, meta: dict[str, Any]):
+        self.dir = Path(run_dir) / PROBES
+        if Path(run_dir).exists() and not Path(run_dir).is_dir():
+            raise PlumbError(f"{run_dir} exists and is not a directory: choose another path")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_json(self.dir / "meta.json", {"format": RECORD_FORMAT, **meta})
+        atomic_write_bytes(self.dir / "scalars.jsonl", b"")
+        self.history: History | None = None
+
+    def write(self, history: History, rows: list[dict], new_hists: dict) -> None:
+        self.history = history
+        if rows:
+            with open(self.dir / "scalars.jsonl", "a", encoding="utf-8") as f:
+                for row in rows:
+                    f.write(json.dumps(row, separators=(",", ":")) + "\n")
+        write_tensors(self.dir / "loss.safetensors", {"loss": torch.from_numpy(history.loss)})
+        if new_hists:
+            write_tensors(self.dir / "histograms.safetensors", hist_tensors(history))
+
+    def close(self) -> None:
+        pass
+
+
+class Record:
+    """A run directory read back for notebooks: ``plumb.load_run(DIR)``.
+
+    ``config``/``metrics``/``samples``/``findings`` are those of a ``plumb train`` run
+    (``None``/empty for a Monitor in a user's own loop); ``loss`` is the per-step loss;
+    ``rows`` the scalar rows; ``series(...)``, ``histogram(...)`` and ``saturation_maps()``
+    give arrays for plotting."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise PlumbError(f"run directory {self.path} does not exist")
+        probes = self.path / PROBES
+        if not (probes / "meta.json").is_file():
+            raise PlumbError(
+                f"{self.path} has no probe record ({PROBES}/meta.json): train it with "
+                "`plumb train` or wrap your loop in `plumb.Monitor(model, out=DIR)`"
+            )
+        self.meta = read_json(probes / "meta.json")
+        fmt = self.meta.get("format")
+        if fmt != RECORD_FORMAT:
+            raise PlumbError(
+                f"{probes}/meta.json has record format {fmt!r}; this plumb reads format "
+                f"{RECORD_FORMAT}: use the plumb version that wrote it"
+            )
+        for key in ("layers", "params", "every", "bins"):
+            if key not in self.meta:
+                raise PlumbError(f"{probes}/meta.json lacks {key!r}: the record is damaged")
+        self.rows = _read_jsonl(probes / "scalars.jsonl")
+        loss_file = probes / "loss.safetensors"
+        self.loss = read_tensors(loss_file)["loss"].numpy() if loss_file.is_file() else np.empty(0)
+        hist_file = probes / "histograms.safetensors"
+        self._hist = (
+            {
+                k: v.float().numpy() if v.dtype == torch.float16 else v.numpy()
+                for k, v in read_tensors(hist_file).items()
+            }
+            if hist_file.is_file()
+            else {}
+        )
+        self.config = _optional_json(self.path / "config.json")
+        self.metrics = _optional_json(self.path / "metrics.json")
+        self.extras = _optional_json(self.path / "samples.json") or {}
+        self.samples = self.extras.get("samples", [])
+        self.findings = (_optional_json(self.path / "findings.json") or {}).get("findings", [])
+
+    @property
+    def layers(self) -> list[dict[str, str]]:
+        return self.meta["layers"]
+
+    @property
+    def params(self) -> list[dict[str, Any]]:
+        return self.meta["params"]
+
+    def kind(self, layer: str) -> str:
+        base = layer.partition("#")[0]
+        return next((x["kind"] for x in self.layers if x["name"] == base), "other")
+
+    def layer_names(self, section: str = "layer") -> list[str]:
+        """Names in first-seen order over the rows (includes ``NAME#k`` repeats)."""
+        seen: dict[str, None] = {}
+        for row in self.rows:
+            for name in row.get(section, {}):
+                seen.setdefault(name, None)
+        return list(seen)
+
+    def series(self, section: str, name: str, stat: str) -> tuple[np.ndarray, np.ndarray]:
+        """(steps, values) of one statistic, e.g. ``series("param", "fc.weight", "update_data")``."""
+        steps, values = [], []
+        for row in self.rows:
+            v = row.get(section, {}).get(name, {}).get(stat)
+            if v is not None:
+                steps.append(row["step"])
+                values.append(v)
+        return np.asarray(steps, np.int64), np.asarray(values, np.float64)
+
+    def latest(self, section: str, name: str) -> dict[str, float]:
+        for row in reversed(self.rows):
+            if name in row.get(section, {}):
+                return row[section][name]
+        return {}
+
+    def histogram_keys(self) -> list[str]:
+        return sorted({k.rsplit("/", 1)[0] for k in self._hist if not k.startswith("satmap/")})
+
+    def histogram(self, series: str, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(steps (H,), counts (H, bins), range (H, 2)) of e.g. ``("layer", "tanh1")``;
+        sections are ``layer``, ``layer_grad`` and ``param_grad``."""
+        key = f"{series}/{name}"
+        if f"{key}/counts" not in self._hist:
+            empty = np.empty((0, int(self.meta["bins"])))
+            return np.empty(0, np.int64), empty, np.empty((0, 2))
+        return self._hist[f"{key}/steps"], self._hist[f"{key}/counts"], self._hist[f"{key}/range"]
+
+    def saturation_maps(self) -> tuple[np.ndarray, np.ndarray]:
+        """(steps (M,), maps (M, examples, units)) of the saturation layer."""
+        if "satmap/maps" not in self._hist:
+            return np.empty(0, np.int64), np.empty((0, 0, 0))
+        return self._hist["satmap/steps"], self._hist["satmap/maps"]
+
+
+def _optional_json(path: Path) -> dict[str, Any] | None:
+    return read_json(path) if path.is_file() else None
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise PlumbError(f"{path} is missing: the probe record is incomplete")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise PlumbError(f"{path} is not UTF-8 text: the probe record is damaged") from None
+    lines = text.split("\n")
+    if lines and lines[-1] != "":
+        lines = lines[:-1]  # a last line cut short by a crash: the rows before it are whole
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise PlumbError(
+                f"{path} line {n} is not valid JSON: the probe record is damaged"
+            ) from None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            raise PlumbError(f"{path} line {n} is not a probe row: the probe record is damaged")
+        rows.append(row)
+    return rows
+
+
+def load_run(path: str | Path) -> Record:
+    """Read a run directory's probe record (and config, metrics, samples, findings)."""
+    return Record(path)

@@ -1,0 +1,254 @@
+"""The lecture's figures (and a few more) drawn from a probe record, headless (Agg).
+
+Each function takes a ``plumb.record.Record`` and returns a matplotlib Figure, or None
+when the record has nothing to draw. ``render_all`` returns {name: PNG bytes}.
+"""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
+
+from plumb.record import Record
+from plumb.stats import RECTIFYING, SATURATING
+
+UPDATE_GUIDE = -3.0  # log10(1e-3): the lecture's rule of thumb for update:data
+
+
+def short_names(names: list[str]) -> dict[str, str]:
+    """Drop the prefix every name shares (``layers.tanh1`` -> ``tanh1``)."""
+    if len(names) < 2:
+        return {n: n or "(model)" for n in names}
+    parts = [n.split(".") for n in names]
+    k = 0
+    while all(len(p) > k + 1 for p in parts) and len({p[k] for p in parts}) == 1:
+        k += 1
+    return {n: ".".join(p[k:]) or "(model)" for n, p in zip(names, parts, strict=True)}
+
+
+def nonlinear_layers(rec: Record) -> list[str]:
+    """The layers the lecture plots: saturating/rectifying activations if there are
+    any, else every probed layer."""
+    names = rec.layer_names()
+    chosen = [n for n in names if rec.kind(n) in SATURATING + RECTIFYING + ("gelu", "silu")]
+    return chosen or names
+
+
+def _density(counts: np.ndarray, rng: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    lo, hi = float(rng[0]), float(rng[1])
+    bins = len(counts)
+    edges = np.linspace(lo, hi, bins + 1)
+    centers = (edges[:-1] + edges[1:]) / 2
+    width = (hi - lo) / bins if hi > lo else 1.0
+    total = counts.sum()
+    return centers, counts / (total * width) if total else counts.astype(float)
+
+
+def _distribution(rec: Record, section: str, names: list[str], title: str, label) -> Figure | None:
+    drawn = False
+    fig, ax = plt.subplots(figsize=(10, 4))
+    short = short_names(names)
+    for name in names:
+        steps, counts, ranges = rec.histogram(section, name)
+        if len(steps) == 0 or not np.all(np.isfinite(ranges[-1])):
+            continue
+        x, y = _density(counts[-1], ranges[-1])
+        ax.plot(x, y, label=label(short[name], name))
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_title(title)
+    ax.set_ylabel("density")
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
+def activation_distribution(rec: Record) -> Figure | None:
+    names = nonlinear_layers(rec)
+
+    def label(short: str, name: str) -> str:
+        s = rec.latest("layer", name)
+        text = f"{short}: mean {s.get('mean', np.nan):+.2f}, std {s.get('std', np.nan):.2f}"
+        if "saturated" in s:
+            text += f", saturated {100 * s['saturated']:.1f}%"
+        if "zero" in s:
+            text += f", zero {100 * s['zero']:.1f}%"
+        return text
+
+    return _distribution(rec, "layer", names, f"activation distribution (step {_last(rec)})", label)
+
+
+def gradient_distribution(rec: Record) -> Figure | None:
+    names = nonlinear_layers(rec)
+
+    def label(short: str, name: str) -> str:
+        s = rec.latest("layer", name)
+        return (
+            f"{short}: mean {s.get('grad_mean', np.nan):+.2e}, std {s.get('grad_std', np.nan):.2e}"
+        )
+
+    return _distribution(
+        rec, "layer_grad", names, f"gradient distribution (step {_last(rec)})", label
+    )
+
+
+def weight_params(rec: Record) -> list[str]:
+    """Weights as the lecture plots them: parameters with 2+ dimensions."""
+    return [p["name"] for p in rec.params if len(p["shape"]) >= 2]
+
+
+def weight_gradient_distribution(rec: Record) -> Figure | None:
+    names = weight_params(rec)
+
+    def label(short: str, name: str) -> str:
+        s = rec.latest("param", name)
+        shape = next(tuple(p["shape"]) for p in rec.params if p["name"] == name)
+        return f"{short} {shape}: grad:data {s.get('grad_data', np.nan):.2e}"
+
+    return _distribution(
+        rec, "param_grad", names, f"weight gradient distribution (step {_last(rec)})", label
+    )
+
+
+def update_ratio(rec: Record) -> Figure | None:
+    names = weight_params(rec) or [p["name"] for p in rec.params]
+    short = short_names(names)
+    fig, ax = plt.subplots(figsize=(10, 4))
+    drawn = False
+    for name in names:
+        steps, values = rec.series("param", name, "update_data")
+        if len(steps):
+            ax.plot(steps, values, label=short[name])
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.axhline(UPDATE_GUIDE, color="k", linestyle="--", linewidth=1, label="1e-3 (guide)")
+    ax.set_title("update:data ratio, log10(std(Δp) / std(p))")
+    ax.set_xlabel("step")
+    ax.set_ylabel("log10 ratio")
+    ax.legend(fontsize=8, loc="upper right", ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def loss_curve(rec: Record, window: int | None = None) -> Figure | None:
+    loss = np.asarray(rec.loss, np.float64)
+    if len(loss) == 0:
+        return None
+    window = window or max(1, len(loss) // 200)
+    n = len(loss) // window * window
+    fig, ax = plt.subplots(figsize=(10, 4))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if n >= window and window > 1:
+            means = loss[:n].reshape(-1, window).mean(1)
+            ax.plot(np.arange(len(means)) * window + window / 2, np.log10(means))
+        else:
+            ax.plot(np.arange(len(loss)), np.log10(loss))
+    ax.set_title(f"training loss (log10, mean of {window} steps)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("log10 loss")
+    fig.tight_layout()
+    return fig
+
+
+def saturation_map(rec: Record) -> Figure | None:
+    steps, maps = rec.saturation_maps()
+    if len(steps) == 0:
+        return None
+    layer = rec.meta.get("saturation_layer") or "?"
+    m = maps[-1]
+    fig, ax = plt.subplots(figsize=(10, max(2.5, 10 * m.shape[0] / max(m.shape[1], 1))))
+    ax.imshow(m, cmap="gray", interpolation="nearest", vmin=0, vmax=1, aspect="auto")
+    kind = rec.kind(layer)
+    what = (
+        "saturated (|t| > 0.97)"
+        if kind == "tanh"
+        else "saturated"
+        if kind in SATURATING
+        else "zero"
+    )
+    ax.set_title(f"{short_names([layer])[layer]} at step {int(steps[-1])}: white = {what}")
+    ax.set_xlabel("unit")
+    ax.set_ylabel("example")
+    fig.tight_layout()
+    return fig
+
+
+def histogram_heatmaps(rec: Record, section: str = "layer") -> Figure | None:
+    """fastai's "colorful dimension": per layer, the histogram of every record step as a
+    column (log(1 + count)), on a common value grid per layer."""
+    names = [n for n in nonlinear_layers(rec) if len(rec.histogram(section, n)[0]) >= 2]
+    if not names:
+        return None
+    short = short_names(names)
+    cols = min(3, len(names))
+    rows = (len(names) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names, strict=False):
+        steps, counts, ranges = rec.histogram(section, name)
+        finite = np.all(np.isfinite(ranges), axis=1)
+        steps, counts, ranges = steps[finite], counts[finite], ranges[finite]
+        if len(steps) == 0:
+            continue
+        lo, hi = float(ranges[:, 0].min()), float(ranges[:, 1].max())
+        grid = np.linspace(lo, hi, counts.shape[1] + 1)
+        image = np.zeros((counts.shape[1], len(steps)))
+        for j, (c, (a, b)) in enumerate(zip(counts, ranges, strict=True)):
+            centers = a + (np.arange(len(c)) + 0.5) * (b - a) / len(c)
+            idx = np.clip(np.searchsorted(grid, centers) - 1, 0, len(grid) - 2)
+            np.add.at(image[:, j], idx, c)
+        ax.imshow(
+            np.log1p(image),
+            origin="lower",
+            aspect="auto",
+            extent=(float(steps[0]), float(steps[-1]), lo, hi),
+            cmap="viridis",
+            interpolation="nearest",
+        )
+        ax.set_title(short[name], fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
+    fig.suptitle("activation histograms over time (log(1 + count))")
+    fig.tight_layout()
+    return fig
+
+
+FIGURES = {
+    "activations": activation_distribution,
+    "gradients": gradient_distribution,
+    "weight_gradients": weight_gradient_distribution,
+    "update_ratio": update_ratio,
+    "loss": loss_curve,
+    "saturation": saturation_map,
+    "histograms_over_time": histogram_heatmaps,
+}
+
+
+def _last(rec: Record) -> int:
+    return int(rec.rows[-1]["step"]) if rec.rows else 0
+
+
+def png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def render_all(rec: Record) -> dict[str, bytes]:
+    out = {}
+    for name, draw in FIGURES.items():
+        fig = draw(rec)
+        if fig is not None:
+            out[name] = png(fig)
+    return out

@@ -1,0 +1,226 @@
+"""The self-contained HTML report: one file, figures inline as data: URIs, no scripts.
+
+Every string that comes from data or the user (items, samples, layer names, config
+values, findings) goes through ``html.escape``; a Content-Security-Policy forbids
+scripts and every fetch, so the page cannot run or load anything even if a string
+escaped escaping.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import time
+from typing import Any
+
+from plumb.record import Record
+from plumb.report.figures import FIGURES
+from plumb.report.tables import COLUMNS, HEADERS, fmt, layer_rows
+
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+
+STYLE = """
+body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1150px; color: #222; }
+h1 { font-size: 1.5em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 1.6em; }
+table { border-collapse: collapse; margin: .5em 0; }
+td, th { padding: .2em .6em; border-bottom: 1px solid #eee; text-align: right; vertical-align: middle; }
+th { background: #f5f5f5; } td.l, th.l { text-align: left; }
+code, .mono { font-family: ui-monospace, monospace; }
+.grid { display: flex; flex-wrap: wrap; gap: 2em; }
+figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { color: #555; font-size: .9em; }
+.finding { border-left: 4px solid #999; padding: .3em .8em; margin: .5em 0; background: #fafafa; }
+.error { border-color: #c00; } .warning { border-color: #e90; } .info { border-color: #39c; }
+.muted { color: #777; }
+"""
+
+CAPTIONS = {
+    "activations": "Distribution of each activation layer's outputs at the last histogram step "
+    "(the lecture's first plot). Saturated tanh units sit at ±1.",
+    "gradients": "Distribution of the gradient flowing into each activation layer's output. "
+    "Healthy: similar widths across depth.",
+    "weight_gradients": "Distribution of each weight's gradient, with grad:data = std(grad)/std(W).",
+    "update_ratio": "log10(std(update)/std(W)) per weight over training; the dashed line is "
+    "the lecture's ~1e-3 guide.",
+    "loss": "Training loss, log10, averaged over windows of steps.",
+    "saturation": "Saturation map of one layer for one batch: white = the unit passes "
+    "(almost) no gradient for that example; an all-white column is a dead unit.",
+    "histograms_over_time": "Histogram of each activation layer at every histogram step "
+    "(fastai's colorful dimension).",
+}
+
+
+def e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def sparkline(values: list[float], width: int = 90, height: int = 18) -> str:
+    """An inline SVG polyline of ``values`` (finite ones), scaled to the box."""
+    pts = [(i, v) for i, v in enumerate(values) if v is not None and math.isfinite(v)]
+    if len(pts) < 2:
+        return ""
+    lo, hi = min(v for _, v in pts), max(v for _, v in pts)
+    span = hi - lo or 1.0
+    n = max(len(values) - 1, 1)
+    coords = " ".join(
+        f"{i / n * (width - 2) + 1:.1f},{height - 1 - (v - lo) / span * (height - 2):.1f}"
+        for i, v in pts
+    )
+    return (
+        f'<svg width="{width}" height="{height}" role="img" aria-label="trend">'
+        f'<polyline fill="none" stroke="#369" stroke-width="1.2" points="{coords}"/></svg>'
+    )
+
+
+def _kv_table(d: dict[str, Any]) -> str:
+    rows = "".join(
+        f'<tr><td class="l"><code>{e(k)}</code></td><td class="l">{e(_short(v))}</td></tr>'
+        for k, v in d.items()
+    )
+    return f"<table>{rows}</table>"
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, list | dict):
+        text = json.dumps(v, ensure_ascii=False)
+        return text if len(text) <= 160 else text[:157] + "..."
+    return str(v)
+
+
+def _summary(rec: Record) -> str:
+    parts = []
+    m = rec.metrics or {}
+    if rec.config:
+        cfg = rec.config
+        losses = m.get("loss", {})
+        if losses:
+            cells = "".join(f"<th>{e(k)}</th>" for k in losses)
+            vals = "".join(f"<td>{float(v):.4f}</td>" for v in losses.values())
+            parts.append(f"<h3>Loss (eval mode)</h3><table><tr>{cells}</tr><tr>{vals}</tr></table>")
+        facts = {
+            k: m[k]
+            for k in ("steps", "step0_loss", "num_parameters", "train_seconds", "us_per_step")
+            if k in m
+        }
+        vocab = cfg.get("data", {}).get("vocab")
+        if vocab:
+            facts["expected initial loss ln(V)"] = math.log(len(vocab) + 1)
+        if facts:
+            parts.append("<h3>Run</h3>" + _kv_table(facts))
+        parts.append(
+            '<div class="grid"><div><h3>Model</h3>'
+            + _kv_table(cfg.get("model", {}))
+            + "</div><div><h3>Training</h3>"
+            + _kv_table(cfg.get("train", {}))
+            + "</div><div><h3>Data</h3>"
+            + _kv_table({k: v for k, v in cfg.get("data", {}).items()})
+            + "</div></div>"
+        )
+    else:
+        parts.append(
+            f'<p class="muted">A Monitor record ({e(rec.meta.get("model", "model"))}, '
+            f"{len(rec.loss):,} steps) without a plumb run config.</p>"
+        )
+    if len(rec.loss):
+        tail = rec.loss[-min(len(rec.loss), 100) :]
+        parts.append(
+            f"<p>training loss: first step {float(rec.loss[0]):.4f}, "
+            f"mean of the last {len(tail)} steps {float(tail.mean()):.4f}</p>"
+        )
+    preview = (rec.extras or {}).get("data_preview", {})
+    if preview:
+        items = "".join(
+            f"<tr><td class='l'>{e(split)}</td><td class='l mono'>"
+            + ", ".join(e(w) for w in words)
+            + "</td></tr>"
+            for split, words in preview.items()
+        )
+        parts.append(f"<h3>Dataset items (first of each split)</h3><table>{items}</table>")
+    if rec.samples:
+        items = "".join(
+            f"<tr><td class='l mono'>{e(w)}</td><td class='l muted'>{e(where)}</td></tr>"
+            for w, where in rec.samples
+        )
+        parts.append(f"<h3>Samples</h3><table>{items}</table>")
+    return "\n".join(parts)
+
+
+def _findings(rec: Record) -> str:
+    if not rec.findings:
+        return '<p class="muted">No findings recorded for this run.</p>'
+    out = []
+    for f in rec.findings:
+        sev = f.get("severity", "info")
+        sev_class = sev if sev in ("error", "warning", "info") else "info"
+        out.append(
+            f'<div class="finding {sev_class}"><b>{e(sev)}</b> <code>{e(f.get("code", ""))}</code>'
+            f" at <code>{e(f.get('where', ''))}</code>: {e(f.get('message', ''))}"
+            f'<div class="muted mono">{e(json.dumps(f.get("evidence", {}), ensure_ascii=False))}</div></div>'
+        )
+    return "\n".join(out)
+
+
+def _layer_table(rec: Record) -> str:
+    rows = layer_rows(rec)
+    if not rows:
+        return '<p class="muted">No layer statistics recorded.</p>'
+    head = '<tr><th class="l">layer</th><th class="l">kind</th>' + "".join(
+        f"<th>{e(HEADERS[c])}</th>" for c in COLUMNS
+    )
+    body = []
+    for r in rows:
+        cells = []
+        for c in COLUMNS:
+            if c not in r.latest:
+                cells.append("<td></td>")
+                continue
+            cells.append(
+                f"<td>{e(fmt(c, r.latest[c]))}<br>{sparkline(r.series[c])}"
+                f'<br><span class="muted">from {e(fmt(c, r.first[c]))}</span></td>'
+            )
+        body.append(
+            f'<tr><td class="l"><code title="{e(r.name)}">{e(r.short)}</code></td>'
+            f'<td class="l">{e(r.kind)}</td>{"".join(cells)}</tr>'
+        )
+    step = rec.rows[-1]["step"] if rec.rows else 0
+    return (
+        f"<p>Latest values at step {e(step)}, the trend over all record steps, and the "
+        "first recorded value. sat/zero: fraction of outputs saturated (tanh |t| &gt; 0.97, "
+        "sigmoid) or zero (ReLU family); dead: units saturated/zero for every example; "
+        "W: the layer's weight.</p>"
+        f"<table>{head}</tr>{''.join(body)}</table>"
+    )
+
+
+def build_html(rec: Record, pngs: dict[str, bytes]) -> str:
+    title = f"plumb report: {rec.path.name}"
+    figs = "".join(
+        f'<figure><img alt="{e(name)}" src="data:image/png;base64,'
+        f'{base64.b64encode(data).decode("ascii")}"><figcaption>{e(CAPTIONS.get(name, name))}'
+        "</figcaption></figure>"
+        for name, data in pngs.items()
+        if name in FIGURES
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{CSP}">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{e(title)}</title><style>{STYLE}</style></head>
+<body>
+<h1>{e(title)}</h1>
+<p class="muted">{e(str(rec.path))} · {len(rec.rows)} record steps (every {e(rec.meta.get("every"))},
+histograms every {e(rec.meta.get("hist_every"))}) · written {e(time.strftime("%Y-%m-%d %H:%M:%S"))}</p>
+<h2>Summary</h2>
+{_summary(rec)}
+<h2>Findings</h2>
+{_findings(rec)}
+<h2>Layers</h2>
+{_layer_table(rec)}
+<h2>Figures</h2>
+{figs or '<p class="muted">Nothing to plot yet.</p>'}
+</body></html>
+"""

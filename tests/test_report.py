@@ -1,0 +1,181 @@
+"""The run record, figures, HTML report (in a real headless browser), TensorBoard export."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+from browser import Browser, chromium
+
+from plumb import TrainConfig, load_run, preset_config, train_run
+from plumb.errors import PlumbError
+from plumb.report import write_report
+
+XSS = "<script>alert(1)</script>"
+
+
+@pytest.fixture(scope="module")
+def hostile_run(tmp_path_factory, names):
+    """A short run whose data holds an HTML/script item, with TensorBoard on."""
+    tmp = tmp_path_factory.mktemp("hostile")
+    data = tmp / "items.txt"
+    words = [XSS, "<b>bold</b>", "o'hara & sons", *names.train.items[:2000]]
+    data.write_text("\n".join(words) + "\n", encoding="utf-8")
+    out = tmp / "run"
+    cfg = TrainConfig(steps=300, lr_decay_step=None, threads=1, probe_every=20, print_every=100)
+    run = train_run(
+        preset_config("lecture-deep"),
+        cfg,
+        out,
+        data,
+        progress=False,
+        samples=10,
+        tensorboard=out / "tb",
+    )
+    return run
+
+
+def test_record_round_trip(hostile_run):
+    rec = load_run(hostile_run.out)
+    assert [r["step"] for r in rec.rows] == list(range(0, 300, 20))
+    assert len(rec.loss) == 300
+    np.testing.assert_array_equal(rec.loss, hostile_run.result.losses.numpy())
+    # the row's loss is that step's training loss
+    assert rec.rows[3]["loss"] == pytest.approx(float(rec.loss[60]))
+    steps, counts, ranges = rec.histogram("layer", "layers.tanh1")
+    assert steps.tolist() == [0, 200]
+    assert counts.shape == (2, rec.meta["bins"]) and counts[0].sum() == 32 * 100
+    assert np.all(ranges[:, 0] >= -1) and np.all(ranges[:, 1] <= 1)
+    msteps, maps = rec.saturation_maps()
+    assert msteps.tolist() == [0, 200] and maps.shape == (2, 32, 100)
+    s = rec.rows[10]["layer"]["layers.tanh1"]  # step 200, the last map's step
+    assert s["saturated"] == pytest.approx(float(maps[-1].mean()), abs=1e-6)
+    us, ud = rec.series("param", "layers.linear2.weight", "update_data")
+    assert len(us) == 15 and np.all(np.isfinite(ud)) and np.all(ud < 0)
+
+
+def test_report_escapes_everything_user_supplied(hostile_run):
+    text = (hostile_run.out / "report.html").read_text(encoding="utf-8")
+    assert XSS not in text and "<b>bold</b>" not in text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    assert "&lt;b&gt;bold&lt;/b&gt;" in text
+    assert "<script" not in text.lower()
+    assert "http://" not in text and "https://" not in text  # nothing fetched
+    assert len(re.findall(r'<img alt="[a-z_]+" src="data:image/png;base64,', text)) == 7
+
+
+def test_report_layer_names_are_escaped(tmp_path):
+    import torch
+    from torch import nn
+
+    import plumb
+
+    model = nn.Sequential()
+    model.add_module("<i>lin</i>", nn.Linear(4, 8))
+    model.add_module("act", nn.Tanh())
+    model.add_module("head", nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with plumb.Monitor(model, every=1, out=tmp_path / "r") as mon:
+        for _ in range(3):
+            loss = model(torch.randn(16, 4)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(loss)
+    text = (tmp_path / "r" / "report.html").read_text()
+    assert "<i>lin</i>" not in text and "&lt;i&gt;lin&lt;/i&gt;" in text
+
+
+def test_rebuild_report_and_bad_records(hostile_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(hostile_run.out, run)
+    (run / "report.html").unlink()
+    assert write_report(run).is_file()
+    lines = (run / "probes" / "scalars.jsonl").read_text().splitlines()
+    (run / "probes" / "scalars.jsonl").write_text("\n".join(lines) + "\n" + lines[-1][:40])
+    assert len(load_run(run).rows) == len(lines)  # a torn last line (crash) is dropped
+    (run / "probes" / "scalars.jsonl").write_text(lines[0] + "\n{not json\n" + lines[1] + "\n")
+    with pytest.raises(PlumbError, match="line 2 is not valid JSON"):
+        load_run(run)
+    (run / "probes" / "meta.json").write_text('{"format": 99}')
+    with pytest.raises(PlumbError, match="record format 99"):
+        load_run(run)
+    (run / "probes" / "meta.json").unlink()
+    with pytest.raises(PlumbError, match="no probe record"):
+        load_run(run)
+    with pytest.raises(PlumbError, match="does not exist"):
+        load_run(tmp_path / "nope")
+
+
+def test_tensorboard_events_read_back(hostile_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(
+        str(hostile_run.out / "tb"), size_guidance={"scalars": 0, "histograms": 0}
+    )
+    acc.Reload()
+    tags = acc.Tags()
+    loss = acc.Scalars("loss")
+    assert len(loss) == 300
+    assert loss[0].value == pytest.approx(float(hostile_run.result.losses[0]), rel=1e-6)
+    std = acc.Scalars("layer/std/layers.tanh1")
+    assert [e.step for e in std] == list(range(0, 300, 20))
+    rec = load_run(hostile_run.out)
+    assert std[-1].value == pytest.approx(rec.rows[-1]["layer"]["layers.tanh1"]["std"], rel=1e-6)
+    assert "hist/layer/layers.tanh1" in tags["histograms"]
+    h = acc.Histograms("hist/layer/layers.tanh1")
+    assert [e.step for e in h] == [0, 200] and h[0].histogram_value.num == 3200
+
+
+@pytest.mark.skipif(
+    chromium() is None and not os.environ.get("CI"),
+    reason="chromium not installed (CI installs it: apt-get install -y chromium)",
+)
+def test_report_renders_in_headless_chromium(hostile_run, tmp_path):
+    from PIL import Image
+
+    browser = Browser()
+    try:
+        session = browser.open(hostile_run.out / "report.html")
+        info = browser.evaluate(
+            session,
+            """(async () => {
+                const imgs = [...document.images];
+                await Promise.all(imgs.map(i => i.decode().catch(() => null)));
+                return {
+                  images: imgs.map(i => [i.alt, i.complete, i.naturalWidth, i.naturalHeight]),
+                  scripts: document.scripts.length,
+                  xssShownAsText: document.body.innerText.includes('<script>alert(1)</script>'),
+                  height: document.body.scrollHeight,
+                  title: document.title,
+                };
+            })()""",
+        )
+        shot = browser.screenshot(session)
+        problems = browser.problems()
+    finally:
+        browser.close()
+    (tmp_path / "report.png").write_bytes(shot)
+    assert problems == []  # no console errors, no exceptions, no alert() dialog
+    assert info["scripts"] == 0
+    assert info["xssShownAsText"] is True
+    assert len(info["images"]) == 7
+    assert all(c and w > 100 and h > 100 for _, c, w, h in info["images"]), info["images"]
+    assert info["height"] > 2000
+    img = np.asarray(Image.open(io.BytesIO(shot)).convert("L"))
+    assert img.shape[0] > 300 and img.shape[1] > 300
+    dark = (img < 128).mean()  # text and lines on a white page
+    assert 0.001 < dark < 0.5, dark
+    assert len(np.unique(img)) > 20
+
+
+def test_samples_json(hostile_run):
+    extras = json.loads((hostile_run.out / "samples.json").read_text())
+    assert len(extras["samples"]) == 10
+    assert extras["data_preview"]["first items of the file"][0] == XSS
