@@ -92,13 +92,6 @@ class LayerInfo:
 
 
 @dataclass
-class ParamInfo:
-    name: str
-    shape: tuple[int, ...]
-    layer: str
-
-
-@dataclass
 class Snapshot:
     """What one record step measured, still on the device (see ``Monitor.flush``)."""
 
@@ -242,12 +235,10 @@ class Monitor:
         self._attached = False
         _ACTIVE.discard(self.model)
         self.flush()
-        if self.writer is not None:
-            self.writer.close()
-            if self.report and write_report:
-                from plumb.report import write_report as _write
+        if self.writer is not None and self.report and write_report:
+            from plumb.report import write_report as _write
 
-                _write(self.out)
+            _write(self.out)
         for sink in self.sinks:
             sink.close()
 

@@ -157,9 +157,6 @@ class RecordWriter:
         if new_hists:
             write_tensors(self.dir / "histograms.safetensors", hist_tensors(history))
 
-    def close(self) -> None:
-        pass
-
 
 class Record:
     """A run directory read back for notebooks: ``plumb.load_run(DIR)``.
