@@ -105,6 +105,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--hist-every", type=int, help="histograms every N steps (10 x --probe-every)")
     g.add_argument("--no-probes", action="store_true", help="train without probes (no report)")
+    g.add_argument(
+        "--no-doctor", action="store_true", help="do not run the doctor's rules while training"
+    )
     g.add_argument("--no-report", action="store_true", help="do not write report.html")
     g.add_argument(
         "--tensorboard",
@@ -133,6 +136,8 @@ def build_configs(args: argparse.Namespace):
     }
     if getattr(args, "no_probes", False):
         train_over["probes"] = False
+    if getattr(args, "no_doctor", False):
+        train_over["doctor"] = False
     train_cfg = TrainConfig(**{**PRESET_TRAIN.get(args.preset, {}), **train_over})
     return model_cfg, train_cfg
 
@@ -164,6 +169,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.no_probes:
             raise PlumbError("--tensorboard needs the probes: drop --no-probes")
         tensorboard = Path(args.tensorboard) if args.tensorboard else out / "tensorboard"
+
+    def on_finding(f, step: int) -> None:
+        if sys.stderr.isatty() and not args.no_progress:
+            sys.stderr.write("\n")  # below the progress bar's line
+        print(
+            f"doctor at step {step}: [{f.severity}] {f.code} @ {f.where}: {f.message}", flush=True
+        )
+
     run = train_run(
         model_cfg,
         train_cfg,
@@ -174,6 +187,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         samples=args.samples,
         report=not args.no_report,
         tensorboard=tensorboard,
+        on_finding=on_finding,
     )
     m = run.metrics
     print(
@@ -189,7 +203,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         from plumb.record import load_run
         from plumb.report.tables import terminal_table
 
-        print(terminal_table(load_run(out)))
+        rec = load_run(out)
+        print(terminal_table(rec))
+        if rec.doctor is not None:
+            problems = [f for f in rec.findings if f.get("severity") in ("error", "warning")]
+            print(
+                f"doctor: {len(rec.findings)} finding(s), {len(problems)} warning/error"
+                + ("" if rec.findings else " - healthy")
+            )
         if not args.no_report:
             print(f"report: {out / 'report.html'}")
     if tensorboard is not None:
@@ -288,6 +309,32 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    if args.catalogue is not None:
+        from plumb.doctor.catalogue import SETUPS, confusion_table, run_catalogue
+
+        names = [n for n in args.catalogue.split(",") if n] or None
+        unknown = sorted(set(names or []) - {s.name for s in SETUPS})
+        if unknown:
+            raise PlumbError(
+                f"unknown set-up(s) {', '.join(unknown)}: choose from "
+                + ", ".join(s.name for s in SETUPS)
+            )
+        outcomes = run_catalogue(names)
+        print(confusion_table(outcomes))
+        return 0 if all(o.passed for o in outcomes) else 1
+    from plumb.pipeline import doctor_run
+
+    if not isinstance(args.steps, int) or args.steps < 1:
+        raise PlumbError(f"--steps must be an integer >= 1, got {args.steps}")
+    steps = args.steps
+    args.steps = None  # the train config's steps: not the doctor's
+    model_cfg, train_cfg = build_configs(args)
+    diag = doctor_run(model_cfg, train_cfg, args.data, steps=steps)
+    print(diag.to_json() if args.json else diag)
+    return 0 if diag.ok else 1
+
+
 def make_parser() -> argparse.ArgumentParser:
     from plumb import __version__
 
@@ -351,6 +398,39 @@ def make_parser() -> argparse.ArgumentParser:
         help="also export TensorBoard event files (default DIR: RUN_DIR/tensorboard)",
     )
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "doctor",
+        help="diagnose a model's training: findings with evidence and a fix (exit 1 if not ok)",
+        epilog="examples:\n  plumb doctor                               # lecture-deep\n"
+        "  plumb doctor --preset lecture-mlp:original --json\n"
+        "  plumb doctor --norm none --gain 0.5 --n-layers 10\n"
+        "  plumb doctor --catalogue                   # the fault catalogue's confusion table",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_model_flags(p)
+    from plumb.train import OPTIMIZERS
+
+    g = p.add_argument_group("the diagnosis run")
+    g.add_argument("--steps", type=int, default=100, help="training steps to watch (100)")
+    g.add_argument("--data", help="UTF-8 text file, one item per line (default: bundled names)")
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--optimizer", choices=OPTIMIZERS)
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--device", help="cpu (default), cuda, cuda:N")
+    g.add_argument("--threads", type=int)
+    g.add_argument("--json", action="store_true", help="print the diagnosis as JSON")
+    g.add_argument(
+        "--catalogue",
+        nargs="?",
+        const="",
+        metavar="NAMES",
+        help="run the fault catalogue (all, or comma-separated set-ups) and print the "
+        "confusion table",
+    )
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser(
         "lecture",

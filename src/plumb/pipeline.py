@@ -14,6 +14,7 @@ import torch
 
 from plumb import __version__
 from plumb.data import Dataset, load_dataset
+from plumb.doctor import Diagnosis, Doctor, diagnose
 from plumb.errors import PlumbError
 from plumb.models import MLP, ModelConfig
 from plumb.probes import Monitor
@@ -23,6 +24,7 @@ from plumb.train import (
     TrainConfig,
     TrainResult,
     calibrate_batchnorm,
+    make_optimizer,
     resolve_device,
     split_loss,
     train,
@@ -44,6 +46,21 @@ def check_out_dir(out: Path) -> None:
         raise PlumbError(f"--out {out} exists and is not a directory: choose another path")
 
 
+def build(
+    model_cfg: ModelConfig, train_cfg: TrainConfig, data_path: str | Path | None = None
+) -> tuple[Dataset, MLP, torch.device, torch.Generator]:
+    """Load the data, then build the model (vocab size from the data) on the configured
+    device from the seed's generator, which the batches then continue to draw from."""
+    data = load_dataset(data_path, block_size=model_cfg.block_size)
+    model_cfg = dataclasses.replace(model_cfg, vocab_size=data.vocab.size)  # validates again
+    train_cfg.validate()
+    if train_cfg.threads is not None:
+        torch.set_num_threads(train_cfg.threads)
+    device = resolve_device(train_cfg.device)
+    g = torch.Generator().manual_seed(train_cfg.seed)
+    return data, MLP(model_cfg, g).to(device), device, g
+
+
 def train_run(
     model_cfg: ModelConfig,
     train_cfg: TrainConfig,
@@ -55,23 +72,19 @@ def train_run(
     samples: int = 20,
     report: bool = True,
     tensorboard: str | Path | None = None,
+    on_finding=None,
 ) -> TrainedRun:
     """Load data, build the model (vocab size and block size from the data), train with
     the probes attached (unless ``train_cfg.probes`` is off), evaluate every split in eval
     mode, and save the run directory ``out``: config, weights, metrics, losses, the probe
-    record, ``samples`` samples, and ``report.html`` (``report=True``).
+    record, ``samples`` samples, and ``report.html`` (``report=True``). With the probes on
+    and ``train_cfg.doctor``, the doctor's rules run during training (``on_finding(finding,
+    step)`` for each new finding) and their findings go to ``findings.json``.
 
     Everything is validated before ``out`` is created, so bad input writes nothing."""
     out = Path(out)
     check_out_dir(out)
-    data = load_dataset(data_path, block_size=model_cfg.block_size)
-    model_cfg = dataclasses.replace(model_cfg, vocab_size=data.vocab.size)  # validates again
-    train_cfg.validate()
-    if train_cfg.threads is not None:
-        torch.set_num_threads(train_cfg.threads)
-    device = resolve_device(train_cfg.device)
-    g = torch.Generator().manual_seed(train_cfg.seed)
-    model = MLP(model_cfg, g).to(device)
+    data, model, device, g = build(model_cfg, train_cfg, data_path)
     if samples < 0:
         raise PlumbError(f"samples must be >= 0, got {samples}")
     sinks = []
@@ -79,13 +92,33 @@ def train_run(
         from plumb.report.tensorboard import TensorBoardSink
 
         sinks.append(TensorBoardSink(tensorboard))
-    monitor = None
+    monitor = doctor = None
+    optimizer = make_optimizer(model, train_cfg)
     if train_cfg.probes:
         every, hist_every = train_cfg.cadence()
         monitor = Monitor(model, every, hist_every=hist_every, out=out, report=False, sinks=sinks)
-    with monitor if monitor is not None else contextlib.nullcontext():
+        if train_cfg.doctor:
+            doctor = Doctor(
+                monitor,
+                optimizer=optimizer,
+                classes=data.vocab.size,
+                check_every=max(1000, train_cfg.steps // 20),
+                on_finding=on_finding,
+            )
+    with contextlib.ExitStack() as stack:
+        for ctx in (monitor, doctor):
+            if ctx is not None:
+                stack.enter_context(ctx)
         result = train(
-            model, data, train_cfg, g, progress=progress, on_print=on_print, monitor=monitor
+            model,
+            data,
+            train_cfg,
+            g,
+            optimizer=optimizer,
+            progress=progress,
+            on_print=on_print,
+            monitor=monitor,
+            doctor=doctor,
         )
     calibrated = train_cfg.calibrate_bn and calibrate_batchnorm(model, data.train, device) > 0
     losses = {name: split_loss(model, split, device) for name, split in data.splits.items()}
@@ -116,6 +149,8 @@ def train_run(
     }
     out.mkdir(parents=True, exist_ok=True)
     save_run(out, model.cpu(), train_cfg, data_info, metrics, result.losses, result.lrs)
+    if doctor is not None and doctor.diagnosis is not None:
+        write_json(out / "findings.json", doctor.diagnosis.to_dict())
     model.to(device)
     rows = sample_run(out, n=samples, device=train_cfg.device) if samples else []
     write_json(
@@ -216,3 +251,27 @@ def eval_run(
     if unknown:
         raise PlumbError(f"unknown split(s) {', '.join(unknown)}: use train, val, test")
     return {s: split_loss(model, data.splits[s], dev) for s in splits}
+
+
+def doctor_run(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    data_path: str | Path | None = None,
+    steps: int = 100,
+) -> Diagnosis:
+    """``plumb doctor``: build the model as ``train_run`` would and diagnose ``steps``
+    training steps of it (batches drawn as the training loop draws them, at the
+    configured lr, optimizer and seed)."""
+    data, model, device, g = build(model_cfg, train_cfg, data_path)
+    X, Y = data.train.X.to(device), data.train.Y.to(device).long()
+    if X.shape[0] == 0:
+        raise PlumbError("the training split is empty: give a data file with more items")
+
+    def batch() -> tuple[torch.Tensor, torch.Tensor]:
+        ix = torch.randint(0, X.shape[0], (train_cfg.batch_size,), generator=g).to(device)
+        return X[ix], Y[ix]
+
+    model.train()
+    return diagnose(
+        model, batch, torch.nn.functional.cross_entropy, make_optimizer(model, train_cfg), steps
+    )

@@ -174,6 +174,8 @@ class Monitor:
         self._param_groups: dict[int, list[Tensor]] = defaultdict(list)
         for _, p in self.params:
             self._param_groups[p.numel()].append(p)
+        self.order: list[str] = []  # layer keys of the last record step, in call order
+        self.shapes: dict[str, tuple[int, ...]] = {}  # their output shapes
         self._attached = False
         self.writer = None
         self.history = None  # host-side record (plumb.record.History), filled by flush()
@@ -344,6 +346,8 @@ class Monitor:
 
     def _measure(self, step: int) -> Snapshot:
         rows, tensors = self._rows()
+        self.order = list(self._outputs)
+        self.shapes = {k: tuple(t.shape) for k, t in self._outputs.items()}
         signature = tuple(rows)
         plan = self._plans.get(signature)
         if plan is None:

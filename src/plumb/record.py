@@ -202,7 +202,16 @@ class Record:
         self.metrics = _optional_json(self.path / "metrics.json")
         self.extras = _optional_json(self.path / "samples.json") or {}
         self.samples = self.extras.get("samples", [])
-        self.findings = (_optional_json(self.path / "findings.json") or {}).get("findings", [])
+        doctor = _optional_json(self.path / "findings.json")  # None: the doctor did not run
+        if doctor is not None and not (
+            isinstance(doctor, dict) and isinstance(doctor.get("findings", []), list)
+        ):
+            raise PlumbError(
+                f"{self.path / 'findings.json'} is not a doctor's findings file: delete it "
+                "and rerun `plumb doctor`, or retrain"
+            )
+        self.doctor = doctor
+        self.findings = [f for f in (doctor or {}).get("findings", []) if isinstance(f, dict)]
 
     @property
     def layers(self) -> list[dict[str, str]]:

@@ -54,6 +54,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (fused kernels; not bit-exact with eager)
     print_every: int = 10_000
     probes: bool = True  # record activation/gradient/update statistics (plumb.Monitor)
+    doctor: bool = True  # run the doctor's rules on them during training (needs probes)
     probe_every: int | None = None  # record-step cadence; None: max(50, steps // 500)
     hist_every: int | None = None  # histogram cadence; None: 10 * probe_every
 
@@ -240,13 +241,15 @@ def train(
     on_print: Callable[[int, float], None] | None = None,
     progress: bool = True,
     monitor: Any = None,
+    doctor: Any = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``cfg.steps`` minibatch steps.
 
     ``generator`` must be the one the model was initialised from, for the lecture's
     order of random draws; ``on_print(step, loss)`` is called every ``cfg.print_every``
     steps (the notebook prints at steps 0, 10000, ...). ``monitor`` (a ``plumb.Monitor``
-    already attached to ``model``) is stepped after every update."""
+    already attached to ``model``) is stepped after every update, then ``doctor`` (a
+    ``plumb.doctor.Doctor`` beside it)."""
     device = resolve_device(cfg.device)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -272,6 +275,8 @@ def train(
         losses[i] = loss.detach()
         if monitor is not None:
             monitor.step(loss)
+        if doctor is not None:
+            doctor.step()
         if i % cfg.print_every == 0 or i == cfg.steps - 1:
             value = loss.item()
             if i == 0:

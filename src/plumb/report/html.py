@@ -150,6 +150,8 @@ def _summary(rec: Record) -> str:
 
 
 def _findings(rec: Record) -> str:
+    if rec.doctor is not None and not rec.findings:
+        return '<p class="muted">The doctor checked this run and found nothing to flag.</p>'
     if not rec.findings:
         return '<p class="muted">No findings recorded for this run.</p>'
     out = []

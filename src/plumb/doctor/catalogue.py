@@ -1,0 +1,596 @@
+"""A catalogue of training set-ups: broken ones that each inject one fault, and healthy
+ones the doctor must pass without a warning. ``plumb doctor --catalogue`` runs it and
+prints the confusion table; the tests assert it.
+
+The faults are the realistic version of each mistake (the lecture's own, and the ones
+practitioners make), at the magnitudes they happen in practice (lr 10x and 1000x off,
+N(0, 1) init, raw pixels), never sized to sit just past a threshold. Data: the bundled
+names (plumb's models), Gaussian class clusters (MLPs) and small synthetic images with
+class-dependent strokes (CNNs), all generated from fixed seeds, offline.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from plumb.models import MLP, ModelConfig, preset_config
+
+Build = Callable[[], tuple[nn.Module, Any, Callable, torch.optim.Optimizer]]
+
+
+@dataclass
+class SetUp:
+    name: str
+    family: str  # plumb.nn | torch.nn
+    expect: tuple[str, ...]  # codes it must yield (empty: healthy, no warning or error)
+    build: Build
+    about: str
+    steps: int = 100
+
+
+@dataclass
+class Outcome:
+    setup: SetUp
+    codes: set[str]
+    problems: set[str]  # codes with severity warning or error
+    seconds: float
+    findings: list = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        if not self.setup.expect:
+            return not self.problems
+        return set(self.setup.expect) <= self.codes
+
+
+# --- data -------------------------------------------------------------------------------
+@lru_cache(maxsize=1)
+def _names():
+    from plumb.data import load_dataset
+
+    return load_dataset(None, block_size=3)
+
+
+def names_batches(batch: int = 32, seed: int = 0):
+    data = _names()
+    X, Y = data.train.X, data.train.Y.long()
+    g = torch.Generator().manual_seed(seed)
+
+    def draw() -> tuple[Tensor, Tensor]:
+        ix = torch.randint(0, X.shape[0], (batch,), generator=g)
+        return X[ix], Y[ix]
+
+    return draw
+
+
+def blobs(
+    n: int = 4096,
+    features: int = 20,
+    classes: int = 10,
+    batch: int = 64,
+    seed: int = 0,
+    scale: float = 1.0,
+    offset: float = 0.0,
+):
+    """Gaussian clusters: class centres ~ N(0, I), points = centre + N(0, I), then
+    standardised (x * scale + offset gives the un-standardised variants)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, features, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    x = centres[y] + torch.randn(n, features, generator=g)
+    x = (x - x.mean(0)) / x.std(0)
+    x = x * scale + offset
+    return _sampler(x, y, batch, seed)
+
+
+def strokes(
+    n: int = 2048,
+    classes: int = 4,
+    size: int = 16,
+    batch: int = 64,
+    seed: int = 0,
+    raw: bool = False,
+):
+    """1 x size x size images: a bright bar whose orientation/position is the class, plus
+    noise; pixels in [0, 1] standardised (``raw``: 0-255 bytes as floats, unnormalised)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (n,), generator=g)
+    img = 0.2 * torch.rand(n, 1, size, size, generator=g)
+    pos = torch.randint(2, size - 2, (n,), generator=g)
+    for i in range(n):
+        c, p = int(y[i]), int(pos[i])
+        if c == 0:
+            img[i, 0, p, :] = 1.0
+        elif c == 1:
+            img[i, 0, :, p] = 1.0
+        elif c == 2:
+            img[i, 0].diagonal().fill_(1.0)
+        else:
+            img[i, 0].flip(1).diagonal().fill_(1.0)
+    img = img.clamp(0, 1)
+    x = (img * 255).round() if raw else (img - img.mean()) / img.std()
+    return _sampler(x, y, batch, seed)
+
+
+def _sampler(x: Tensor, y: Tensor, batch: int, seed: int):
+    g = torch.Generator().manual_seed(seed + 1)
+
+    def draw() -> tuple[Tensor, Tensor]:
+        ix = torch.randint(0, x.shape[0], (batch,), generator=g)
+        return x[ix], y[ix]
+
+    return draw
+
+
+# --- models -------------------------------------------------------------------------------
+def plumb_model(seed: int = 2147483647, preset: str | None = None, **cfg: Any) -> MLP:
+    config = preset_config(preset, **cfg) if preset else ModelConfig(**cfg)
+    config.vocab_size = _names().vocab.size
+    return MLP(config, torch.Generator().manual_seed(seed))
+
+
+def mlp(
+    widths: list[int],
+    act: Callable[[], nn.Module] = nn.ReLU,
+    norm: Callable[[int], nn.Module] | None = None,
+    bias: bool = True,
+    seed: int = 0,
+) -> nn.Sequential:
+    """Linear -> [norm] -> act blocks, then a Linear output; torch's default init."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for a, b in itertools.pairwise(widths[:-1]):
+        layers.append(nn.Linear(a, b, bias=bias))
+        if norm is not None:
+            layers.append(norm(b))
+        layers.append(act())
+    layers.append(nn.Linear(widths[-2], widths[-1]))
+    return nn.Sequential(*layers)
+
+
+def init_linears(
+    model: nn.Module, fn: Callable[[Tensor], Any], bias: float | None = 0.0, skip_last: bool = False
+) -> nn.Module:
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    if skip_last:
+        linears = linears[:-1]
+    with torch.no_grad():
+        for m in linears:
+            fn(m.weight)
+            if m.bias is not None and bias is not None:
+                m.bias.fill_(bias)
+    return model
+
+
+def kaiming(gain: float):
+    def fn(w: Tensor) -> None:
+        fan_in = w[0].numel()
+        w.normal_(0, gain / math.sqrt(fan_in))
+
+    return fn
+
+
+def cnn(seed: int = 0, softmax: bool = False) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = [
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * 4 * 4, 32),
+        nn.ReLU(),
+        nn.Linear(32, 4),
+    ]
+    if softmax:
+        layers.append(nn.Softmax(dim=1))
+    return nn.Sequential(*layers)
+
+
+class FrozenBackbone(nn.Module):
+    """A feature extractor used under no_grad (frozen) with a trainable head: the classic
+    way to leave its BatchNorm in training mode at evaluation (and here, always)."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.backbone = nn.Sequential(nn.Linear(20, 64), nn.BatchNorm1d(64), nn.ReLU())
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        self.head = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            f = self.backbone(x)
+        return self.head(f)
+
+
+def sgd(model: nn.Module, lr: float, momentum: float = 0.0) -> torch.optim.Optimizer:
+    return torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad], lr=lr, momentum=momentum
+    )
+
+
+def adamw(model: nn.Module, lr: float = 1e-3) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+
+
+CE = F.cross_entropy
+
+
+def _setups() -> list[SetUp]:
+    W = [20, 64, 64, 64, 10]  # a blob MLP: 3 hidden layers
+    deep = [20] + [64] * 10 + [10]  # 10 hidden layers
+
+    def plumb_run(lr: float = 0.1, **cfg):
+        def build():
+            m = plumb_model(**cfg)
+            return m, names_batches(), CE, sgd(m, lr)
+
+        return build
+
+    def kaiming_relu(lr=0.05, **kw):
+        m = init_linears(mlp(W, **kw), kaiming(math.sqrt(2)))
+        return m, blobs(), CE, sgd(m, lr, momentum=0.9)
+
+    def zero_init():
+        m = init_linears(mlp(W, act=nn.Tanh), lambda w: w.zero_())
+        return m, blobs(), CE, sgd(m, 0.1)
+
+    def neg_bias():
+        m = init_linears(mlp(W), kaiming(math.sqrt(2)), bias=-3.0)
+        return m, blobs(), CE, sgd(m, 0.05, momentum=0.9)
+
+    def tiny_gain():
+        m = init_linears(mlp(deep, act=nn.Tanh), kaiming(0.5))
+        return m, blobs(), CE, sgd(m, 0.05)
+
+    def relu_big_gain():
+        m = init_linears(mlp(deep), kaiming(2.5))
+        return m, blobs(), CE, sgd(m, 1e-4)
+
+    def deep_sigmoid():
+        m = mlp(deep, act=nn.Sigmoid)  # torch's default init
+        return m, blobs(), CE, sgd(m, 0.1)
+
+    def deep_linear_big_gain():
+        m = init_linears(mlp(deep, act=nn.Identity), kaiming(1.5))
+        return m, blobs(), CE, sgd(m, 1e-4)
+
+    def unscaled_tanh_torch():
+        m = init_linears(mlp(W, act=nn.Tanh), lambda w: w.normal_(0, 1), skip_last=True)
+        with torch.no_grad():
+            m[-1].weight.mul_(0.01)
+        return m, blobs(), CE, sgd(m, 0.05)
+
+    def overconfident_torch():
+        m = init_linears(mlp(W), kaiming(math.sqrt(2)))
+        with torch.no_grad():
+            m[-1].weight.normal_(0, 1)  # N(0, 1) output weights: no 1/sqrt(fan_in)
+        return m, blobs(), CE, sgd(m, 0.05, momentum=0.9)
+
+    def bn_eval_mode():
+        m = init_linears(mlp(W, norm=nn.BatchNorm1d, bias=False), kaiming(math.sqrt(2)))
+        m.eval()  # left in eval mode (e.g. after a validation pass)
+        return m, blobs(), CE, sgd(m, 0.05, momentum=0.9)
+
+    def bias_before_bn():
+        m = init_linears(mlp(W, norm=nn.BatchNorm1d, bias=True), kaiming(math.sqrt(2)))
+        return m, blobs(), CE, sgd(m, 0.05, momentum=0.9)
+
+    def frozen_bn():
+        m = FrozenBackbone()
+        return m, blobs(), CE, sgd(m, 0.05, momentum=0.9)
+
+    def uneven():
+        m = init_linears(mlp(W, norm=nn.BatchNorm1d, bias=False), kaiming(math.sqrt(2)))
+        with torch.no_grad():
+            m[3].weight.mul_(30.0)  # one layer initialised 30x too large; BN hides it forward
+        return m, blobs(), CE, sgd(m, 0.05, momentum=0.9)
+
+    def cnn_run(raw=False, softmax=False, lr=1e-3):
+        def build():
+            m = cnn(softmax=softmax)
+            return m, strokes(raw=raw), CE, torch.optim.Adam(m.parameters(), lr=lr)
+
+        return build
+
+    def log_softmax_nll():
+        m = nn.Sequential(init_linears(mlp(W), kaiming(math.sqrt(2))), nn.LogSoftmax(dim=1))
+        return m, blobs(), F.nll_loss, sgd(m, 0.05, momentum=0.9)
+
+    def adamw_layernorm():
+        m = mlp(W, act=nn.GELU, norm=nn.LayerNorm)
+        return m, blobs(), CE, adamw(m, 1e-3)
+
+    def adamw_lr(lr):
+        def build():
+            m = mlp(W, act=nn.GELU, norm=nn.LayerNorm)
+            return m, blobs(), CE, adamw(m, lr)
+
+        return build
+
+    def nan_lr():
+        m = init_linears(mlp(W), kaiming(math.sqrt(2)))
+        return m, blobs(), CE, sgd(m, 50.0, momentum=0.9)  # 1000x the healthy 0.05
+
+    def relu_lr(lr):
+        def build():
+            m = init_linears(mlp(W), kaiming(math.sqrt(2)))
+            return m, blobs(), CE, sgd(m, lr, momentum=0.9)
+
+        return build
+
+    P, T = "plumb.nn", "torch.nn"
+    return [
+        # ----- healthy ----------------------------------------------------------------------
+        SetUp(
+            "lecture-deep",
+            P,
+            (),
+            plumb_run(preset="lecture-deep"),
+            "the lecture's final deep net: 5 x [Linear, BatchNorm, Tanh], lr 0.1",
+        ),
+        SetUp(
+            "lecture-mlp-batchnorm",
+            P,
+            (),
+            plumb_run(preset="lecture-mlp:batchnorm"),
+            "the lecture's final single-hidden-layer net with batch norm",
+        ),
+        SetUp(
+            "plumb-relu-layernorm",
+            P,
+            (),
+            plumb_run(n_layers=3, norm="layer", activation="relu"),
+            "plumb MLP, 3 x [Linear, LayerNorm, ReLU], Kaiming sqrt(2)",
+        ),
+        SetUp(
+            "kaiming-relu-mlp",
+            T,
+            (),
+            kaiming_relu,
+            "torch.nn ReLU MLP, Kaiming normal sqrt(2), SGD momentum",
+        ),
+        SetUp(
+            "small-cnn",
+            T,
+            (),
+            cnn_run(),
+            "torch.nn CNN (2 conv + 2 linear, default init), Adam 1e-3",
+        ),
+        SetUp(
+            "adamw-layernorm-gelu",
+            T,
+            (),
+            adamw_layernorm,
+            "torch.nn GELU MLP with LayerNorm, AdamW 1e-3, default init",
+        ),
+        SetUp(
+            "log-softmax-nll",
+            T,
+            (),
+            log_softmax_nll,
+            "log_softmax output with nll_loss (the right pairing)",
+        ),
+        # ----- broken -----------------------------------------------------------------------
+        SetUp(
+            "lecture-unscaled-output",
+            P,
+            ("overconfident-init",),
+            plumb_run(preset="lecture-mlp:kaiming", out_scale=1.0, out_bias_scale=1.0),
+            "the lecture's first mistake: W2, b2 ~ N(0, 1) (confidently wrong softmax)",
+        ),
+        SetUp(
+            "torch-unscaled-output",
+            T,
+            ("overconfident-init",),
+            overconfident_torch,
+            "output layer weights N(0, 1) instead of 1/sqrt(fan_in)",
+        ),
+        SetUp(
+            "lecture-unscaled-tanh",
+            P,
+            ("saturated-activations",),
+            plumb_run(preset="lecture-mlp:fix-softmax"),
+            "the lecture's second mistake: W1, b1 ~ N(0, 1) into tanh",
+        ),
+        SetUp(
+            "torch-unscaled-tanh",
+            T,
+            ("saturated-activations",),
+            unscaled_tanh_torch,
+            "tanh MLP with N(0, 1) hidden weights",
+        ),
+        SetUp(
+            "tanh-tiny-gain",
+            T,
+            ("activations-vanishing",),
+            tiny_gain,
+            "10-layer tanh MLP, Kaiming with gain 0.5 instead of 5/3",
+        ),
+        SetUp(
+            "plumb-tanh-tiny-gain",
+            P,
+            ("activations-vanishing",),
+            plumb_run(n_layers=10, norm="none", gain=0.5, n_hidden=100),
+            "plumb 10-layer tanh MLP, no norm, gain 0.5",
+        ),
+        SetUp(
+            "linear-big-gain",
+            T,
+            ("activations-exploding",),
+            deep_linear_big_gain,
+            "10-layer linear MLP (no nonlinearity), gain 1.5 instead of 1",
+        ),
+        SetUp(
+            "relu-big-gain",
+            T,
+            ("gradients-exploding",),
+            relu_big_gain,
+            "10-layer ReLU MLP, Kaiming with gain 2.5 instead of sqrt(2)",
+        ),
+        SetUp(
+            "sigmoid-deep",
+            T,
+            ("gradients-vanishing",),
+            deep_sigmoid,
+            "10-layer sigmoid MLP, torch default init",
+        ),
+        SetUp(
+            "relu-negative-bias",
+            T,
+            ("dead-units",),
+            neg_bias,
+            "ReLU MLP with biases initialised to -3",
+        ),
+        SetUp(
+            "zero-init",
+            T,
+            ("symmetric-weights",),
+            zero_init,
+            "tanh MLP with every weight and bias zero",
+        ),
+        SetUp(
+            "lr-10x-high",
+            T,
+            ("lr-too-high",),
+            relu_lr(0.5),
+            "Kaiming ReLU MLP at lr 0.5 (healthy 0.05)",
+        ),
+        SetUp(
+            "lr-1000x-low-momentum",
+            T,
+            ("lr-too-low",),
+            relu_lr(5e-5),
+            "Kaiming ReLU MLP, SGD momentum at lr 5e-5 (healthy 0.05)",
+        ),
+        SetUp(
+            "lr-1000x-low",
+            P,
+            ("lr-too-low",),
+            plumb_run(lr=1e-4, preset="lecture-deep"),
+            "lecture-deep at lr 1e-4 (the lecture's 0.1 / 1000)",
+        ),
+        SetUp(
+            "adamw-lr-1000x-low",
+            T,
+            ("lr-too-low",),
+            adamw_lr(1e-6),
+            "AdamW at 1e-6 instead of 1e-3",
+        ),
+        SetUp(
+            "adamw-lr-10x-high",
+            T,
+            ("lr-too-high",),
+            adamw_lr(1e-2),
+            "AdamW at 1e-2 instead of 1e-3",
+        ),
+        SetUp(
+            "nan-huge-lr",
+            T,
+            ("non-finite",),
+            nan_lr,
+            "ReLU MLP at lr 50 (1000x): the loss overflows to NaN",
+        ),
+        SetUp(
+            "plumb-bias-before-bn",
+            P,
+            ("redundant-bias",),
+            plumb_run(preset="lecture-deep", bias="always"),
+            "lecture-deep with a bias in every Linear before its BatchNorm",
+        ),
+        SetUp(
+            "torch-bias-before-bn",
+            T,
+            ("redundant-bias",),
+            bias_before_bn,
+            "Linear(bias=True) -> BatchNorm1d",
+        ),
+        SetUp(
+            "bn-train-mode-in-eval",
+            T,
+            ("batchnorm-train-mode-in-eval",),
+            frozen_bn,
+            "a frozen BatchNorm backbone run under no_grad but left in train mode",
+        ),
+        SetUp(
+            "bn-eval-mode-in-training",
+            T,
+            ("batchnorm-eval-mode-in-training",),
+            bn_eval_mode,
+            "a BatchNorm MLP trained after model.eval()",
+        ),
+        SetUp(
+            "raw-pixels",
+            T,
+            ("unnormalized-inputs",),
+            cnn_run(raw=True),
+            "the CNN fed raw 0-255 pixels",
+        ),
+        SetUp(
+            "double-softmax",
+            T,
+            ("double-softmax",),
+            cnn_run(softmax=True),
+            "the CNN ends in Softmax and trains with cross_entropy",
+        ),
+        SetUp(
+            "uneven-init-scale",
+            T,
+            ("uneven-updates",),
+            uneven,
+            "BatchNorm MLP with one Linear initialised 30x too large",
+        ),
+    ]
+
+
+SETUPS: list[SetUp] = _setups()
+
+
+def run_setup(setup: SetUp) -> Outcome:
+    from plumb.doctor import diagnose
+
+    model, batches, loss_fn, opt = setup.build()
+    t0 = time.perf_counter()
+    diag = diagnose(model, batches, loss_fn, opt, steps=setup.steps)
+    problems = {f.code for f in diag.findings if f.severity in ("error", "warning")}
+    return Outcome(setup, diag.codes, problems, time.perf_counter() - t0, diag.findings)
+
+
+def run_catalogue(names: list[str] | None = None) -> list[Outcome]:
+    chosen = [s for s in SETUPS if names is None or s.name in names]
+    return [run_setup(s) for s in chosen]
+
+
+def confusion_table(outcomes: list[Outcome]) -> str:
+    """One row per set-up: expected codes, found codes (warning/error; info in
+    parentheses), and whether it passed."""
+    lines = [f"{'set-up':28s} {'family':8s} {'expected':32s} {'found':s}"]
+    for o in outcomes:
+        exp = ", ".join(o.setup.expect) or "(healthy)"
+        infos = sorted(o.codes - o.problems)
+        found = ", ".join(sorted(o.problems)) or "-"
+        if infos:
+            found += "  (" + ", ".join(infos) + ")"
+        mark = "ok " if o.passed else "MISS" if o.setup.expect else "FALSE ALARM"
+        lines.append(f"{o.setup.name:28s} {o.setup.family:8s} {exp:32s} {found}  [{mark}]")
+    broken = [o for o in outcomes if o.setup.expect]
+    healthy = [o for o in outcomes if not o.setup.expect]
+    lines.append(
+        f"broken: {sum(o.passed for o in broken)}/{len(broken)} found their code; "
+        f"healthy: {sum(o.passed for o in healthy)}/{len(healthy)} without a warning"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,299 @@
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import plumb
+from plumb.cli import main
+from plumb.doctor import CODES, Finding, diagnose, rules
+from plumb.doctor.catalogue import SETUPS, blobs, confusion_table, mlp, plumb_model, run_setup
+from plumb.doctor.rules import median_update
+from plumb.errors import PlumbError
+from plumb.models import preset_config
+from plumb.pipeline import train_run
+from plumb.train import TrainConfig
+
+
+@pytest.fixture(autouse=True)
+def _strict_rules(monkeypatch):
+    monkeypatch.setattr(rules, "STRICT", True)  # a rule that breaks fails the test
+
+
+@pytest.mark.parametrize("setup", SETUPS, ids=[s.name for s in SETUPS])
+def test_catalogue(setup):
+    outcome = run_setup(setup)
+    if setup.expect:
+        missing = set(setup.expect) - outcome.codes
+        assert not missing, f"{setup.name}: missing {missing}, found {outcome.codes}"
+    else:
+        assert not outcome.problems, f"false alarm on {setup.name}: {outcome.findings}"
+    assert outcome.passed
+
+
+def test_catalogue_size_and_families():
+    broken = [s for s in SETUPS if s.expect]
+    healthy = [s for s in SETUPS if not s.expect]
+    assert len(broken) >= 16 and len(healthy) >= 6
+    for group in (broken, healthy):
+        assert {s.family for s in group} == {"plumb.nn", "torch.nn"}
+    covered = {c for s in broken for c in s.expect}
+    assert covered == set(CODES) - {"step-failed"}, set(CODES) - covered
+
+
+def _relu_setup(lr=0.05):
+    torch.manual_seed(0)
+    m = mlp([20, 64, 64, 10])
+    return m, blobs(), F.cross_entropy, torch.optim.SGD(m.parameters(), lr=lr)
+
+
+def test_diagnosis_api_json_and_str():
+    m, batches, loss_fn, opt = _relu_setup()
+    diag = diagnose(m, batches, loss_fn, opt, steps=40)
+    assert diag.steps == 40 and diag.ok and diag.codes == set()
+    assert diag.expected_initial_loss == pytest.approx(math.log(10))
+    assert abs(diag.initial_loss - math.log(10)) < 0.5
+    data = json.loads(diag.to_json())
+    assert data["ok"] is True and data["findings"] == [] and data["steps"] == 40
+    assert diag.to_json() == json.dumps(data, indent=2, sort_keys=True)
+    assert "healthy" in str(diag)
+
+
+def test_findings_are_json_and_readable():
+    m = plumb_model(preset="lecture-mlp:original")
+    diag = diagnose(
+        m, *_names_draw(), F.cross_entropy, torch.optim.SGD(m.parameters(), 0.1), steps=30
+    )
+    assert {"overconfident-init", "saturated-activations"} <= diag.codes
+    assert not diag.ok
+    f = next(f for f in diag.findings if f.code == "overconfident-init")
+    assert isinstance(f, Finding) and f.severity == "warning" and f.where == "layers.output"
+    ev = f.evidence
+    assert ev["initial_loss"] > 20 and ev["expected"] == pytest.approx(math.log(27), abs=1e-3)
+    assert ev["excess_nats"] == pytest.approx(ev["initial_loss"] - ev["expected"], abs=0.01)
+    assert "0.01" in f.message and "3.3" in f.message
+    text = str(diag)
+    assert "overconfident-init" in text and "[warning]" in text
+    data = json.loads(diag.to_json())
+    assert sorted(data["codes"]) == data["codes"] and set(data["codes"]) == diag.codes
+    assert [x["severity"] for x in data["findings"]] == sorted(
+        (x["severity"] for x in data["findings"]), key=("error", "warning", "info").index
+    )
+
+
+def _names_draw(batch=32, seed=0):
+    from plumb.doctor.catalogue import names_batches
+
+    return (names_batches(batch, seed),)
+
+
+def test_suggested_lr_brings_updates_to_1e_3():
+    """SGD's update is proportional to the lr: rerunning at the suggested lr must put the
+    median update:data within half a decade of 1e-3."""
+    m = plumb_model(preset="lecture-deep")
+    diag = diagnose(m, *_names_draw(), F.cross_entropy, torch.optim.SGD(m.parameters(), 1e-4))
+    assert "lr-too-low" in diag.codes and diag.suggested_lr is not None
+    assert diag.suggested_lr > 1e-2
+    m = plumb_model(preset="lecture-deep")
+    opt = torch.optim.SGD(m.parameters(), diag.suggested_lr)
+    again = diagnose(m, *_names_draw(), F.cross_entropy, opt)
+    assert abs(median_update(again.evidence) + 3) < 0.5
+    assert "lr-too-low" not in again.codes and "lr-too-high" not in again.codes
+
+
+def test_batches_forms_cycle_callable_iterator_and_pair():
+    x, y = torch.randn(64, 20), torch.randint(0, 10, (64,))
+    calls = []
+
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = mlp([20, 32, 10])
+
+        def forward(self, inp):
+            calls.append(inp.shape[0])
+            return self.net(inp)
+
+    forms = [
+        [(x[:16], y[:16]), (x[16:48], y[16:48])],  # list shorter than steps: cycled
+        ((x[i : i + 8], y[i : i + 8]) for i in range(0, 24, 8)),  # one-shot iterator
+        lambda: (x[:4], y[:4]),  # callable
+        (x, y),  # one (inputs, targets) pair
+    ]
+    for batches in forms:
+        calls.clear()
+        m = Counting()
+        diag = diagnose(m, batches, F.cross_entropy, torch.optim.SGD(m.parameters(), 0.05), 7)
+        assert diag.steps == 7 and len(calls) == 7
+    assert calls == [64] * 7
+
+
+def test_bad_arguments_are_one_line_errors():
+    m, batches, loss_fn, opt = _relu_setup()
+    cases = [
+        lambda: diagnose("model", batches, loss_fn, opt),
+        lambda: diagnose(m, batches, loss_fn, opt, steps=0),
+        lambda: diagnose(m, batches, "ce", opt),
+        lambda: diagnose(m, batches, loss_fn, object()),
+        lambda: diagnose(m, [], loss_fn, opt, steps=3),
+        lambda: diagnose(m, [torch.zeros(3)], loss_fn, opt, steps=3),
+        lambda: diagnose(m, 42, loss_fn, opt),
+        lambda: diagnose(m, batches, lambda out, t: F.cross_entropy(out, t, reduction="none"), opt),
+        lambda: diagnose(m, (torch.randn(4, 7), torch.zeros(4).long()), loss_fn, opt),
+    ]
+    for case in cases:
+        with pytest.raises(PlumbError) as err:
+            case()
+        assert "\n" not in str(err.value)
+    assert all(not mod._forward_hooks for mod in m.modules())  # nothing left attached
+
+
+class Blowup(nn.Module):
+    """A layer plumb does not know that returns NaN from its 6th call on."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return x * float("nan") if self.calls > 5 else x
+
+
+def test_nan_from_an_unknown_layer_is_reported_not_raised():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(20, 32), nn.Tanh(), Blowup(), nn.Linear(32, 10))
+    diag = diagnose(m, blobs(), F.cross_entropy, torch.optim.SGD(m.parameters(), 0.05), 20)
+    f = next(f for f in diag.findings if f.code == "non-finite")
+    assert f.severity == "error" and f.where == "2" and f.evidence["step"] == 5
+    assert "output of layer '2'" in f.message
+    assert not diag.ok and math.isnan(diag.final_loss)
+    assert all(not mod._forward_hooks for mod in m.modules())
+
+
+def test_inf_input_and_crash_after_step_zero():
+    torch.manual_seed(0)
+    m = mlp([20, 16, 10])
+    x = torch.randn(8, 20)
+    x[0, 0] = float("inf")
+    diag = diagnose(
+        m, (x, torch.zeros(8).long()), F.cross_entropy, torch.optim.SGD(m.parameters(), 0.1), 5
+    )
+    assert "non-finite" in diag.codes
+
+    state = {"n": 0}
+
+    def flaky(out, target):
+        state["n"] += 1
+        if state["n"] > 3:
+            raise RuntimeError("disk on fire")
+        return F.cross_entropy(out, target)
+
+    m = mlp([20, 16, 10])
+    diag = diagnose(m, blobs(), flaky, torch.optim.SGD(m.parameters(), 0.05), 10)
+    f = diag.findings[0]
+    assert f.code == "step-failed" and "disk on fire" in f.message and not diag.ok
+    with pytest.raises(PlumbError, match="could not run one training step"):
+        diagnose(m, blobs(), lambda o, t: 1 / 0, torch.optim.SGD(m.parameters(), 0.05))
+
+
+def test_log_softmax_with_cross_entropy_is_info_only():
+    torch.manual_seed(0)
+    m = nn.Sequential(mlp([20, 64, 10]), nn.LogSoftmax(dim=1))
+    diag = diagnose(m, blobs(), F.cross_entropy, torch.optim.SGD(m.parameters(), 0.05), 30)
+    f = next(f for f in diag.findings if f.code == "double-softmax")
+    assert f.severity == "info" and diag.ok
+
+
+def test_bias_before_eval_mode_batchnorm_is_not_redundant():
+    """In eval mode BatchNorm does not subtract the batch mean: the bias matters."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(20, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
+    m.eval()
+    diag = diagnose(m, blobs(), F.cross_entropy, torch.optim.SGD(m.parameters(), 0.05), 30)
+    assert "batchnorm-eval-mode-in-training" in diag.codes
+    assert "redundant-bias" not in diag.codes
+
+
+def test_frozen_eval_batchnorm_is_info():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(20, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
+    m[1].eval()
+    for p in m[1].parameters():
+        p.requires_grad_(False)
+    diag = diagnose(m, blobs(), F.cross_entropy, torch.optim.SGD(m[0].parameters(), 0.05), 20)
+    f = next(f for f in diag.findings if f.code == "batchnorm-eval-mode-in-training")
+    assert f.severity == "info"
+
+
+def test_train_prints_findings_and_writes_them_to_the_report(tmp_path):
+    seen = []
+    run = train_run(
+        preset_config("lecture-mlp:original"),
+        TrainConfig(steps=600, lr_decay_step=None, print_every=1000),
+        tmp_path / "run",
+        progress=False,
+        samples=0,
+        on_finding=lambda f, step: seen.append((f.code, step)),
+    )
+    assert ("overconfident-init", 1) in seen and ("saturated-activations", 1) in seen
+    data = json.loads((run.out / "findings.json").read_text())
+    assert "overconfident-init" in data["codes"] and data["steps"] == 600
+    rec = plumb.load_run(run.out)
+    assert {f["code"] for f in rec.findings} >= {"overconfident-init", "saturated-activations"}
+    html = (run.out / "report.html").read_text()
+    assert "overconfident-init" in html and "ln(27)" in html
+
+
+def test_doctor_does_not_change_training(tmp_path):
+    cfg = TrainConfig(steps=120, lr_decay_step=None, print_every=1000, probe_every=10)
+    a = train_run(preset_config("lecture-deep"), cfg, tmp_path / "a", progress=False, samples=0)
+    cfg.doctor = False
+    b = train_run(preset_config("lecture-deep"), cfg, tmp_path / "b", progress=False, samples=0)
+    assert torch.equal(a.result.losses, b.result.losses)
+    assert (tmp_path / "a" / "findings.json").is_file()
+    assert not (tmp_path / "b" / "findings.json").exists()
+    html = (tmp_path / "a" / "report.html").read_text()
+    assert "found nothing to flag" in html
+
+
+def test_cli_doctor_exit_codes_and_json(capsys):
+    assert main(["doctor", "--steps", "40"]) == 0
+    out = capsys.readouterr().out
+    assert "healthy" in out
+    assert main(["doctor", "--preset", "lecture-mlp:original", "--steps", "30", "--json"]) == 1
+    data = json.loads(capsys.readouterr().out)
+    assert "overconfident-init" in data["codes"] and data["ok"] is False
+    for argv in (
+        ["doctor", "--steps", "0"],
+        ["doctor", "--catalogue", "no-such-setup"],
+        ["doctor", "--lr", "-1"],
+        ["doctor", "--preset", "nope"],
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("plumb: error:") and err.count("\n") == 1
+
+
+def test_cli_catalogue_prints_the_confusion_table(capsys):
+    assert main(["doctor", "--catalogue", "zero-init,lecture-deep"]) == 0
+    out = capsys.readouterr().out
+    assert "zero-init" in out and "symmetric-weights" in out
+    assert "broken: 1/1 found their code; healthy: 1/1" in out
+
+
+def test_confusion_table_marks_misses_and_false_alarms():
+    from plumb.doctor.catalogue import Outcome
+
+    broken = next(s for s in SETUPS if s.expect)
+    healthy = next(s for s in SETUPS if not s.expect)
+    table = confusion_table(
+        [
+            Outcome(broken, set(), set(), 0.0),
+            Outcome(healthy, {"lr-too-high"}, {"lr-too-high"}, 0.0),
+        ]
+    )
+    assert "[MISS]" in table and "[FALSE ALARM]" in table
+    assert "broken: 0/1" in table and "healthy: 0/1" in table
