@@ -24,6 +24,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_step.py
 	$(PY) bench/bench_data.py
 	$(PY) bench/bench_probes.py
+	$(PY) bench/bench_doctor.py
 
 lint: $(STAMP)
 	.venv/bin/ruff check src tests bench

@@ -7,6 +7,7 @@ initialisation, trained on a names dataset; see the README for the CLI.
 __version__ = "0.1.0"
 
 from plumb.data import Dataset, Vocab, load_dataset
+from plumb.doctor import Diagnosis, Finding, diagnose
 from plumb.errors import PlumbError
 from plumb.init import calculate_gain, expected_initial_loss
 from plumb.models import MLP, PRESETS, ModelConfig, preset_config
@@ -28,6 +29,8 @@ __all__ = [
     "MLP",
     "PRESETS",
     "Dataset",
+    "Diagnosis",
+    "Finding",
     "ModelConfig",
     "Monitor",
     "PlumbError",
@@ -37,6 +40,7 @@ __all__ = [
     "Vocab",
     "__version__",
     "calculate_gain",
+    "diagnose",
     "eval_run",
     "expected_initial_loss",
     "load_dataset",
