@@ -297,3 +297,13 @@ def test_confusion_table_marks_misses_and_false_alarms():
     )
     assert "[MISS]" in table and "[FALSE ALARM]" in table
     assert "broken: 0/1" in table and "healthy: 0/1" in table
+
+
+def test_diverging_run_suggests_a_lower_lr():
+    """A BatchNorm net at lr 100: its weights grow until the steps look small, but the
+    loss rose, so the doctor calls the lr too high and suggests a lower one."""
+    m = plumb_model(preset="lecture-deep")
+    diag = diagnose(m, *_names_draw(), F.cross_entropy, torch.optim.SGD(m.parameters(), 100.0))
+    f = next(f for f in diag.findings if f.code == "lr-too-high")
+    assert f.severity == "error" and f.evidence["loss_last_tenth"] > f.evidence["loss_start"]
+    assert diag.suggested_lr is not None and diag.suggested_lr <= 10.0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
@@ -463,6 +464,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("plumb: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `plumb ... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -398,11 +398,16 @@ def median_update(ev: Evidence) -> float:
 
 def suggested_lr(ev: Evidence) -> float | None:
     """The lr that brings the median update:data to 1e-3: updates scale ~linearly with
-    the lr (exactly for SGD, nearly for Adam), so lr * 10^(-3 - median)."""
+    the lr (exactly for SGD, nearly for Adam), so lr * 10^(-3 - median). When the loss
+    rose over the run the ratio is no guide (saturated or exploded weights move little):
+    then at most lr / 10."""
     m = median_update(ev)
     if not ev.lr or not finite(m):
         return None
-    return float(f"{ev.lr * 10 ** (UPDATE_TARGET - m):.2g}")
+    lr = ev.lr * 10 ** (UPDATE_TARGET - m)
+    if _loss_rose(ev) is not None:
+        lr = min(lr, ev.lr / 10)
+    return float(f"{lr:.2g}")
 
 
 def learning_rate(ev: Evidence) -> list[Finding]:
