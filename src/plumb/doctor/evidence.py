@@ -37,9 +37,15 @@ class Evidence:
     lr: float | None = None
     steps: int = 0
     _clean: list[dict[str, Any]] | None = field(default=None, repr=False)
+    _first_bad: tuple[int | None] | None = field(default=None, repr=False)
 
     # ----- windows -----------------------------------------------------------------
     def first_nonfinite_step(self) -> int | None:
+        if self._first_bad is None:
+            self._first_bad = (self._find_first_nonfinite(),)
+        return self._first_bad[0]
+
+    def _find_first_nonfinite(self) -> int | None:
         bad = [i for i, v in enumerate(self.loss.tolist()) if not math.isfinite(v)]
         first = bad[0] if bad else None
         for row in self.rows:

@@ -85,8 +85,9 @@ class Seen:
 
 
 class Watch:
-    """Attach with ``with Watch(model) as w:``; call ``w.record = True/False`` before each
-    training step (whether tensor statistics are wanted this step), ``w.step()`` after it."""
+    """Attach with ``with Watch(model) as w:`` (it starts recording); set ``w.record`` before
+    each training step (whether tensor statistics are wanted this step), ``w.step()``
+    after it."""
 
     def __init__(self, model: nn.Module):
         self.model = getattr(model, "_orig_mod", model)
@@ -100,7 +101,8 @@ class Watch:
             and isinstance(getattr(m, "weight", None), Tensor)
             and m.weight.dim() >= 2
         }
-        self.record = True
+        self._record = False
+        self._record_handles: list[Any] = []
         self.step_count = 0
         self.seen = Seen()
         self._handles: list[Any] = []
@@ -113,21 +115,41 @@ class Watch:
     def __enter__(self) -> Watch:
         self.seen.symmetry_start = self.symmetry()
         for name, m in self._named.items():
-            kind = self.kinds[name]
-            if kind == "batchnorm":
+            if self.kinds[name] == "batchnorm":  # mode checks: every forward, no tensor work
                 self._handles.append(m.register_forward_pre_hook(self._bn_hook(name)))
-            if name in self.weight_modules:
-                self._handles.append(m.register_forward_pre_hook(self._input_hook(name)))
-            if kind in SATURATING + RECTIFYING:
-                self._handles.append(m.register_forward_hook(self._unit_hook(name, kind)))
-        self._handles.append(self.model.register_forward_pre_hook(self._model_in_hook))
-        self._handles.append(self.model.register_forward_hook(self._model_out_hook))
+        self.record = True
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.record = False
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+    @property
+    def record(self) -> bool:
+        """Whether the coming steps measure tensors. The measuring hooks are attached only
+        while it is True (a module with no hooks takes torch's fast call path)."""
+        return self._record
+
+    @record.setter
+    def record(self, on: bool) -> None:
+        if on and not self._record_handles:
+            for name, m in self._named.items():
+                kind = self.kinds[name]
+                if name in self.weight_modules:
+                    h = m.register_forward_pre_hook(self._input_hook(name))
+                    self._record_handles.append(h)
+                if kind in SATURATING + RECTIFYING:
+                    h = m.register_forward_hook(self._unit_hook(name, kind))
+                    self._record_handles.append(h)
+            self._record_handles.append(self.model.register_forward_pre_hook(self._model_in_hook))
+            self._record_handles.append(self.model.register_forward_hook(self._model_out_hook))
+        elif not on:
+            for h in self._record_handles:
+                h.remove()
+            self._record_handles.clear()
+        self._record = bool(on)
 
     def step(self) -> None:
         self.step_count += 1
