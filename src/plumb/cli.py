@@ -71,22 +71,27 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bn-eps", type=float)
 
 
-def _add_train_flags(p: argparse.ArgumentParser) -> None:
+def _add_step_flags(g) -> None:
+    """What one training step needs, shared by `train` and `doctor`."""
     from plumb.train import OPTIMIZERS
 
-    g = p.add_argument_group("training (defaults come from --preset)")
     g.add_argument("--data", help="UTF-8 text file, one item per line (default: bundled names)")
-    g.add_argument("--out", help="run directory (default: runs/PRESET-TIMESTAMP)")
-    g.add_argument("--steps", type=int)
     g.add_argument("--batch-size", type=int)
     g.add_argument("--lr", type=float)
-    g.add_argument("--lr-decay-step", type=int, help="step from which lr becomes --lr-final")
-    g.add_argument("--lr-final", type=float)
     g.add_argument("--optimizer", choices=OPTIMIZERS)
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--seed", type=int, help="generator seed for init and batches (2147483647)")
     g.add_argument("--device", help="cpu (default), cuda, cuda:N")
     g.add_argument("--threads", type=int, help="torch threads; 1 for bit-exact lecture numbers")
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training (defaults come from --preset)")
+    g.add_argument("--out", help="run directory (default: runs/PRESET-TIMESTAMP)")
+    g.add_argument("--steps", type=int)
+    g.add_argument("--lr-decay-step", type=int, help="step from which lr becomes --lr-final")
+    g.add_argument("--lr-final", type=float)
+    _add_step_flags(g)
     g.add_argument(
         "--calibrate-bn",
         action="store_true",
@@ -410,18 +415,9 @@ def make_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_model_flags(p)
-    from plumb.train import OPTIMIZERS
-
-    g = p.add_argument_group("the diagnosis run")
+    g = p.add_argument_group("the diagnosis run (defaults come from --preset)")
     g.add_argument("--steps", type=int, default=100, help="training steps to watch (100)")
-    g.add_argument("--data", help="UTF-8 text file, one item per line (default: bundled names)")
-    g.add_argument("--batch-size", type=int)
-    g.add_argument("--lr", type=float)
-    g.add_argument("--optimizer", choices=OPTIMIZERS)
-    g.add_argument("--weight-decay", type=float)
-    g.add_argument("--seed", type=int)
-    g.add_argument("--device", help="cpu (default), cuda, cuda:N")
-    g.add_argument("--threads", type=int)
+    _add_step_flags(g)
     g.add_argument("--json", action="store_true", help="print the diagnosis as JSON")
     g.add_argument(
         "--catalogue",

@@ -33,6 +33,7 @@ from plumb.doctor.evidence import Evidence
 from plumb.doctor.rules import CODES, Finding, apply_rules, sort_findings, suggested_lr
 from plumb.doctor.watch import Watch
 from plumb.errors import PlumbError
+from plumb.init import expected_initial_loss
 from plumb.probes import Monitor
 
 __all__ = ["CODES", "Diagnosis", "Doctor", "Finding", "diagnose"]
@@ -171,16 +172,13 @@ def gather(
     classes: int | None,
     softmax_loss: bool | None,
     lr: float | None,
-    final: bool = True,
 ) -> Evidence:
-    seen = watch.finish() if final else watch.collect()
-    if not final:
-        seen.symmetry_end = watch.symmetry()
+    """The host-side evidence so far: the Monitor's history and what the watch saw."""
+    seen = watch.collect()
     history = monitor.history
     rows = history.rows if history is not None else []
     loss = history.loss.astype(np.float64) if history is not None else np.empty(0)
-    kinds = dict(watch.kinds)
-    kinds.update({layer.name: layer.kind for layer in monitor.layers})
+    kinds = dict(watch.kinds)  # every named module; NAME#k (a later call) is NAME's kind
     for key in monitor.order:
         kinds.setdefault(key, kinds.get(key.partition("#")[0], "other"))
     return Evidence(
@@ -209,7 +207,7 @@ def _summary(ev: Evidence, findings: list[Finding], seconds: float) -> Diagnosis
         steps=ev.steps,
         initial_loss=initial,
         final_loss=final,
-        expected_initial_loss=math.log(ev.classes) if ev.classes else None,
+        expected_initial_loss=expected_initial_loss(ev.classes) if ev.classes else None,
         suggested_lr=suggested_lr(ev),
         seconds=seconds,
         evidence=ev,
@@ -354,7 +352,6 @@ class Doctor:
             classes=self.classes,
             softmax_loss=self.softmax_loss,
             lr=_lr(self.optimizer),
-            final=False,
         )
         self.watch.reset_window()
         findings = apply_rules(ev)

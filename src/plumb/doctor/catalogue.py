@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from plumb.init import kaiming_normal_
 from plumb.models import MLP, ModelConfig, preset_config
 
 Build = Callable[[], tuple[nn.Module, Any, Callable, torch.optim.Optimizer]]
@@ -173,11 +174,8 @@ def init_linears(
 
 
 def kaiming(gain: float):
-    def fn(w: Tensor) -> None:
-        fan_in = w[0].numel()
-        w.normal_(0, gain / math.sqrt(fan_in))
-
-    return fn
+    """Kaiming normal (fan_in) for torch's (out, in, *kernel) weights."""
+    return lambda w: kaiming_normal_(w, gain, layout="out_in")
 
 
 def cnn(seed: int = 0, softmax: bool = False) -> nn.Sequential:

@@ -4,6 +4,7 @@ way the rules ask for them (call order, weight layers, windows of steps)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,14 +37,17 @@ class Evidence:
     softmax_loss: bool | None = None  # loss_fn is invariant to a per-row shift of outputs
     lr: float | None = None
     steps: int = 0
-    _clean: list[dict[str, Any]] | None = field(default=None, repr=False)
-    _first_bad: tuple[int | None] | None = field(default=None, repr=False)
+    _memo: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def cached(self, key: str, compute: Callable[[], Any]) -> Any:
+        """``compute()`` once per evidence (several rules ask the same question)."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
 
     # ----- windows -----------------------------------------------------------------
     def first_nonfinite_step(self) -> int | None:
-        if self._first_bad is None:
-            self._first_bad = (self._find_first_nonfinite(),)
-        return self._first_bad[0]
+        return self.cached("first_nonfinite", self._find_first_nonfinite)
 
     def _find_first_nonfinite(self) -> int | None:
         bad = [i for i, v in enumerate(self.loss.tolist()) if not math.isfinite(v)]
@@ -59,10 +63,10 @@ class Evidence:
     @property
     def clean(self) -> list[dict[str, Any]]:
         """Rows before the first non-finite value (statistics after it are meaningless)."""
-        if self._clean is None:
-            stop = self.first_nonfinite_step()
-            self._clean = [r for r in self.rows if stop is None or r["step"] < stop]
-        return self._clean
+        stop = self.first_nonfinite_step()
+        return self.cached(
+            "clean", lambda: [r for r in self.rows if stop is None or r["step"] < stop]
+        )
 
     def init_row(self) -> dict[str, Any] | None:
         rows = self.clean

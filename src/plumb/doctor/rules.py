@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from plumb.doctor.evidence import Evidence, finite, median
+from plumb.init import expected_initial_loss
 
 SEVERITIES = ("error", "warning", "info")
 
@@ -158,7 +159,7 @@ def overconfident_init(ev: Evidence) -> list[Finding]:
     if not ev.classes or ev.classes < 2 or not len(ev.loss) or not finite(float(ev.loss[0])):
         return []
     loss0 = float(ev.loss[0])
-    expected = math.log(ev.classes)
+    expected = expected_initial_loss(ev.classes)
     excess = loss0 - expected
     if excess <= OVERCONFIDENT_FRACTION * expected:
         return []
@@ -393,7 +394,7 @@ def update_ratios(ev: Evidence, embeddings: bool = True) -> dict[str, float]:
 
 
 def median_update(ev: Evidence) -> float:
-    return median(list(update_ratios(ev).values()))
+    return ev.cached("median_update", lambda: median(list(update_ratios(ev).values())))
 
 
 def suggested_lr(ev: Evidence) -> float | None:
@@ -469,6 +470,10 @@ def learning_rate(ev: Evidence) -> list[Finding]:
 
 
 def _loss_rose(ev: Evidence) -> tuple[float, float] | None:
+    return ev.cached("loss_rose", lambda: _measure_loss_rise(ev))
+
+
+def _measure_loss_rise(ev: Evidence) -> tuple[float, float] | None:
     """(start, end) when the median loss of the last tenth of the steps is above the
     loss before training (step 0, or the first tenth's median, the lower) by more than
     3 standard errors; the noise sigma comes from step-to-step differences (a robust

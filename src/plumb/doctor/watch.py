@@ -235,7 +235,8 @@ class Watch:
         self._alive, self._examples = {}, {}
 
     def collect(self) -> Seen:
-        """Copy what is on the device to the host (one synchronisation per tensor list)."""
+        """Copy what is on the device to the host (one synchronisation per tensor list) and
+        measure the weights' unit spread as they are now."""
         for name, pairs in self._rms.items():
             if pairs:
                 values = torch.stack([v for _, v in pairs]).cpu().tolist()
@@ -250,9 +251,5 @@ class Watch:
         if self._input and self.seen.model_input is None:
             rms, mean, std, peak = (float(v) for v in torch.stack(self._input).cpu())
             self.seen.model_input = {"rms": rms, "mean": mean, "std": std, "max_feature_rms": peak}
-        return self.seen
-
-    def finish(self) -> Seen:
-        self.collect()
         self.seen.symmetry_end = self.symmetry()
         return self.seen
