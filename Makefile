@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 DEMO_STEPS ?= 40000
 
-.PHONY: demo test test-fast bench lint format clean
+.PHONY: demo test test-fast bench experiments lint format clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	.venv/bin/plumb train --preset lecture-deep --steps $(DEMO_STEPS) --lr-decay-step $$(( $(DEMO_STEPS) * 3 / 4 )) --threads 1 --out runs/demo
+
+experiments: $(STAMP)
+	.venv/bin/plumb experiment all --out runs/experiments
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -1,0 +1,150 @@
+"""The lecture's experiments as reproducible commands (``plumb experiment NAME|all``).
+
+    from plumb.experiments import run_experiment, Options
+    page = run_experiment("gain-sweep", "runs/experiments", Options(quick=True))
+
+Each experiment writes ``ROOT/NAME/`` (PNG figures, results.csv, results.json and an
+index.html stating question, method and the answer computed from its numbers);
+``run_all`` also writes ``ROOT/index.html`` linking every page.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from plumb.errors import PlumbError
+from plumb.experiments.base import Context, Options, Result
+
+#: name -> module (in plumb.experiments), in the order of the suite.
+MODULES: dict[str, str] = {
+    "loss-log": "loss_log",
+    "init-comparison": "init_comparison",
+    "gain-sweep": "gain_sweep",
+    "batchnorm-parity": "batchnorm_parity",
+    "gradient-flow": "gradient_flow",
+    "update-ratio": "update_ratio",
+    "eval-mode-bug": "eval_mode_bug",
+    "bn-rescue": "bn_rescue",
+    "norm-alternatives": "norm_alternatives",
+    "zero-init": "zero_init",
+    "bn-folding": "bn_folding",
+    "calibration": "calibration",
+}
+NAMES = tuple(MODULES)
+
+
+def spec(name: str) -> ModuleType:
+    """The module of experiment ``name`` (an unknown name lists the available ones)."""
+    if name not in MODULES:
+        raise PlumbError(f"unknown experiment {name!r}: choose one of {', '.join(NAMES)} or all")
+    return importlib.import_module(f"plumb.experiments.{MODULES[name]}")
+
+
+def sweep_flags() -> dict[str, list[str]]:
+    """{flag: [experiments that read it]}."""
+    flags: dict[str, list[str]] = {}
+    for name in NAMES:
+        sweep = getattr(spec(name), "SWEEP", None)
+        if sweep:
+            flags.setdefault(sweep[0], []).append(name)
+    return flags
+
+
+def check_sweeps(names: list[str], options: Options) -> None:
+    """Every sweep flag given must be read by one of ``names``, with valid values."""
+    for flag, values in options.sweep.items():
+        readers = [n for n in names if (getattr(spec(n), "SWEEP", None) or ("",))[0] == flag]
+        if not readers:
+            users = sweep_flags().get(flag, [])
+            raise PlumbError(
+                f"--{flag} is not read by {', '.join(names)}"
+                + (f": it sets the sweep of {', '.join(users)}" if users else "")
+            )
+        for n in readers:
+            spec(n).SWEEP[2](values)
+
+
+def context(name: str, options: Options) -> Context:
+    mod = spec(name)
+    default, quick = mod.STEPS
+    steps = options.steps or (quick if options.quick else default)
+    sweep = None
+    if getattr(mod, "SWEEP", None):
+        flag, defaults, check = mod.SWEEP[:3]
+        quick_values = mod.SWEEP[3] if len(mod.SWEEP) > 3 else defaults
+        values = options.sweep.get(flag) or (quick_values if options.quick else defaults)
+        sweep = check(list(values))
+    return Context(name, options, steps, sweep)
+
+
+def run_experiment(
+    name: str, root: str | Path = "runs/experiments", options: Options | None = None
+) -> Path:
+    """Run experiment ``name`` and write ``root/name/``; returns the page's path."""
+    from plumb.experiments.page import machine, write_experiment
+
+    options = options or Options()
+    options.validate()
+    check_sweeps([name], options)
+    mod = spec(name)
+    ctx = context(name, options)
+    t0 = time.perf_counter()
+    result: Result = mod.run(ctx)
+    seconds = time.perf_counter() - t0
+    meta: dict[str, Any] = {
+        "steps": ctx.steps,
+        "sweep": ctx.sweep,
+        "seed": options.seed,
+        "device": options.device,
+        "quick": options.quick,
+        "seconds": round(seconds, 1),
+        "parallel": ctx.parallel_notes,
+        "machine": machine(),
+        "written": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    return write_experiment(Path(root) / name, name, mod, result, meta)
+
+
+def run_all(
+    root: str | Path = "runs/experiments",
+    options: Options | None = None,
+    names: list[str] | None = None,
+    on_done: Callable[[str, dict[str, Any]], None] | None = None,
+) -> Path:
+    """Run ``names`` (default: all twelve) in order and write ``root/index.html``."""
+    import json
+
+    from plumb.experiments.page import write_index
+
+    options = options or Options()
+    options.validate()
+    names = list(NAMES) if names is None else names
+    for n in names:
+        spec(n)
+    check_sweeps(names, options)
+    # A sweep flag applies to the experiments that read it; the others ignore it.
+    entries = []
+    for n in names:
+        own = dict(options.sweep)
+        flag = (getattr(spec(n), "SWEEP", None) or ("",))[0]
+        opts = Options(**{**options.__dict__, "sweep": {k: v for k, v in own.items() if k == flag}})
+        page = run_experiment(n, root, opts)
+        summary = json.loads((page.parent / "results.json").read_text())
+        entry = {
+            "name": n,
+            "title": spec(n).TITLE,
+            "headline": summary["headline"],
+            "seconds": summary["settings"]["seconds"],
+        }
+        entries.append(entry)
+        if on_done:
+            on_done(n, entry)
+    return write_index(Path(root), entries)
+
+
+__all__ = ["NAMES", "Options", "Result", "run_all", "run_experiment", "spec"]

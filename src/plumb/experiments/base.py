@@ -1,0 +1,349 @@
+"""What every experiment shares: its options, its result, side-by-side runs, a short
+training loop, and the per-layer statistics of one forward/backward pass.
+
+An experiment is a module with ``NAME``, ``TITLE``, ``QUESTION``, ``STEPS`` (default,
+quick), optionally ``SWEEP`` (the flag it reads, its default values and a validator),
+and ``run(ctx) -> Result``. The answer on its page is built from the numbers it measured.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from torch import Tensor, nn
+
+from plumb.data import Dataset, load_dataset
+from plumb.errors import PlumbError
+from plumb.models import LECTURE_SEED, MLP, ModelConfig
+from plumb.train import resolve_device
+
+
+@dataclass
+class Options:
+    """How to run an experiment (the CLI's flags)."""
+
+    quick: bool = False  # seconds instead of minutes, for tests
+    steps: int | None = None  # training steps; None: the experiment's default
+    seed: int = LECTURE_SEED
+    device: str = "cpu"
+    jobs: int | None = None  # configurations trained at once; None: cores (1 with --quick)
+    sweep: dict[str, list[float]] = field(default_factory=dict)  # e.g. {"gains": [...]}
+    data: str | None = None  # a names-like text file; None: the bundled names
+
+    def validate(self) -> None:
+        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
+            raise PlumbError(f"--steps must be an integer >= 1, got {self.steps!r}")
+        if self.jobs is not None and self.jobs < 1:
+            raise PlumbError(f"--jobs must be >= 1, got {self.jobs!r}")
+        resolve_device(self.device)
+
+
+@dataclass
+class Result:
+    """What an experiment measured, and what it says about it."""
+
+    answer: str  # computed from the numbers below
+    headline: str  # one line for the index and the closing note
+    rows: list[dict[str, Any]]  # the main results table (results.csv)
+    method: str
+    figures: dict[str, tuple[Figure, str]] = field(default_factory=dict)  # name: (fig, caption)
+    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # further tables
+    extra: dict[str, Any] = field(default_factory=dict)  # anything else for results.json
+
+
+@dataclass
+class Context:
+    """Options resolved for one experiment, plus timing of its side-by-side runs."""
+
+    name: str
+    options: Options
+    steps: int
+    sweep: list[float] | None
+    parallel_notes: list[str] = field(default_factory=list)
+
+    @property
+    def quick(self) -> bool:
+        return self.options.quick
+
+    @property
+    def seed(self) -> int:
+        return self.options.seed
+
+    @property
+    def device(self) -> torch.device:
+        return resolve_device(self.options.device)
+
+    def data(self) -> Dataset:
+        return _dataset(self.options.data)
+
+    def jobs(self, n_tasks: int) -> int:
+        wanted = self.options.jobs or (1 if self.quick else os.cpu_count() or 1)
+        return max(1, min(wanted, n_tasks))
+
+    def map(self, fn: Callable[[Any], Any], tasks: Sequence[Any], what: str = "runs") -> list:
+        """``[fn(t) for t in tasks]``, side by side in processes of one thread each.
+
+        ``fn`` must be a module-level function (it is pickled to spawned workers)."""
+        jobs = self.jobs(len(tasks))
+        t0 = time.perf_counter()
+        if jobs == 1:
+            out = [_timed(fn, t) for t in tasks]
+        else:
+            with ProcessPoolExecutor(
+                jobs, mp_context=get_context("spawn"), initializer=_one_thread
+            ) as pool:
+                out = list(pool.map(_timed, [fn] * len(tasks), tasks))
+        wall = time.perf_counter() - t0
+        serial = sum(s for _, s in out)
+        self.parallel_notes.append(
+            f"{len(tasks)} {what} in {jobs} process(es) of one thread: {wall:.1f} s wall, "
+            f"{serial:.1f} s of run time ({serial / max(wall, 1e-9):.1f}x)"
+        )
+        return [r for r, _ in out]
+
+
+def _timed(fn: Callable[[Any], Any], task: Any) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    return fn(task), time.perf_counter() - t0
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+@functools.lru_cache(maxsize=4)
+def _dataset(path: str | None) -> Dataset:
+    return load_dataset(path)
+
+
+def dataset(path: str | None) -> Dataset:
+    """The dataset a worker trains on (loaded once per process)."""
+    return _dataset(path)
+
+
+# --- parsing sweep values -----------------------------------------------------------
+
+
+def positive(
+    name: str, lo: float = 0.0, hi: float = math.inf, integer: bool = False, zero: bool = False
+):
+    """A validator for sweep values: finite numbers in (lo, hi] ([lo, hi] with ``zero``),
+    integers if asked, no repeats; returns them sorted."""
+    bracket = "[" if zero else "("
+
+    def check(values: list[float]) -> list[float]:
+        if not values:
+            raise PlumbError(f"--{name} needs at least one value")
+        for v in values:
+            inside = (lo <= v if zero else lo < v) and v <= hi
+            if not math.isfinite(v) or not inside:
+                raise PlumbError(
+                    f"--{name}: {v!r} is out of range; each value must be in "
+                    f"{bracket}{lo:g}, {hi:g}]"
+                )
+            if integer and v != int(v):
+                raise PlumbError(f"--{name}: {v!r} is not an integer")
+        if len(set(values)) != len(values):
+            raise PlumbError(f"--{name}: values repeat ({', '.join(f'{v:g}' for v in values)})")
+        return sorted(int(v) if integer else float(v) for v in values)
+
+    return check
+
+
+def parse_values(flag: str, text: str) -> list[float]:
+    """``"0.5,1,5/3"`` -> [0.5, 1.0, 1.666...] (fractions and 1e-3 allowed)."""
+    values = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if "/" in part:
+                num, den = part.split("/", 1)
+                values.append(float(num) / float(den))
+            else:
+                values.append(float(part))
+        except (ValueError, ZeroDivisionError):
+            raise PlumbError(
+                f"--{flag}: {part!r} is not a number (use e.g. --{flag} 0.5,1,5/3)"
+            ) from None
+    if not values:
+        raise PlumbError(f"--{flag} needs comma-separated numbers, got {text!r}")
+    return values
+
+
+# --- models and training ------------------------------------------------------------
+
+
+def deep_config(data: Dataset, **overrides: Any) -> ModelConfig:
+    """The lecture's deep MLP shape (10-d embedding, 100 hidden units) on ``data``."""
+    base: dict[str, Any] = dict(
+        vocab_size=data.vocab.size,
+        block_size=data.block_size,
+        n_embd=10,
+        n_hidden=100,
+        n_layers=5,
+        norm="none",
+        activation="tanh",
+        init="kaiming",
+        out_scale=0.1,
+    )
+    return ModelConfig(**{**base, **overrides})
+
+
+def build(
+    cfg: ModelConfig, seed: int, device: torch.device | str = "cpu"
+) -> tuple[MLP, torch.Generator]:
+    """A model drawn from ``seed``, and the generator that then draws its batches."""
+    g = torch.Generator().manual_seed(seed)
+    return MLP(cfg, g).to(device), g
+
+
+def fit(
+    model: nn.Module,
+    data: Dataset,
+    steps: int,
+    generator: torch.Generator,
+    *,
+    lr: float = 0.1,
+    batch_size: int = 32,
+    device: torch.device | str = "cpu",
+    optimizer: torch.optim.Optimizer | None = None,
+    on_step: Callable[[int, Tensor], None] | None = None,
+) -> Tensor:
+    """Plain minibatch SGD (``p -= lr * grad``) on the training split; the per-step losses.
+
+    ``on_step(i, loss)`` runs after each update (e.g. to call a Monitor's ``step``)."""
+    X, Y = data.train.X.to(device), data.train.Y.to(device)
+    opt = optimizer or torch.optim.SGD(model.parameters(), lr=lr)
+    losses = torch.empty(steps, device=device)
+    model.train()
+    for i in range(steps):
+        ix = torch.randint(0, X.shape[0], (batch_size,), generator=generator).to(device)
+        loss = F.cross_entropy(model(X[ix]), Y[ix].long())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses[i] = loss.detach()
+        if on_step is not None:
+            on_step(i, loss)
+    return losses.cpu()
+
+
+def unigram_loss(data: Dataset) -> float:
+    """Cross-entropy of the best context-free model on the training split: the entropy
+    of its next-character frequencies, ``-sum_c f_c ln f_c``. A model that ignores its
+    input cannot do better on the training set."""
+    counts = torch.bincount(data.train.Y.long(), minlength=data.vocab.size).double()
+    f = counts / counts.sum()
+    f = f[f > 0]
+    return float(-(f * f.log()).sum())
+
+
+@torch.no_grad()
+def eval_loss(model: nn.Module, X: Tensor, Y: Tensor, device: torch.device | str = "cpu") -> float:
+    """Mean cross-entropy in eval mode (running BatchNorm statistics)."""
+    was = model.training
+    model.eval()
+    try:
+        return F.cross_entropy(model(X.to(device)), Y.to(device).long()).item()
+    finally:
+        model.train(was)
+
+
+def layer_pass(
+    model: nn.Module, X: Tensor, Y: Tensor, kinds: tuple[type, ...]
+) -> list[dict[str, Any]]:
+    """One training-mode forward and backward of the batch (X, Y), without an update:
+    for each module of a type in ``kinds``, its output ``out`` and the gradient
+    ``grad = dL/d(out)`` (the lecture's ``layer.out.retain_grad()``), as float CPU tensors."""
+    captured: list[tuple[str, Tensor]] = []
+
+    def hook(name: str):
+        def f(module: nn.Module, args: Any, out: Tensor) -> None:
+            if out.requires_grad:
+                out.retain_grad()
+            captured.append((name, out))
+
+        return f
+
+    handles = [
+        m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, kinds)
+    ]
+    try:
+        model.train()
+        loss = F.cross_entropy(model(X), Y.long())
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+    rows = []
+    for name, out in captured:
+        grad = out.grad if out.grad is not None else torch.zeros_like(out)
+        rows.append({"layer": name, "out": out.detach().float().cpu(), "grad": grad.float().cpu()})
+    model.zero_grad(set_to_none=True)
+    return rows
+
+
+def tanh_saturation(t: Tensor) -> float:
+    """The lecture's saturation: the fraction of tanh outputs with ``|t| > 0.97``."""
+    return (t.abs() > 0.97).float().mean().item()
+
+
+def fmt(x: float, digits: int = 3) -> str:
+    """A number for prose: 3 significant digits, scientific when very small or large."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return str(x)
+    if x != 0 and (abs(x) < 1e-3 or abs(x) >= 1e5):
+        return f"{x:.{max(digits - 1, 0)}e}"
+    return f"{x:.{digits}g}"
+
+
+# --- judging a depth profile ----------------------------------------------------------
+
+#: "Stable across depth": the largest per-layer std within this factor of the smallest.
+#: The issue's (and the lecture's plots') standard for a well-initialised stack.
+STABLE_FACTOR = 2.0
+
+
+def spread(values: Sequence[float]) -> float:
+    """max/min of positive per-layer values (inf when one is 0 or not finite)."""
+    vals = [float(v) for v in values]
+    if not vals or any(not math.isfinite(v) or v <= 0 for v in vals):
+        return math.inf
+    return max(vals) / min(vals)
+
+
+def density_panel(ax: Any, series: list[tuple[str, Tensor]], title: str, bins: int = 60) -> None:
+    """The lecture's plot: one density line per layer (``torch.histogram`` over [min, max])."""
+    for label, t in series:
+        t = t.flatten().double()
+        t = t[torch.isfinite(t)]
+        if t.numel() == 0 or t.min() == t.max():
+            continue
+        hist, edges = torch.histogram(t, bins=bins, density=True)
+        centers = (edges[:-1] + edges[1:]) / 2
+        ax.plot(centers.numpy(), hist.numpy(), label=label, lw=1)
+    ax.set_title(title, fontsize=10)
+    ax.tick_params(labelsize=8)
+
+
+def smooth(losses: Tensor, window: int) -> tuple[list[int], list[float]]:
+    """Mean loss over consecutive windows: (window-centre steps, means)."""
+    n = len(losses) // max(window, 1)
+    if n == 0:
+        return list(range(len(losses))), losses.tolist()
+    means = losses[: n * window].view(n, window).mean(1)
+    return [i * window + window // 2 for i in range(n)], means.tolist()

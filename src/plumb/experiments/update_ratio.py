@@ -1,0 +1,177 @@
+"""The update-to-data ratio over training, for learning rates from 1e-3 to 1."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from plumb.doctor.rules import UPDATE_TARGET
+from plumb.experiments.base import (
+    Context,
+    Result,
+    build,
+    dataset,
+    deep_config,
+    eval_loss,
+    fit,
+    fmt,
+    positive,
+)
+from plumb.probes import Monitor
+
+NAME = "update-ratio"
+TITLE = "The update:data ratio and the learning rate"
+QUESTION = (
+    "How large is each SGD update relative to the weights it changes, "
+    "log10(std(lr * grad) / std(W)), across learning rates from 1e-3 to 1: which lr lands "
+    "near the lecture's 1e-3, and is that the lr with the best loss?"
+)
+STEPS = (3000, 60)
+SWEEP = (
+    "lrs",
+    [1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0],
+    positive("lrs", 0.0, 100.0),
+    [0.01, 0.1, 1.0],
+)
+
+
+def _one(task: tuple[float, str | None, int, int, str]) -> dict:
+    lr, path, steps, seed, device = task
+    data = dataset(path)
+    cfg = deep_config(data, norm="batch", out_norm=True, gain=1.0, bn_variance="lecture")
+    model, g = build(cfg, seed, device)
+    every = max(steps // 100, 1)
+    with Monitor(model, every=every, hist_every=every * 10**6) as mon:
+        losses = fit(
+            model, data, steps, g, lr=lr, device=device, on_step=lambda i, loss: mon.step(loss)
+        )
+    weights = [n for n, p in model.named_parameters() if p.ndim == 2]
+    steps_seen, ratio = [], []
+    for row in mon.history.rows:
+        vals = [row["param"][w].get("update_data", math.nan) for w in weights]
+        if row["step"] > 0 and all(math.isfinite(v) for v in vals):
+            steps_seen.append(row["step"])
+            ratio.append(vals)
+    ratio_arr = np.array(ratio) if ratio else np.full((0, len(weights)), np.nan)
+    return {
+        "lr": lr,
+        "steps": steps_seen,
+        "ratio": ratio_arr,
+        "weights": weights,
+        "loss_end": losses[-max(steps // 10, 1) :].mean().item(),
+        "val": eval_loss(model, data.val.X, data.val.Y, device),
+    }
+
+
+def run(ctx: Context) -> Result:
+    tasks = [(lr, ctx.options.data, ctx.steps, ctx.seed, ctx.options.device) for lr in ctx.sweep]
+    runs = ctx.map(_one, tasks, "learning rates")
+    rows = []
+    for r in runs:
+        late = r["ratio"][len(r["ratio"]) // 2 :]
+        median = float(np.median(late)) if late.size else math.nan
+        rows.append(
+            {
+                "lr": r["lr"],
+                "update_data_log10_median": median,
+                "update_data_log10_min_weight": float(late.mean(0).min())
+                if late.size
+                else math.nan,
+                "update_data_log10_max_weight": float(late.mean(0).max())
+                if late.size
+                else math.nan,
+                "train_loss_end": r["loss_end"],
+                "val": r["val"],
+            }
+        )
+    finite = [r for r in rows if math.isfinite(r["update_data_log10_median"])]
+    near = min(finite, key=lambda r: abs(r["update_data_log10_median"] - UPDATE_TARGET))
+    trained = [r for r in rows if math.isfinite(r["val"])]
+    best = min(trained, key=lambda r: r["val"]) if trained else None
+    meds = [r["update_data_log10_median"] for r in rows]
+    slope = (
+        float(
+            np.polyfit(
+                np.log10([r["lr"] for r in finite]),
+                [r["update_data_log10_median"] for r in finite],
+                1,
+            )[0]
+        )
+        if len(finite) > 1
+        else math.nan
+    )
+    monotone = all(b > a for a, b in itertools.pairwise(meds))
+    answer = (
+        f"Median log10 update:data over the second half of {ctx.steps:,} steps: "
+        + ", ".join(f"lr {fmt(r['lr'])} -> {fmt(r['update_data_log10_median'])}" for r in rows)
+        + f". It {'rises' if monotone else 'does not rise monotonically'} with the lr, "
+        f"{fmt(slope)} decades per decade of lr (1 for plain SGD with gradients that do not "
+        f"depend on the lr; BatchNorm and the loss landscape bend it). Nearest to the "
+        f"lecture's {UPDATE_TARGET:g} is lr {fmt(near['lr'])} "
+        f"({fmt(near['update_data_log10_median'])}), val {fmt(near['val'], 4)}. "
+        + (
+            f"The best val loss is lr {fmt(best['lr'])}'s ({fmt(best['val'], 4)}, update:data "
+            f"{fmt(best['update_data_log10_median'])}); "
+            + (
+                "the same lr."
+                if best is near
+                else f"{fmt(abs(math.log10(best['lr'] / near['lr'])))} decades of lr away, "
+                f"costing {fmt(near['val'] - best['val'])} nats at this budget."
+            )
+            if best
+            else "No lr kept a finite loss."
+        )
+    )
+    return Result(
+        answer=answer,
+        headline=f"lr {fmt(near['lr'])} lands nearest 1e-3 ({fmt(near['update_data_log10_median'])}); "
+        + (f"best val at lr {fmt(best['lr'])} ({fmt(best['val'], 4)})" if best else "all diverged"),
+        rows=rows,
+        method=(
+            "The lecture's deep net (5 x [Linear, BatchNorm1d, tanh] + Linear + BatchNorm1d, "
+            f"W ~ N(0, 1/fan_in)) trained from the same seed with SGD for {ctx.steps:,} steps "
+            f"at each lr in {', '.join(fmt(x) for x in ctx.sweep)} (batch 32, no decay). A "
+            f"plumb.Monitor records, every {max(ctx.steps // 100, 1)} steps, "
+            "log10(std(W_t - W_{t-1}) / std(W_t)) of every 2-D weight (the embedding, the "
+            "hidden and the output weights); the table gives the median over weights and over "
+            "the second half of training, and val loss in eval mode."
+        ),
+        figures=_figures(runs, rows),
+    )
+
+
+def _figures(runs: list[dict], rows: list[dict]) -> dict:
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4))
+    cmap = plt.get_cmap("viridis")
+    for k, r in enumerate(runs):
+        if len(r["ratio"]):
+            a1.plot(
+                r["steps"],
+                np.median(r["ratio"], 1),
+                c=cmap(k / max(len(runs) - 1, 1)),
+                label=f"lr {fmt(r['lr'])}",
+            )
+    a1.axhline(UPDATE_TARGET, ls="--", c="k", lw=0.8)
+    a1.set_xlabel("step")
+    a1.set_ylabel("log10 update:data (median over weights)")
+    a1.legend(fontsize=7)
+    ok = [
+        r for r in rows if math.isfinite(r["val"]) and math.isfinite(r["update_data_log10_median"])
+    ]
+    a2.plot([r["update_data_log10_median"] for r in ok], [r["val"] for r in ok], "o-")
+    for r in ok:
+        a2.annotate(f"lr {fmt(r['lr'])}", (r["update_data_log10_median"], r["val"]), fontsize=7)
+    a2.axvline(UPDATE_TARGET, ls="--", c="k", lw=0.8)
+    a2.set_xlabel("log10 update:data (median, second half)")
+    a2.set_ylabel("val loss")
+    fig.tight_layout()
+    return {
+        "update_ratio": (
+            fig,
+            "Left: update:data over training per lr (dashed: the lecture's 1e-3). Right: "
+            "final val loss against the ratio each lr settled at.",
+        )
+    }
