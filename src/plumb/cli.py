@@ -103,6 +103,23 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         help="torch.compile the model: ~2x faster steps on CPU after a ~20 s compile; not bit-exact",
     )
     g.add_argument("--print-every", type=int)
+    g.add_argument(
+        "--checkpoint-every",
+        type=int,
+        help="write RUN_DIR/checkpoint.safetensors every N steps (1000) and at the end",
+    )
+    g.add_argument(
+        "--on-nonfinite",
+        choices=("stop", "skip"),
+        help="a NaN/Inf loss or gradient: stop (exit 3, keep the last good checkpoint; "
+        "default) or skip that step's update",
+    )
+    g.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the run in DIR from its checkpoint, to its own --steps (or a larger "
+        "--steps given here); the run's config is kept",
+    )
     g.add_argument("--samples", type=int, default=20, help="samples to print at the end (20)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("probes and report")
@@ -148,23 +165,54 @@ def build_configs(args: argparse.Namespace):
     return model_cfg, train_cfg
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from plumb.pipeline import train_run
+#: train flags that --resume allows (everything else would change the run's config)
+RESUME_FLAGS = {"resume", "steps", "data", "samples", "no_progress", "no_report", "tensorboard"}
 
-    model_cfg, train_cfg = build_configs(args)
-    out = Path(args.out or f"runs/{args.preset.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+def _resume_conflicts(args: argparse.Namespace) -> list[str]:
+    return [
+        "--" + dest.replace("_", "-")
+        for dest, default in args._defaults.items()
+        if dest not in RESUME_FLAGS and getattr(args, dest, default) != default
+    ]
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from plumb.pipeline import resume_configs, train_run
+
+    if args.resume is not None:
+        if args.out is not None and Path(args.out) != Path(args.resume):
+            raise PlumbError("--resume DIR continues DIR: drop --out (or make it the same)")
+        conflicts = _resume_conflicts(args)
+        if conflicts:
+            raise PlumbError(
+                f"--resume keeps the run's own config: drop {', '.join(conflicts)} "
+                "(only --steps, --data, --samples, --no-progress, --no-report, --tensorboard)"
+            )
+        out = Path(args.resume)
+        ckpt, model_cfg, train_cfg, _ = resume_configs(out, args.steps, args.data)
+        print(
+            f"plumb: resuming {out} at step {ckpt.step:,} of {train_cfg.steps:,} "
+            f"(batch {train_cfg.batch_size}, {train_cfg.optimizer}, device {train_cfg.device})"
+        )
+    else:
+        model_cfg, train_cfg = build_configs(args)
+        out = Path(
+            args.out or f"runs/{args.preset.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
+        )
     if args.samples < 0:
         raise PlumbError(f"--samples must be >= 0, got {args.samples}")
-    print(
-        f"plumb: training {args.preset} for {train_cfg.steps:,} steps "
-        f"(batch {train_cfg.batch_size}, {train_cfg.optimizer} lr {train_cfg.lr:g}"
-        + (
-            f" -> {train_cfg.lr_final:g} at step {train_cfg.lr_decay_step:,}"
-            if train_cfg.lr_decay_step is not None and train_cfg.lr_decay_step < train_cfg.steps
-            else ""
+    if args.resume is None:
+        print(
+            f"plumb: training {args.preset} for {train_cfg.steps:,} steps "
+            f"(batch {train_cfg.batch_size}, {train_cfg.optimizer} lr {train_cfg.lr:g}"
+            + (
+                f" -> {train_cfg.lr_final:g} at step {train_cfg.lr_decay_step:,}"
+                if train_cfg.lr_decay_step is not None and train_cfg.lr_decay_step < train_cfg.steps
+                else ""
+            )
+            + f", device {train_cfg.device})"
         )
-        + f", device {train_cfg.device})"
-    )
 
     def on_print(step: int, loss: float) -> None:
         if args.no_progress:
@@ -194,6 +242,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         report=not args.no_report,
         tensorboard=tensorboard,
         on_finding=on_finding,
+        resume=args.resume is not None,
+        steps=args.steps,
     )
     m = run.metrics
     print(
@@ -222,7 +272,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     if tensorboard is not None:
         print(f"tensorboard: tensorboard --logdir {tensorboard}")
     print(f"run directory: {out}")
-    return 0
+    if run.status == "interrupted":
+        print(
+            f"plumb: interrupted after step {m['steps']:,} of {train_cfg.steps:,}; checkpoint "
+            f"saved. Resume with: plumb train --resume {out}",
+            file=sys.stderr,
+        )
+    elif run.status == "diverged":
+        from plumb.checkpoint import CHECKPOINT, read_checkpoint
+
+        f = run.result.nonfinite
+        kept = (
+            f"the last good checkpoint (step {read_checkpoint(out).step:,}) is kept in {out}"
+            if (out / CHECKPOINT).is_file()
+            else "no checkpoint was due before it"
+        )
+        print(
+            f"plumb: stopped at step {m['steps']:,}: [{f.severity}] {f.code} @ {f.where}: "
+            f"{f.message}; {kept}",
+            file=sys.stderr,
+        )
+    return run.exit_code
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -402,7 +472,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     _add_model_flags(p)
     _add_train_flags(p)
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, _defaults={a.dest: a.default for a in p._actions})
 
     p = sub.add_parser(
         "eval",

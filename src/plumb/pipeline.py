@@ -13,11 +13,14 @@ from typing import Any
 import torch
 
 from plumb import __version__
+from plumb.checkpoint import CHECKPOINT, Checkpoint, read_checkpoint, restore, save_checkpoint
 from plumb.data import Dataset, load_dataset
 from plumb.doctor import Diagnosis, Doctor, diagnose
 from plumb.errors import PlumbError
+from plumb.guard import RunLock, StopSignals
 from plumb.models import MLP, ModelConfig
 from plumb.probes import Monitor
+from plumb.record import History
 from plumb.runs import Run, save_run, sha256_file, write_json
 from plumb.sample import sample
 from plumb.train import (
@@ -39,6 +42,9 @@ class TrainedRun:
     result: TrainResult
     metrics: dict[str, Any]
     samples: list[tuple[str, str]]
+    status: str = "complete"  # complete | interrupted | diverged
+    exit_code: int = 0  # 0; 130/143 after SIGINT/SIGTERM; 3 after a non-finite step
+    resumed_from: int = 0  # the checkpoint's step, when resumed
 
 
 def check_out_dir(out: Path) -> None:
@@ -61,82 +67,36 @@ def build(
     return data, MLP(model_cfg, g).to(device), device, g
 
 
-def train_run(
-    model_cfg: ModelConfig,
-    train_cfg: TrainConfig,
-    out: str | Path,
-    data_path: str | Path | None = None,
-    *,
-    progress: bool = True,
-    on_print=None,
-    samples: int = 20,
-    report: bool = True,
-    tensorboard: str | Path | None = None,
-    on_finding=None,
-) -> TrainedRun:
-    """Load data, build the model (vocab size and block size from the data), train with
-    the probes attached (unless ``train_cfg.probes`` is off), evaluate every split in eval
-    mode, and save the run directory ``out``: config, weights, metrics, losses, the probe
-    record, ``samples`` samples, and ``report.html`` (``report=True``). With the probes on
-    and ``train_cfg.doctor``, the doctor's rules run during training (``on_finding(finding,
-    step)`` for each new finding) and their findings go to ``findings.json``.
-
-    Everything is validated before ``out`` is created, so bad input writes nothing."""
-    out = Path(out)
-    check_out_dir(out)
-    data, model, device, g = build(model_cfg, train_cfg, data_path)
-    if samples < 0:
-        raise PlumbError(f"samples must be >= 0, got {samples}")
-    sinks = []
-    if tensorboard is not None:
-        from plumb.report.tensorboard import TensorBoardSink
-
-        sinks.append(TensorBoardSink(tensorboard))
-    monitor = doctor = None
-    optimizer = make_optimizer(model, train_cfg)
-    if train_cfg.probes:
-        every, hist_every = train_cfg.cadence()
-        monitor = Monitor(model, every, hist_every=hist_every, out=out, report=False, sinks=sinks)
-        if train_cfg.doctor:
-            doctor = Doctor(
-                monitor,
-                optimizer=optimizer,
-                classes=data.vocab.size,
-                check_every=max(1000, train_cfg.steps // 20),
-                on_finding=on_finding,
+def resume_configs(
+    out: Path, steps: int | None = None, data_path: str | Path | None = None
+) -> tuple[Checkpoint, ModelConfig, TrainConfig, str]:
+    """The checkpoint of run ``out`` and the configs and data file to continue it with
+    (to ``steps`` in all, default: the run's own total)."""
+    ckpt = read_checkpoint(out)
+    cfg = ckpt.state["config"]
+    try:
+        model_cfg = ModelConfig.from_dict(cfg["model"])
+        train_cfg = TrainConfig.from_dict(cfg["train"])
+    except (TypeError, PlumbError) as e:
+        raise PlumbError(f"{ckpt.path} holds a config this plumb cannot use ({e})") from None
+    if steps is not None:
+        if steps < ckpt.step:
+            raise PlumbError(
+                f"--steps {steps} is below the {ckpt.step} steps {out} has done: give more"
             )
-    with contextlib.ExitStack() as stack:
-        for ctx in (monitor, doctor):
-            if ctx is not None:
-                stack.enter_context(ctx)
-        result = train(
-            model,
-            data,
-            train_cfg,
-            g,
-            optimizer=optimizer,
-            progress=progress,
-            on_print=on_print,
-            monitor=monitor,
-            doctor=doctor,
+        train_cfg = dataclasses.replace(train_cfg, steps=steps)
+    path = str(data_path or cfg["data"].get("path", ""))
+    if not Path(path).is_file():
+        raise PlumbError(f"the run's data file {path} is gone: pass --data PATH (the same file)")
+    if sha256_file(path) != cfg["data"].get("sha256"):
+        raise PlumbError(
+            f"{path} is not the file {out} was trained on (sha256 differs): pass the same file"
         )
-    calibrated = train_cfg.calibrate_bn and calibrate_batchnorm(model, data.train, device) > 0
-    losses = {name: split_loss(model, split, device) for name, split in data.splits.items()}
-    metrics = {
-        "plumb_version": __version__,
-        "steps": train_cfg.steps,
-        "step0_loss": result.step0_loss,
-        "final_train_loss_1000_steps": result.last_mean(),
-        "loss": losses,
-        "bn_calibrated": bool(calibrated),
-        "num_parameters": model.num_parameters(),
-        "train_seconds": result.seconds,
-        "us_per_step": 1e6 * result.seconds / max(train_cfg.steps, 1),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    data_info = {
+    return ckpt, model_cfg, train_cfg, path
+
+
+def _data_info(data: Dataset) -> dict[str, Any]:
+    return {
         "path": str(Path(data.source).resolve()),
         "sha256": sha256_file(data.source),
         "vocab": list(data.vocab.chars),
@@ -147,10 +107,171 @@ def train_run(
         if data.train.items
         else 0,
     }
-    out.mkdir(parents=True, exist_ok=True)
+
+
+def train_run(
+    model_cfg: ModelConfig | None,
+    train_cfg: TrainConfig | None,
+    out: str | Path,
+    data_path: str | Path | None = None,
+    *,
+    progress: bool = True,
+    on_print=None,
+    samples: int = 20,
+    report: bool = True,
+    tensorboard: str | Path | None = None,
+    on_finding=None,
+    resume: bool = False,
+    steps: int | None = None,
+) -> TrainedRun:
+    """Load data, build the model (vocab size and block size from the data), train with
+    the probes attached (unless ``train_cfg.probes`` is off), evaluate every split in eval
+    mode, and save the run directory ``out``: config, weights, metrics, losses, the probe
+    record, ``samples`` samples, and ``report.html`` (``report=True``). With the probes on
+    and ``train_cfg.doctor``, the doctor's rules run during training (``on_finding(finding,
+    step)`` for each new finding) and their findings go to ``findings.json``.
+
+    A checkpoint (``plumb.checkpoint``) is written every ``train_cfg.checkpoint_every``
+    steps and at the end; ``resume=True`` continues the run in ``out`` from it (configs
+    from the checkpoint; ``steps`` may raise the total), bit for bit on the CPU. The
+    directory is locked while the run trains. SIGINT/SIGTERM end the run after the
+    current step with a checkpoint and the report (``exit_code`` 130/143); a non-finite
+    loss or gradient stops it (``exit_code`` 3) keeping the last good checkpoint.
+
+    Everything is validated before ``out`` is created, so bad input writes nothing."""
+    out = Path(out)
+    check_out_dir(out)
+    RunLock(out).check_free()  # a live run there: say so before anything else
+    ckpt = None
+    if resume:
+        ckpt, model_cfg, train_cfg, data_path = resume_configs(out, steps, data_path)
+    elif (out / CHECKPOINT).exists() or (out / "config.json").exists():
+        raise PlumbError(
+            f"{out} already holds a run: continue it with `plumb train --resume {out}`, "
+            "or choose another --out"
+        )
+    data, model, device, g = build(model_cfg, train_cfg, data_path)
+    if samples < 0:
+        raise PlumbError(f"samples must be >= 0, got {samples}")
+    optimizer = make_optimizer(model, train_cfg)
+    if ckpt is not None:
+        restore(ckpt, model, optimizer, g)
+    data_info = _data_info(data)
+    config = {"model": model.config.to_dict(), "train": train_cfg.to_dict(), "data": data_info}
+    with RunLock(out), StopSignals() as signals:
+        for tmp in out.glob(".*.tmp"):  # left by a run killed mid-write; ours to clear now
+            tmp.unlink(missing_ok=True)
+        monitor, doctor = _probes(out, model, optimizer, data, train_cfg, tensorboard, on_finding)
+        if monitor is not None and ckpt is not None:
+            monitor.restore(History.restore(out, monitor.meta(), ckpt.losses), ckpt.step)
+
+        def checkpoint(step: int, losses: torch.Tensor, status: str = "running") -> None:
+            if monitor is not None and monitor._attached:
+                monitor.flush()  # the record on disk covers the checkpoint
+            save_checkpoint(
+                out,
+                model=model,
+                optimizer=optimizer,
+                generator=g,
+                step=step,
+                losses=losses,
+                config=config,
+                status=status,
+            )
+
+        with contextlib.ExitStack() as stack:
+            for ctx in (monitor, doctor):
+                if ctx is not None:
+                    stack.enter_context(ctx)
+            result = train(
+                model,
+                data,
+                train_cfg,
+                g,
+                optimizer=optimizer,
+                progress=progress,
+                on_print=on_print,
+                monitor=monitor,
+                doctor=doctor,
+                start=ckpt.step if ckpt is not None else 0,
+                done_losses=ckpt.losses if ckpt is not None else None,
+                on_checkpoint=checkpoint,
+                should_stop=signals.requested,
+            )
+        status = {None: "complete", "signal": "interrupted", "nonfinite": "diverged"}[
+            result.stopped
+        ]
+        if result.stopped != "nonfinite":  # a diverged run keeps its last good checkpoint
+            checkpoint(result.steps_done, result.losses, status)
+        run = _finish(out, model, data, device, train_cfg, data_info, result, doctor, samples)
+        run.status = status
+        run.exit_code = {"complete": 0, "diverged": 3}.get(status, signals.exit_code)
+        run.resumed_from = ckpt.step if ckpt is not None else 0
+        if report and monitor is not None:
+            from plumb.report import write_report
+
+            write_report(out)
+    return run
+
+
+def _probes(out, model, optimizer, data, train_cfg, tensorboard, on_finding):
+    """The Monitor (writing ``out/probes``) and the Doctor beside it, as configured."""
+    if not train_cfg.probes:
+        return None, None
+    sinks = []
+    if tensorboard is not None:
+        from plumb.report.tensorboard import TensorBoardSink
+
+        sinks.append(TensorBoardSink(tensorboard))
+    every, hist_every = train_cfg.cadence()
+    monitor = Monitor(model, every, hist_every=hist_every, out=out, report=False, sinks=sinks)
+    doctor = None
+    if train_cfg.doctor:
+        doctor = Doctor(
+            monitor,
+            optimizer=optimizer,
+            classes=data.vocab.size,
+            check_every=max(1000, train_cfg.steps // 20),
+            on_finding=on_finding,
+        )
+    return monitor, doctor
+
+
+def _finish(out, model, data, device, train_cfg, data_info, result, doctor, samples) -> TrainedRun:
+    """Evaluate, and write config, weights, metrics, losses, findings and samples."""
+    calibrated = train_cfg.calibrate_bn and calibrate_batchnorm(model, data.train, device) > 0
+    losses = {name: split_loss(model, split, device) for name, split in data.splits.items()}
+    metrics = {
+        "plumb_version": __version__,
+        "steps": result.steps_done,
+        "steps_configured": train_cfg.steps,
+        "stopped": result.stopped,
+        "skipped_steps": result.skipped,
+        "step0_loss": result.step0_loss,
+        "final_train_loss_1000_steps": result.last_mean(),
+        "loss": losses,
+        "bn_calibrated": bool(calibrated),
+        "num_parameters": model.num_parameters(),
+        "train_seconds": result.seconds,
+        "us_per_step": 1e6 * result.seconds / max(result.steps_done, 1),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     save_run(out, model.cpu(), train_cfg, data_info, metrics, result.losses, result.lrs)
-    if doctor is not None and doctor.diagnosis is not None:
-        write_json(out / "findings.json", doctor.diagnosis.to_dict())
+    diagnosis = doctor.diagnosis if doctor is not None else None
+    if result.nonfinite is not None:
+        if diagnosis is None:
+            findings = {"ok": False, "steps": result.steps_done, "findings": []}
+        else:
+            findings = diagnosis.to_dict()
+        findings["ok"] = False
+        findings["findings"] = [result.nonfinite.to_dict()] + [
+            f for f in findings["findings"] if f.get("code") != "non-finite"
+        ]
+        write_json(out / "findings.json", findings)
+    elif diagnosis is not None:
+        write_json(out / "findings.json", diagnosis.to_dict())
     model.to(device)
     rows = sample_run(out, n=samples, device=train_cfg.device) if samples else []
     write_json(
@@ -163,10 +284,6 @@ def train_run(
             },
         },
     )
-    if report and monitor is not None:
-        from plumb.report import write_report
-
-        write_report(out)
     return TrainedRun(out, model, data, result, metrics, rows)
 
 

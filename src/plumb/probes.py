@@ -215,6 +215,13 @@ class Monitor:
     def __exit__(self, *exc: object) -> None:
         self.close(write_report=exc[0] is None)
 
+    def restore(self, history: Any, step: int) -> None:
+        """Continue a record after ``step`` steps (a resumed run): ``history`` is a
+        ``plumb.record.History.restore(...)``. Call before attaching."""
+        if self._attached:
+            raise PlumbError("Monitor.restore() must come before `with Monitor(...)`")
+        self.history, self.step_count = history, step
+
     def attach(self) -> None:
         if self._attached or self.model in _ACTIVE:
             raise PlumbError(
@@ -227,6 +234,8 @@ class Monitor:
             from plumb.record import RecordWriter
 
             self.writer = RecordWriter(self.out, self.meta())
+            if self.history is not None:  # resumed: the record so far, then onwards
+                self.writer.rewrite(self.history)
         self._arm()
 
     def close(self, write_report: bool = True) -> None:

@@ -56,6 +56,36 @@ class History:
             return np.empty(0, np.float32)
         return np.concatenate(self.loss_chunks)
 
+    @classmethod
+    def restore(cls, run_dir: str | Path, meta: dict[str, Any], losses: torch.Tensor) -> History:
+        """The record of a run resumed after ``len(losses)`` steps: the rows, histograms
+        and maps on disk from before that step (a later flush that the checkpoint does
+        not cover is dropped), and ``losses`` (the checkpoint's) as the per-step loss."""
+        step = len(losses)
+        h = cls(meta)
+        probes = Path(run_dir) / PROBES
+        h.loss_chunks = [losses.float().numpy().astype(np.float32)]
+        if (probes / "scalars.jsonl").is_file():
+            h.rows = [r for r in _read_jsonl(probes / "scalars.jsonl") if r["step"] < step]
+        hist_file = probes / "histograms.safetensors"
+        if hist_file.is_file():
+            stored = read_tensors(hist_file)
+            for key in {k.rsplit("/", 1)[0] for k in stored if not k.startswith("satmap/")}:
+                keep = stored[f"{key}/steps"] < step
+                h.hists[key] = {
+                    "steps": stored[f"{key}/steps"][keep].tolist(),
+                    "counts": list(stored[f"{key}/counts"][keep].numpy()),
+                    "range": list(stored[f"{key}/range"][keep].numpy()),
+                }
+            if "satmap/steps" in stored:
+                maps = stored["satmap/maps"].float().numpy()
+                h.satmaps = [
+                    (int(s), maps[k])
+                    for k, s in enumerate(stored["satmap/steps"].tolist())
+                    if s < step
+                ]
+        return h
+
     def add(self, start: int, losses: torch.Tensor, snaps: list) -> tuple[list, dict]:
         """Bring losses (from step ``start``) and device snapshots to the host: one copy
         for all values, one for all histograms."""
@@ -146,6 +176,15 @@ class RecordWriter:
         write_json(self.dir / "meta.json", {"format": RECORD_FORMAT, **meta})
         atomic_write_bytes(self.dir / "scalars.jsonl", b"")
         self.history: History | None = None
+
+    def rewrite(self, history: History) -> None:
+        """Write the whole of ``history`` (a resumed run's record) afresh."""
+        self.history = history
+        lines = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in history.rows)
+        atomic_write_bytes(self.dir / "scalars.jsonl", lines.encode())
+        write_tensors(self.dir / "loss.safetensors", {"loss": torch.from_numpy(history.loss)})
+        if history.hists or history.satmaps:
+            write_tensors(self.dir / "histograms.safetensors", hist_tensors(history))
 
     def write(self, history: History, rows: list[dict], new_hists: dict) -> None:
         self.history = history

@@ -34,6 +34,7 @@ from plumb.models import LECTURE_SEED
 from plumb.optim import SGD
 
 OPTIMIZERS = ("sgd", "adamw")
+NONFINITE = ("stop", "skip")
 
 
 @dataclass
@@ -57,6 +58,8 @@ class TrainConfig:
     doctor: bool = True  # run the doctor's rules on them during training (needs probes)
     probe_every: int | None = None  # record-step cadence; None: max(50, steps // 500)
     hist_every: int | None = None  # histogram cadence; None: 10 * probe_every
+    checkpoint_every: int = 1000  # steps between checkpoints (plumb train; and at the end)
+    on_nonfinite: str = "stop"  # stop (keep the last good checkpoint, exit 3) | skip the step
 
     def __post_init__(self) -> None:
         self.validate()
@@ -88,6 +91,14 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise PlumbError(f"{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 1:
+            raise PlumbError(
+                f"checkpoint_every must be an integer >= 1, got {self.checkpoint_every!r}"
+            )
+        if self.on_nonfinite not in NONFINITE:
+            raise PlumbError(
+                f"on_nonfinite must be one of {', '.join(NONFINITE)}; got {self.on_nonfinite!r}"
+            )
         if self.hist_every is not None and self.hist_every % self.cadence()[0]:
             raise PlumbError(
                 f"hist_every ({self.hist_every}) must be a multiple of probe_every "
@@ -192,10 +203,14 @@ def calibrate_batchnorm(model: nn.Module, split: Split, device: torch.device | s
 
 @dataclass
 class TrainResult:
-    losses: torch.Tensor  # (steps,) per-step training loss, on the CPU
-    lrs: torch.Tensor  # (steps,) learning rate of each step
+    losses: torch.Tensor  # (steps_done,) per-step training loss, on the CPU
+    lrs: torch.Tensor  # (steps_done,) learning rate of each step
     seconds: float
     step0_loss: float
+    steps_done: int = 0
+    stopped: str | None = None  # None: ran to the end; "signal"; "nonfinite"
+    nonfinite: Any = None  # the doctor's Finding for the step that stopped the run
+    skipped: list[int] = dataclasses.field(default_factory=list)  # steps skipped (non-finite)
 
     def last_mean(self, window: int = 1000) -> float:
         if len(self.losses) == 0:
@@ -242,14 +257,27 @@ def train(
     progress: bool = True,
     monitor: Any = None,
     doctor: Any = None,
+    start: int = 0,
+    done_losses: torch.Tensor | None = None,
+    on_checkpoint: Callable[[int, torch.Tensor], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place for ``cfg.steps`` minibatch steps.
+    """Train ``model`` in place for steps ``start .. cfg.steps - 1``.
 
     ``generator`` must be the one the model was initialised from, for the lecture's
     order of random draws; ``on_print(step, loss)`` is called every ``cfg.print_every``
     steps (the notebook prints at steps 0, 10000, ...). ``monitor`` (a ``plumb.Monitor``
     already attached to ``model``) is stepped after every update, then ``doctor`` (a
-    ``plumb.doctor.Doctor`` beside it)."""
+    ``plumb.doctor.Doctor`` beside it).
+
+    Resuming: ``start`` steps are done, their losses in ``done_losses``, and the model,
+    optimizer and generator are as they were then. ``on_checkpoint(step, losses)`` is
+    called every ``cfg.checkpoint_every`` steps; ``should_stop()`` is asked after every
+    step (a signal arrived): then the loop ends with ``stopped="signal"``.
+
+    A non-finite loss or gradient either stops the loop before the update
+    (``cfg.on_nonfinite="stop"``: ``stopped="nonfinite"`` and ``nonfinite`` the doctor's
+    finding for the first layer that went bad) or skips that step's update ("skip")."""
     device = resolve_device(cfg.device)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -258,31 +286,122 @@ def train(
     X, Y = data.train.X.to(device), data.train.Y.to(device)
     n = X.shape[0]
     losses = torch.empty(cfg.steps, device=device)
+    if start:
+        losses[:start] = done_losses[:start].to(device)
     lrs = torch.tensor([cfg.lr_at(i) for i in range(cfg.steps)])
+    params = [p for p in model.parameters() if p.requires_grad]
     bar = Progress(cfg.steps, enabled=progress)
     model.train()
     t0 = time.perf_counter()
-    step0 = float("nan")
-    for i in range(cfg.steps):
+    step0 = done_losses[0].item() if start else float("nan")
+    done, stopped, finding, skipped = start, None, None, []
+    for i in range(start, cfg.steps):
         ix = torch.randint(0, n, (cfg.batch_size,), generator=generator).to(device)
         loss = F.cross_entropy(forward(X[ix]), Y[ix].long())
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        lr = cfg.lr_at(i)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.step()
         losses[i] = loss.detach()
+        if not _finite(loss, params):
+            if cfg.on_nonfinite == "stop":
+                finding = locate_nonfinite(model, X[ix], Y[ix].long(), i, cfg.lr_at(i))
+                stopped = "nonfinite"
+                break
+            skipped.append(i)  # no update; the probes still see the bad step
+        else:
+            lr = cfg.lr_at(i)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.step()
         if monitor is not None:
             monitor.step(loss)
         if doctor is not None:
             doctor.step()
+        done = i + 1
         if i % cfg.print_every == 0 or i == cfg.steps - 1:
             value = loss.item()
             if i == 0:
                 step0 = value
             if on_print is not None and i % cfg.print_every == 0:
                 on_print(i, value)
-            bar.update(i + 1, value, lr)
+            bar.update(i + 1, value, cfg.lr_at(i))
+        if on_checkpoint is not None and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+            on_checkpoint(done, losses[:done])
+        if should_stop is not None and should_stop():
+            stopped = "signal"
+            break
     bar.close()
-    return TrainResult(losses.cpu(), lrs, time.perf_counter() - t0, step0)
+    return TrainResult(
+        losses[:done].cpu(),
+        lrs[:done],
+        time.perf_counter() - t0,
+        step0,
+        done,
+        stopped,
+        finding,
+        skipped,
+    )
+
+
+def _finite(loss: torch.Tensor, params: list[torch.Tensor]) -> bool:
+    """Is the loss and every gradient finite? One host read per step (a bool); the
+    gradients' norms are summed on the device first (a NaN or Inf anywhere makes the sum
+    non-finite)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    total = loss.detach().float()
+    if grads:
+        total = total + torch.stack(torch._foreach_norm(grads)).float().sum()
+    return bool(torch.isfinite(total))
+
+
+def locate_nonfinite(
+    model: nn.Module, X: torch.Tensor, Y: torch.Tensor, step: int, lr: float
+) -> Any:
+    """The doctor's ``non-finite`` finding for a step whose loss or gradient is NaN/Inf:
+    the first place it appears, in the order the step computes things (outputs in forward
+    order, the loss, then gradients in backward order). Replays the step's batch on a
+    copy of the model (its BatchNorm buffers and gradients stay as they were)."""
+    import copy
+
+    from plumb.doctor.rules import Finding
+
+    twin = copy.deepcopy(model)
+    twin.train()
+    first: list[str] = []
+
+    def hook(name: str):
+        def f(module: nn.Module, args: Any, out: Any) -> None:
+            if not first and isinstance(out, torch.Tensor) and not torch.isfinite(out).all():
+                first.append(f"the output of {name}")
+
+        return f
+
+    handles = [
+        m.register_forward_hook(hook(name))
+        for name, m in twin.named_modules()
+        if not any(m.children())
+    ]
+    try:
+        twin.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(twin(X), Y)
+        if not first and not torch.isfinite(loss):
+            first.append("the loss")
+        loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+    if not first:
+        for name, p in reversed(list(twin.named_parameters())):
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                first.append(f"the gradient of {name}")
+                break
+    what = first[0] if first else "the loss"
+    where = what.rsplit(" ", 1)[-1] if what != "the loss" else "loss"
+    return Finding(
+        "non-finite",
+        "error",
+        where,
+        f"NaN/Inf first appears at step {step} in {what}: lower the learning rate "
+        f"(lr {lr:g} -> try {lr / 10:g}), clip gradients, or guard the op that overflows "
+        "there (log of 0, division by ~0, exp of a large number)",
+        {"step": step, "in": what, "loss": float(loss.detach())},
+    )
