@@ -12,6 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
+	rm -rf runs/demo  # the demo's own output, regenerated (plumb train refuses to overwrite a run)
 	.venv/bin/plumb train --preset lecture-deep --steps $(DEMO_STEPS) --lr-decay-step $$(( $(DEMO_STEPS) * 3 / 4 )) --threads 1 --out runs/demo
 
 experiments: $(STAMP)
@@ -28,6 +29,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_data.py
 	$(PY) bench/bench_probes.py
 	$(PY) bench/bench_doctor.py
+	$(PY) bench/bench_checkpoint.py
 
 lint: $(STAMP)
 	.venv/bin/ruff check src tests bench

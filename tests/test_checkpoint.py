@@ -452,3 +452,32 @@ def test_atomic_write_failure_leaves_old_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert runs.read_json(path) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
+
+
+def test_disk_full_during_training(tmp_path, monkeypatch, capsys):
+    """The second checkpoint write fails (ENOSPC): one error line, exit 2, the first
+    checkpoint still loads, and the run resumes from it to the same end."""
+    import plumb.checkpoint as ck
+
+    real, calls = ck.atomic_write_bytes, []
+
+    def flaky(path, payload):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(path, payload)
+
+    monkeypatch.setattr(ck, "atomic_write_bytes", flaky)
+    argv = ["train", *SMALL, *QUIET, "--no-probes", "--steps", "60", "--checkpoint-every", "20"]
+    out = tmp_path / "r"
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.count("\n") == 1 and "No space left" in err and "previous checkpoint is intact" in err
+    )
+    monkeypatch.undo()
+    assert read_checkpoint(out).step == 20
+    assert not (out / ".lock").exists()
+    assert main(["train", "--resume", str(out), *RESUME_QUIET]) == 0
+    assert main([*argv, "--out", str(tmp_path / "ref")]) == 0
+    same_files(tmp_path / "ref", out)
