@@ -49,6 +49,7 @@ def main() -> None:
     model = MLP(preset_config("lecture-deep"), g)
     opt = SGD(model.parameters(), lr=0.1)
     X, Y = data.train.X, data.train.Y.long()
+    params = list(model.parameters())  # as train() does: once, outside the loop
 
     def step(check: bool) -> None:
         ix = torch.randint(0, X.shape[0], (32,), generator=g)
@@ -56,7 +57,7 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if check:
-            _finite(loss, list(model.parameters()))
+            _finite(loss, params)
         opt.step()
 
     for _ in range(50):

@@ -481,3 +481,21 @@ def test_disk_full_during_training(tmp_path, monkeypatch, capsys):
     assert main(["train", "--resume", str(out), *RESUME_QUIET]) == 0
     assert main([*argv, "--out", str(tmp_path / "ref")]) == 0
     same_files(tmp_path / "ref", out)
+
+
+def test_finite_check_sees_any_bad_gradient_and_changes_nothing():
+    from plumb.models import MLP
+    from plumb.train import _finite
+
+    model = MLP(preset_config("lecture-deep", n_layers=2, n_hidden=24))
+    loss = torch.nn.functional.cross_entropy(model(torch.randint(0, 27, (8, 3))), torch.arange(8))
+    loss.backward()
+    params = list(model.parameters())
+    before = [p.grad.clone() for p in params]
+    assert _finite(loss, params)
+    assert all(torch.equal(p.grad, b) for p, b in zip(params, before, strict=True))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        params[3].grad.view(-1)[0] = bad
+        assert not _finite(loss, params)
+        params[3].grad.view(-1)[0] = 0.0
+    assert not _finite(torch.tensor(float("nan")), params)

@@ -343,14 +343,24 @@ def train(
 
 
 def _finite(loss: torch.Tensor, params: list[torch.Tensor]) -> bool:
-    """Is the loss and every gradient finite? One host read per step (a bool); the
-    gradients' norms are summed on the device first (a NaN or Inf anywhere makes the sum
-    non-finite)."""
+    """Is the loss and every gradient finite? One host read per step (a bool).
+
+    The gradients go through the fused kernel AMP's GradScaler uses to find Inf/NaN
+    (it also multiplies them by 1.0, which leaves every value bit for bit as it was);
+    where that kernel does not apply (mixed dtypes or devices), the sum of the
+    gradients' norms, which any NaN or Inf makes non-finite."""
     grads = [p.grad for p in params if p.grad is not None]
-    total = loss.detach().float()
-    if grads:
-        total = total + torch.stack(torch._foreach_norm(grads)).float().sum()
-    return bool(torch.isfinite(total))
+    if not bool(torch.isfinite(loss)):
+        return False
+    if not grads:
+        return True
+    try:
+        found = torch.zeros(1, device=grads[0].device)
+        one = torch.ones(1, device=grads[0].device)
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found, one)
+        return not bool(found)
+    except (RuntimeError, NotImplementedError, AttributeError, TypeError):
+        return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).float().sum()))
 
 
 def locate_nonfinite(

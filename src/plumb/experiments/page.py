@@ -11,6 +11,7 @@ import base64
 import csv
 import io
 import math
+import os
 import platform
 import time
 from pathlib import Path
@@ -26,9 +27,17 @@ from plumb.runs import atomic_write_bytes, write_json
 
 def machine() -> str:
     """Where the numbers were taken, for the page."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next(
+                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu
+            )
+    except OSError:
+        pass
     return (
-        f"{platform.machine()} {platform.processor() or platform.system()}, "
-        f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}, plumb {__version__}"
+        f"{cpu}, {os.cpu_count()} core(s), {torch.get_num_threads()} torch thread(s), "
+        f"torch {torch.__version__}, plumb {__version__}"
     )
 
 
@@ -165,7 +174,7 @@ def write_index(root: Path, entries: list[dict[str, Any]]) -> Path:
 <h1>plumb experiments</h1>
 <p>The lecture's experiments, rerun. Each page states its question, its method and the
 answer its own numbers give.</p>
-<table><tr><th class="l">experiment</th><th class="l">question</th><th class="l">answer</th>
+<table><tr><th class="l">experiment</th><th class="l">topic</th><th class="l">answer (headline)</th>
 <th>time</th></tr>{rows}</table>
 <p class="muted">{len(entries)} experiment(s), {total:.0f} s in all; {e(machine())};
 written {e(time.strftime("%Y-%m-%d %H:%M:%S"))}.</p>
