@@ -253,7 +253,7 @@ def _finish(out, model, data, device, train_cfg, data_info, result, doctor, samp
         "bn_calibrated": bool(calibrated),
         "num_parameters": model.num_parameters(),
         "train_seconds": result.seconds,
-        "us_per_step": 1e6 * result.seconds / max(result.steps_done, 1),
+        "us_per_step": 1e6 * result.seconds / max(result.steps_done - result.start, 1),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

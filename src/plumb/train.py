@@ -211,6 +211,7 @@ class TrainResult:
     stopped: str | None = None  # None: ran to the end; "signal"; "nonfinite"
     nonfinite: Any = None  # the doctor's Finding for the step that stopped the run
     skipped: list[int] = dataclasses.field(default_factory=list)  # steps skipped (non-finite)
+    start: int = 0  # steps already done when this call began (a resumed run)
 
     def last_mean(self, window: int = 1000) -> float:
         if len(self.losses) == 0:
@@ -339,6 +340,7 @@ def train(
         stopped,
         finding,
         skipped,
+        start,
     )
 
 

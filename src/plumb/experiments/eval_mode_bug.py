@@ -46,11 +46,12 @@ def probe_losses(model, X, Y, fillers: Split, b: int, train_mode: bool, g: torch
     random filler examples. Train mode uses the batch statistics (on a copy, so the
     running buffers of ``model`` do not move)."""
     net = copy.deepcopy(model).train(train_mode)
+    device = next(net.parameters()).device
     out = torch.empty(len(X))
     for i in range(len(X)):
         ix = torch.randint(0, len(fillers), (b - 1,), generator=g)
-        xb = torch.cat([X[i : i + 1], fillers.X[ix]])
-        out[i] = F.cross_entropy(net(xb)[:1], Y[i : i + 1].long())
+        xb = torch.cat([X[i : i + 1].cpu(), fillers.X[ix].cpu()]).to(device)
+        out[i] = F.cross_entropy(net(xb)[:1], Y[i : i + 1].to(device).long())
     return out
 
 
@@ -59,9 +60,10 @@ def batched_loss(model, split: Split, b: int) -> float:
     """Mean loss over ``split`` in training mode, in consecutive batches of ``b`` (the
     forgotten-eval() validation loop); a last batch of one example is dropped."""
     net = copy.deepcopy(model).train()
+    device = next(net.parameters()).device
     total, n = 0.0, 0
     for s in range(0, len(split) - 1, b):
-        xb, yb = split.X[s : s + b], split.Y[s : s + b]
+        xb, yb = split.X[s : s + b].to(device), split.Y[s : s + b].to(device)
         if len(xb) < 2:
             break
         total += F.cross_entropy(net(xb), yb.long(), reduction="sum").item()
@@ -72,15 +74,16 @@ def batched_loss(model, split: Split, b: int) -> float:
 def run(ctx: Context) -> Result:
     data = dataset(ctx.options.data)
     cfg = deep_config(data, norm="batch", out_norm=True, gain=1.0, bn_variance="lecture")
-    model, g = build(cfg, ctx.seed)
-    losses = fit(model, data, ctx.steps, g)
+    device = ctx.device
+    model, g = build(cfg, ctx.seed, device)
+    losses = fit(model, data, ctx.steps, g, device=device)
     model.eval()
     n_probe, n_comp = (40, 3) if ctx.quick else (200, 10)
     X, Y = data.val.X[:n_probe], data.val.Y[:n_probe]
     gen = torch.Generator().manual_seed(ctx.seed + 1)
     # the split scored without eval() (its first 2,000 examples with --quick)
     scored = Split(data.val.X[:2000], data.val.Y[:2000], []) if ctx.quick else data.val
-    val_running = eval_loss(model, scored.X, scored.Y)
+    val_running = eval_loss(model, scored.X, scored.Y, device)
     rows = []
     for b in ctx.sweep:
         b = int(b)
@@ -101,8 +104,8 @@ def run(ctx: Context) -> Result:
             }
         )
     calibrated = copy.deepcopy(model)
-    calibrate_batchnorm(calibrated, data.train)
-    val_calibrated = eval_loss(calibrated, scored.X, scored.Y)
+    calibrate_batchnorm(calibrated, data.train, device)
+    val_calibrated = eval_loss(calibrated, scored.X, scored.Y, device)
     absorbed = []
     for (name, m), (_, c) in zip(model.named_modules(), calibrated.named_modules(), strict=True):
         if isinstance(m, pnn.BatchNorm1d):

@@ -123,7 +123,8 @@ def run(ctx: Context) -> Result:
             f"with plain SGD (lr 0.1, then 0.01 from step 100,000) on batches of 32 for {ctx.steps:,} "
             "steps, then evaluated on the whole train and val splits in eval mode (the "
             "BatchNorm stage with running statistics calibrated on the train set, as published). "
-            "Stages run in parallel processes of one thread each (one thread: bit-exact)."
+            "Stages run in parallel processes of one thread each (one thread: bit-exact), on "
+            "the CPU, where the reproduction is defined (--device does not apply here)."
         ),
         figures={"loss_log": (fig, "Final train and val loss per stage.")},
         extra={"ln_vocab": ln_v, "max_abs_diff_val": worst if full else math.nan},
