@@ -145,7 +145,7 @@ def test_nonfinite_stops_with_finding_and_keeps_checkpoint(tmp_path, capsys):
     stopped = json.loads((out / "metrics.json").read_text())
     assert stopped["stopped"] == "nonfinite" and ckpt.step == stopped["steps"]
     assert all(torch.isfinite(v).all() for v in ckpt.model_state().values())
-    assert (out / "report.html").is_file()
+    assert "This run ended early" in (out / "report.html").read_text()
 
 
 def test_nonfinite_skip(tmp_path):

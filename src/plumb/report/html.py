@@ -91,9 +91,22 @@ def _short(v: Any) -> str:
     return str(v)
 
 
+STOPPED = {
+    "signal": "interrupted by a signal after step {steps:,} of {total:,}: resume with "
+    "`plumb train --resume RUN_DIR`",
+    "nonfinite": "stopped at step {steps:,} of {total:,} by a non-finite loss or gradient "
+    "(see Findings); the last good checkpoint is kept",
+}
+
+
 def _summary(rec: Record) -> str:
     parts = []
     m = rec.metrics or {}
+    if m.get("stopped") in STOPPED:
+        text = STOPPED[m["stopped"]].format(
+            steps=int(m.get("steps", 0)), total=int(m.get("steps_configured", 0))
+        )
+        parts.append(f'<div class="finding error"><b>This run ended early:</b> {e(text)}</div>')
     if rec.config:
         cfg = rec.config
         losses = m.get("loss", {})
