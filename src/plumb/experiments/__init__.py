@@ -10,6 +10,7 @@ index.html stating question, method and the answer computed from its numbers);
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import time
 from collections.abc import Callable
@@ -45,20 +46,25 @@ def spec(name: str) -> ModuleType:
     return importlib.import_module(f"plumb.experiments.{MODULES[name]}")
 
 
+def sweep_flag(name: str) -> str | None:
+    """The sweep flag experiment ``name`` reads (e.g. ``gains``), if any."""
+    sweep = getattr(spec(name), "SWEEP", None)
+    return sweep[0] if sweep else None
+
+
 def sweep_flags() -> dict[str, list[str]]:
     """{flag: [experiments that read it]}."""
     flags: dict[str, list[str]] = {}
     for name in NAMES:
-        sweep = getattr(spec(name), "SWEEP", None)
-        if sweep:
-            flags.setdefault(sweep[0], []).append(name)
+        if sweep_flag(name):
+            flags.setdefault(sweep_flag(name), []).append(name)
     return flags
 
 
 def check_sweeps(names: list[str], options: Options) -> None:
     """Every sweep flag given must be read by one of ``names``, with valid values."""
     for flag, values in options.sweep.items():
-        readers = [n for n in names if (getattr(spec(n), "SWEEP", None) or ("",))[0] == flag]
+        readers = [n for n in names if sweep_flag(n) == flag]
         if not readers:
             users = sweep_flags().get(flag, [])
             raise PlumbError(
@@ -86,28 +92,34 @@ def run_experiment(
     name: str, root: str | Path = "runs/experiments", options: Options | None = None
 ) -> Path:
     """Run experiment ``name`` and write ``root/name/``; returns the page's path."""
+    return _run(name, root, options or Options())[0]
+
+
+def _run(name: str, root: str | Path, options: Options) -> tuple[Path, dict[str, Any]]:
+    """Run and write one experiment: (its page, its index entry)."""
     from plumb.experiments.page import machine, write_experiment
 
-    options = options or Options()
     options.validate()
     check_sweeps([name], options)
     mod = spec(name)
     ctx = context(name, options)
     t0 = time.perf_counter()
     result: Result = mod.run(ctx)
-    seconds = time.perf_counter() - t0
+    seconds = round(time.perf_counter() - t0, 1)
     meta: dict[str, Any] = {
         "steps": ctx.steps,
         "sweep": ctx.sweep,
         "seed": options.seed,
         "device": options.device,
         "quick": options.quick,
-        "seconds": round(seconds, 1),
+        "seconds": seconds,
         "parallel": ctx.parallel_notes,
         "machine": machine(),
         "written": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    return write_experiment(Path(root) / name, name, mod, result, meta)
+    page = write_experiment(Path(root) / name, name, mod, result, meta)
+    entry = {"name": name, "title": mod.TITLE, "headline": result.headline, "seconds": seconds}
+    return page, entry
 
 
 def run_all(
@@ -117,8 +129,6 @@ def run_all(
     on_done: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> Path:
     """Run ``names`` (default: all twelve) in order and write ``root/index.html``."""
-    import json
-
     from plumb.experiments.page import write_index
 
     options = options or Options()
@@ -127,20 +137,11 @@ def run_all(
     for n in names:
         spec(n)
     check_sweeps(names, options)
-    # A sweep flag applies to the experiments that read it; the others ignore it.
     entries = []
     for n in names:
-        own = dict(options.sweep)
-        flag = (getattr(spec(n), "SWEEP", None) or ("",))[0]
-        opts = Options(**{**options.__dict__, "sweep": {k: v for k, v in own.items() if k == flag}})
-        page = run_experiment(n, root, opts)
-        summary = json.loads((page.parent / "results.json").read_text())
-        entry = {
-            "name": n,
-            "title": spec(n).TITLE,
-            "headline": summary["headline"],
-            "seconds": summary["settings"]["seconds"],
-        }
+        # a sweep flag applies to the experiments that read it; the others ignore it
+        sweep = {k: v for k, v in options.sweep.items() if k == sweep_flag(n)}
+        _, entry = _run(n, root, dataclasses.replace(options, sweep=sweep))
         entries.append(entry)
         if on_done:
             on_done(n, entry)

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from plumb.data import Dataset, load_dataset
 from plumb.errors import PlumbError
 from plumb.models import LECTURE_SEED, MLP, ModelConfig
+from plumb.stats import TANH_SATURATION
 from plumb.train import resolve_device
 
 
@@ -85,7 +86,7 @@ class Context:
         return resolve_device(self.options.device)
 
     def data(self) -> Dataset:
-        return _dataset(self.options.data)
+        return dataset(self.options.data)
 
     def jobs(self, n_tasks: int) -> int:
         wanted = self.options.jobs or (1 if self.quick else os.cpu_count() or 1)
@@ -123,13 +124,9 @@ def _one_thread() -> None:
 
 
 @functools.lru_cache(maxsize=4)
-def _dataset(path: str | None) -> Dataset:
-    return load_dataset(path)
-
-
 def dataset(path: str | None) -> Dataset:
     """The dataset a worker trains on (loaded once per process)."""
-    return _dataset(path)
+    return load_dataset(path)
 
 
 # --- parsing sweep values -----------------------------------------------------------
@@ -251,17 +248,6 @@ def unigram_loss(data: Dataset) -> float:
     return float(-(f * f.log()).sum())
 
 
-@torch.no_grad()
-def eval_loss(model: nn.Module, X: Tensor, Y: Tensor, device: torch.device | str = "cpu") -> float:
-    """Mean cross-entropy in eval mode (running BatchNorm statistics)."""
-    was = model.training
-    model.eval()
-    try:
-        return F.cross_entropy(model(X.to(device)), Y.to(device).long()).item()
-    finally:
-        model.train(was)
-
-
 def layer_pass(
     model: nn.Module, X: Tensor, Y: Tensor, kinds: tuple[type, ...]
 ) -> list[dict[str, Any]]:
@@ -299,7 +285,20 @@ def layer_pass(
 
 def tanh_saturation(t: Tensor) -> float:
     """The lecture's saturation: the fraction of tanh outputs with ``|t| > 0.97``."""
-    return (t.abs() > 0.97).float().mean().item()
+    return (t.abs() > TANH_SATURATION).float().mean().item()
+
+
+def replace_modules(
+    model: nn.Module, kind: type | tuple[type, ...], make: Callable[[nn.Module], nn.Module]
+) -> nn.Module:
+    """Swap every submodule of type ``kind`` for ``make(old)`` on the old one's device,
+    keeping its name (in place; returns ``model``)."""
+    for parent in model.modules():
+        for name, child in list(parent.named_children()):
+            if isinstance(child, kind):
+                device = next(child.parameters(), torch.empty(0)).device
+                parent._modules[name] = make(child).to(device)
+    return model
 
 
 def fmt(x: float, digits: int = 3) -> str:

@@ -11,7 +11,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from plumb import nn as pnn
-from plumb.experiments.base import Context, Result, build, dataset, deep_config, fmt
+from plumb.experiments.base import (
+    Context,
+    Result,
+    build,
+    dataset,
+    deep_config,
+    fmt,
+    replace_modules,
+)
 
 NAME = "batchnorm-parity"
 TITLE = "BatchNorm1d from scratch vs torch.nn"
@@ -29,16 +37,15 @@ SAME = 1e-4
 def torch_twin(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` with each plumb BatchNorm1d replaced by torch.nn.BatchNorm1d
     holding the same parameters and buffers."""
-    twin = copy.deepcopy(model)
-    for parent in twin.modules():
-        for name, child in list(parent.named_children()):
-            if isinstance(child, pnn.BatchNorm1d):
-                bn = nn.BatchNorm1d(child.dim, eps=child.eps, momentum=child.momentum)
-                with torch.no_grad():
-                    for attr in ("weight", "bias", "running_mean", "running_var"):
-                        getattr(bn, attr).copy_(getattr(child, attr))
-                parent._modules[name] = bn.to(child.weight.device)
-    return twin
+
+    def to_torch(ours: nn.Module) -> nn.Module:
+        bn = nn.BatchNorm1d(ours.dim, eps=ours.eps, momentum=ours.momentum)
+        with torch.no_grad():
+            for attr in ("weight", "bias", "running_mean", "running_var"):
+                getattr(bn, attr).copy_(getattr(ours, attr))
+        return bn
+
+    return replace_modules(copy.deepcopy(model), pnn.BatchNorm1d, to_torch)
 
 
 def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:

@@ -8,8 +8,9 @@ import time
 import matplotlib.pyplot as plt
 import torch
 
-from plumb.experiments.base import Context, Result, build, dataset, deep_config, eval_loss, fit, fmt
+from plumb.experiments.base import Context, Result, build, dataset, deep_config, fit, fmt
 from plumb.fold import NORMS, fold_batchnorm
+from plumb.train import split_loss
 
 NAME = "bn-folding"
 TITLE = "Folding BatchNorm into the Linear before it"
@@ -47,13 +48,13 @@ def run(ctx: Context) -> Result:
     folded = fold_batchnorm(model)
     n_before = sum(isinstance(m, NORMS) for m in model.modules())
     n_after = sum(isinstance(m, NORMS) for m in folded.modules())
-    Xv, Yv = data.val.X.to(device), data.val.Y.to(device)
+    Xv = data.val.X.to(device)
     with torch.inference_mode():
         logits = model(Xv)
         diff = (logits - folded(Xv)).abs().max().item()
         # float32 carries ~7 digits: a refactored sum may differ by a few ulps of the logits
         roundoff = 1e-5 * max(1.0, logits.abs().max().item())
-    loss_bn, loss_folded = eval_loss(model, Xv, Yv, device), eval_loss(folded, Xv, Yv, device)
+    loss_bn, loss_folded = split_loss(model, data.val, device), split_loss(folded, data.val, device)
     repeats = 20 if ctx.quick else 200
     rows = []
     for b in BATCHES:

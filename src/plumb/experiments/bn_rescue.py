@@ -12,12 +12,12 @@ from plumb.experiments.base import (
     build,
     dataset,
     deep_config,
-    eval_loss,
     fit,
     fmt,
     positive,
     unigram_loss,
 )
+from plumb.train import split_loss
 
 NAME = "bn-rescue"
 TITLE = "BatchNorm's rescue range for bad weight scales"
@@ -46,7 +46,7 @@ def _one(task: tuple[str, float, str | None, int, int, str]) -> dict:
         "norm": norm,
         "scale": scale,
         "train_loss_end": losses[-max(steps // 10, 1) :].mean().item(),
-        "val": eval_loss(model, data.val.X, data.val.Y, device),
+        "val": split_loss(model, data.val, device),
     }
 
 

@@ -16,12 +16,11 @@ from plumb.experiments.base import (
     build,
     dataset,
     deep_config,
-    eval_loss,
     fit,
     fmt,
     positive,
 )
-from plumb.train import calibrate_batchnorm
+from plumb.train import calibrate_batchnorm, split_loss
 
 NAME = "eval-mode-bug"
 TITLE = "The eval() bug: BatchNorm in training mode at validation"
@@ -83,7 +82,7 @@ def run(ctx: Context) -> Result:
     gen = torch.Generator().manual_seed(ctx.seed + 1)
     # the split scored without eval() (its first 2,000 examples with --quick)
     scored = Split(data.val.X[:2000], data.val.Y[:2000], []) if ctx.quick else data.val
-    val_running = eval_loss(model, scored.X, scored.Y, device)
+    val_running = split_loss(model, scored, device)
     rows = []
     for b in ctx.sweep:
         b = int(b)
@@ -105,7 +104,7 @@ def run(ctx: Context) -> Result:
         )
     calibrated = copy.deepcopy(model)
     calibrate_batchnorm(calibrated, data.train, device)
-    val_calibrated = eval_loss(calibrated, scored.X, scored.Y, device)
+    val_calibrated = split_loss(calibrated, scored, device)
     absorbed = []
     for (name, m), (_, c) in zip(model.named_modules(), calibrated.named_modules(), strict=True):
         if isinstance(m, pnn.BatchNorm1d):

@@ -16,7 +16,6 @@ from plumb.experiments.base import (
     build,
     dataset,
     deep_config,
-    eval_loss,
     fit,
     fmt,
     layer_pass,
@@ -24,6 +23,7 @@ from plumb.experiments.base import (
     spread,
     tanh_saturation,
 )
+from plumb.train import split_loss
 
 NAME = "gain-sweep"
 TITLE = "The gain: why 5/3 for tanh"
@@ -55,7 +55,7 @@ def _one(task: tuple[str, float, str | None, int, int, str]) -> dict:
         "grad_std": gstds,
         "saturation": [tanh_saturation(r["out"]) for r in layers] if act == "tanh" else None,
         "loss_step0": losses[0].item(),
-        "val": eval_loss(model, data.val.X, data.val.Y, device),
+        "val": split_loss(model, data.val, device),
     }
 
 

@@ -13,12 +13,12 @@ from plumb.experiments.base import (
     dataset,
     deep_config,
     density_panel,
-    eval_loss,
     fit,
     fmt,
     layer_pass,
     spread,
 )
+from plumb.train import split_loss
 
 NAME = "gradient-flow"
 TITLE = "Gradient flow with and without normalisation"
@@ -48,7 +48,7 @@ def _one(task: tuple[str, float, str | None, int, int, str]) -> dict:
         "grads_end": [r["grad"] for r in end],
         "act_start": [r["out"].std().item() for r in start],
         "loss_end": losses[-max(steps // 10, 1) :].mean().item(),
-        "val": eval_loss(model, data.val.X, data.val.Y, device),
+        "val": split_loss(model, data.val, device),
     }
 
 

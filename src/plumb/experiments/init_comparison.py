@@ -16,7 +16,6 @@ from plumb.experiments.base import (
     dataset,
     deep_config,
     density_panel,
-    eval_loss,
     fit,
     fmt,
     layer_pass,
@@ -24,6 +23,7 @@ from plumb.experiments.base import (
     spread,
     tanh_saturation,
 )
+from plumb.train import split_loss
 
 NAME = "init-comparison"
 TITLE = "Initialisation schemes for a deep tanh net"
@@ -59,7 +59,7 @@ def _one(task: tuple[str, str | None, int, int, str]) -> dict:
         "first": first,
         "sat_last": [tanh_saturation(r["out"]) for r in last],
         "losses": losses,
-        "val": eval_loss(model, data.val.X, data.val.Y, device),
+        "val": split_loss(model, data.val, device),
     }
 
 

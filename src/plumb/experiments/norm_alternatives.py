@@ -15,12 +15,13 @@ from plumb.experiments.base import (
     build,
     dataset,
     deep_config,
-    eval_loss,
     fit,
     fmt,
     positive,
+    replace_modules,
 )
 from plumb.experiments.eval_mode_bug import batched_loss
+from plumb.train import split_loss
 
 NAME = "norm-alternatives"
 TITLE = "BatchNorm, LayerNorm, GroupNorm or nothing"
@@ -44,14 +45,9 @@ GROUPS = 10  # GroupNorm(10 groups of 10 features): between LayerNorm (1) and pe
 
 def with_groupnorm(model: nn.Module, groups: int = GROUPS) -> nn.Module:
     """Replace each plumb LayerNorm by torch.nn.GroupNorm(groups, dim) (in place)."""
-    for parent in model.modules():
-        for name, child in list(parent.named_children()):
-            if isinstance(child, pnn.LayerNorm):
-                dim = child.weight.shape[0]
-                parent._modules[name] = nn.GroupNorm(groups, dim, eps=child.eps).to(
-                    child.weight.device
-                )
-    return model
+    return replace_modules(
+        model, pnn.LayerNorm, lambda ln: nn.GroupNorm(groups, ln.weight.shape[0], eps=ln.eps)
+    )
 
 
 def _one(task: tuple[str, int, str | None, int, int, str, bool]) -> dict:
@@ -64,7 +60,7 @@ def _one(task: tuple[str, int, str | None, int, int, str, bool]) -> dict:
     losses = fit(model, data, steps, g, batch_size=b, device=device)
     n = 2000 if quick else 10_000
     val = Split(data.val.X[:n].to(device), data.val.Y[:n].to(device), [])
-    eval_val = eval_loss(model, val.X, val.Y, device)
+    eval_val = split_loss(model, val, device)
     train_val = batched_loss(model, val, b)
     return {
         "norm": norm,

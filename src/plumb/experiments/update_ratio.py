@@ -15,12 +15,12 @@ from plumb.experiments.base import (
     build,
     dataset,
     deep_config,
-    eval_loss,
     fit,
     fmt,
     positive,
 )
 from plumb.probes import Monitor
+from plumb.train import split_loss
 
 NAME = "update-ratio"
 TITLE = "The update:data ratio and the learning rate"
@@ -62,7 +62,7 @@ def _one(task: tuple[float, str | None, int, int, str]) -> dict:
         "ratio": ratio_arr,
         "weights": weights,
         "loss_end": losses[-max(steps // 10, 1) :].mean().item(),
-        "val": eval_loss(model, data.val.X, data.val.Y, device),
+        "val": split_loss(model, data.val, device),
     }
 
 

@@ -13,12 +13,12 @@ from plumb.experiments.base import (
     build,
     dataset,
     deep_config,
-    eval_loss,
     fit,
     fmt,
     smooth,
     unigram_loss,
 )
+from plumb.train import split_loss
 
 NAME = "zero-init"
 TITLE = "Zero and constant initialisation: symmetry"
@@ -71,8 +71,8 @@ def _one(task: tuple[str, str | None, int, int, str]) -> dict:
         "touched": touched,
         "spread": {n: unit_spread(m.weight.detach().cpu()) for n, m in linears[:-1]},
         "losses": losses,
-        "train_full": eval_loss(model, data.train.X, data.train.Y, device),
-        "val": eval_loss(model, data.val.X, data.val.Y, device),
+        "train_full": split_loss(model, data.train, device),
+        "val": split_loss(model, data.val, device),
     }
 
 
