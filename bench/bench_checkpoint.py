@@ -26,7 +26,7 @@ from plumb.checkpoint import read_checkpoint, save_checkpoint
 from plumb.data import load_dataset
 from plumb.models import MLP, preset_config
 from plumb.optim import SGD
-from plumb.train import _finite
+from plumb.train import FiniteCheck
 
 
 def median_time(fn, repeats: int) -> float:
@@ -49,7 +49,7 @@ def main() -> None:
     model = MLP(preset_config("lecture-deep"), g)
     opt = SGD(model.parameters(), lr=0.1)
     X, Y = data.train.X, data.train.Y.long()
-    params = list(model.parameters())  # as train() does: once, outside the loop
+    finite = FiniteCheck(list(model.parameters()))  # as train() builds it: once
 
     def step(check: bool) -> None:
         ix = torch.randint(0, X.shape[0], (32,), generator=g)
@@ -57,7 +57,7 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if check:
-            _finite(loss, params)
+            finite(loss)
         opt.step()
 
     for _ in range(50):

@@ -12,7 +12,7 @@
               digest  sha256 over every tensor's name, dtype, shape and bytes
 
 Never pickle: loading cannot run code. The file is written atomically (temp file, fsync,
-rename, fsync of the directory), so the previous checkpoint stays whole until the new one
+rename, fsync of the directory: ``runs.atomic_write_bytes``), so the previous checkpoint stays whole until the new one
 is complete; a reader sees one or the other. ``load_checkpoint`` checks the header, the
 digest and every field, and turns anything wrong into one ``PlumbError`` line.
 """
@@ -35,7 +35,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
 from plumb.errors import PlumbError
-from plumb.runs import atomic_write_bytes
+from plumb.runs import atomic_write_bytes, load_state
 
 CHECKPOINT = "checkpoint.safetensors"
 FORMAT = 1
@@ -119,7 +119,6 @@ def save_checkpoint(
     path = Path(run_dir) / CHECKPOINT
     try:
         atomic_write_bytes(path, payload)
-        _fsync_dir(path.parent)
     except OSError as e:
         why = os.strerror(e.errno) if e.errno else str(e)
         hint = "free some space" if e.errno == errno.ENOSPC else "check the directory's permissions"
@@ -127,19 +126,6 @@ def save_checkpoint(
             f"cannot write checkpoint {path} ({why}): {hint}; the previous checkpoint is intact"
         ) from None
     return path
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _bad(path: Path, why: str) -> PlumbError:
@@ -239,8 +225,6 @@ def restore(
     generator: torch.Generator,
 ) -> None:
     """Put a checkpoint's weights, optimizer state and RNG states back (in place)."""
-    from plumb.runs import load_state
-
     load_state(model, ckpt.model_state(), ckpt.path)
     saved = ckpt.state["optimizer"]
     if saved.get("class") != type(optimizer).__name__:

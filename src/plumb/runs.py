@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -42,7 +43,9 @@ def sha256_file(path: str | Path) -> str:
 
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` so that readers see the old file or the new one, whole."""
+    """Write ``payload`` to ``path`` so that readers see the old file or the new one, whole:
+    a temp file in the same directory, fsync, rename, then fsync of the directory (so the
+    rename itself survives a power cut)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -54,6 +57,36 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # a platform without directory fds: the rename is still atomic
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def jsonable(x: Any) -> Any:
+    """JSON-safe copy: non-finite floats as strings ("nan", "inf": strict JSON), tuples
+    as lists, tensors and arrays as lists, numpy scalars as Python numbers."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [jsonable(v) for v in x]
+    if isinstance(x, float):
+        return x if math.isfinite(x) else str(x)
+    if isinstance(x, bool | int | str) or x is None:
+        return x
+    if hasattr(x, "tolist"):  # tensors, arrays, numpy scalars
+        return jsonable(x.tolist())
+    return float(x) if hasattr(x, "__float__") else str(x)
 
 
 def write_json(path: Path, obj: Any) -> None:

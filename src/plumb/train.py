@@ -14,6 +14,7 @@ only at the print cadence (no per-step synchronisation).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import sys
@@ -290,7 +291,7 @@ def train(
     if start:
         losses[:start] = done_losses[:start].to(device)
     lrs = torch.tensor([cfg.lr_at(i) for i in range(cfg.steps)])
-    params = [p for p in model.parameters() if p.requires_grad]
+    finite = FiniteCheck([p for p in model.parameters() if p.requires_grad])
     bar = Progress(cfg.steps, enabled=progress)
     model.train()
     t0 = time.perf_counter()
@@ -302,7 +303,7 @@ def train(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         losses[i] = loss.detach()
-        if not _finite(loss, params):
+        if not finite(loss):
             if cfg.on_nonfinite == "stop":
                 finding = locate_nonfinite(model, X[ix], Y[ix].long(), i, cfg.lr_at(i))
                 stopped = "nonfinite"
@@ -344,25 +345,36 @@ def train(
     )
 
 
-def _finite(loss: torch.Tensor, params: list[torch.Tensor]) -> bool:
-    """Is the loss and every gradient finite? One host read per step (a bool).
+class FiniteCheck:
+    """Is a step's loss and every gradient finite? One host read per step (a bool).
 
     The gradients go through the fused kernel AMP's GradScaler uses to find Inf/NaN
     (it also multiplies them by 1.0, which leaves every value bit for bit as it was);
     where that kernel does not apply (mixed dtypes or devices), the sum of the
-    gradients' norms, which any NaN or Inf makes non-finite."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not bool(torch.isfinite(loss)):
-        return False
-    if not grads:
-        return True
-    try:
-        found = torch.zeros(1, device=grads[0].device)
-        one = torch.ones(1, device=grads[0].device)
-        torch._amp_foreach_non_finite_check_and_unscale_(grads, found, one)
-        return not bool(found)
-    except (RuntimeError, NotImplementedError, AttributeError, TypeError):
-        return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).float().sum()))
+    gradients' norms, which any NaN or Inf makes non-finite. The flag tensors are
+    allocated once, not per step."""
+
+    def __init__(self, params: list[torch.Tensor]):
+        self.params = params
+        device = params[0].device if params else torch.device("cpu")
+        self.found = torch.zeros(1, device=device)
+        self.one = torch.ones(1, device=device)
+
+    def __call__(self, loss: torch.Tensor) -> bool:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        self.found.copy_(~torch.isfinite(loss.detach()).reshape(1))
+        if grads:
+            try:
+                torch._amp_foreach_non_finite_check_and_unscale_(grads, self.found, self.one)
+            except (RuntimeError, NotImplementedError, AttributeError, TypeError):
+                norms = torch.stack(torch._foreach_norm(grads)).float().sum()
+                self.found.add_(~torch.isfinite(norms))
+        return not bool(self.found)
+
+
+def _finite(loss: torch.Tensor, params: list[torch.Tensor]) -> bool:
+    """One-off form of :class:`FiniteCheck` (tests, benchmarks)."""
+    return FiniteCheck(params)(loss)
 
 
 def locate_nonfinite(
@@ -372,9 +384,7 @@ def locate_nonfinite(
     the first place it appears, in the order the step computes things (outputs in forward
     order, the loss, then gradients in backward order). Replays the step's batch on a
     copy of the model (its BatchNorm buffers and gradients stay as they were)."""
-    import copy
-
-    from plumb.doctor.rules import Finding
+    from plumb.doctor.rules import nonfinite_finding  # here: rules -> runs -> train
 
     twin = copy.deepcopy(model)
     twin.train()
@@ -408,12 +418,4 @@ def locate_nonfinite(
                 break
     what = first[0] if first else "the loss"
     where = what.rsplit(" ", 1)[-1] if what != "the loss" else "loss"
-    return Finding(
-        "non-finite",
-        "error",
-        where,
-        f"NaN/Inf first appears at step {step} in {what}: lower the learning rate "
-        f"(lr {lr:g} -> try {lr / 10:g}), clip gradients, or guard the op that overflows "
-        "there (log of 0, division by ~0, exp of a large number)",
-        {"step": step, "in": what, "loss": float(loss.detach())},
-    )
+    return nonfinite_finding(step, what, where, float(loss.detach()), lr)

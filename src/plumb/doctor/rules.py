@@ -42,6 +42,7 @@ import torch
 
 from plumb.doctor.evidence import Evidence, finite, median
 from plumb.init import expected_initial_loss
+from plumb.runs import jsonable
 
 SEVERITIES = ("error", "warning", "info")
 
@@ -78,20 +79,8 @@ class Finding:
             "severity": self.severity,
             "where": self.where,
             "message": self.message,
-            "evidence": _jsonable(self.evidence),
+            "evidence": jsonable(self.evidence),
         }
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, float):
-        return x if math.isfinite(x) else str(x)  # "nan", "inf": strict JSON
-    if isinstance(x, bool | int | str) or x is None:
-        return x
-    return float(x) if hasattr(x, "__float__") else str(x)
 
 
 def _r(x: float, digits: int = 4) -> float:
@@ -113,18 +102,22 @@ def non_finite(ev: Evidence) -> list[Finding]:
         where, what = _first_bad(ev, row)
         step = row["step"] if where != "loss" else step
     loss = ev.loss[step] if step < len(ev.loss) else float("nan")
-    lr_hint = f" (lr {ev.lr:g} -> try {ev.lr / 10:g})" if ev.lr else ""
-    return [
-        Finding(
-            "non-finite",
-            "error",
-            where,
-            f"NaN/Inf first appears at step {step} in {what}: lower the learning rate"
-            f"{lr_hint}, clip gradients, or guard the op that overflows there (log of 0, "
-            "division by ~0, exp of a large number)",
-            {"step": step, "in": what, "loss": float(loss)},
-        )
-    ]
+    return [nonfinite_finding(step, what, where, float(loss), ev.lr)]
+
+
+def nonfinite_finding(step: int, what: str, where: str, loss: float, lr: float | None) -> Finding:
+    """The ``non-finite`` finding: NaN/Inf first seen at ``step`` in ``what`` (a place
+    named ``where``); also used by the training loop when it stops on a bad step."""
+    lr_hint = f" (lr {lr:g} -> try {lr / 10:g})" if lr else ""
+    return Finding(
+        "non-finite",
+        "error",
+        where,
+        f"NaN/Inf first appears at step {step} in {what}: lower the learning rate"
+        f"{lr_hint}, clip gradients, or guard the op that overflows there (log of 0, "
+        "division by ~0, exp of a large number)",
+        {"step": step, "in": what, "loss": loss},
+    )
 
 
 def _first_bad(ev: Evidence, row: dict[str, Any]) -> tuple[str, str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import csv
 import io
-import math
 import os
 import platform
 import time
@@ -22,7 +21,7 @@ import torch
 from plumb import __version__
 from plumb.report.figures import png
 from plumb.report.html import CSP, STYLE, e
-from plumb.runs import atomic_write_bytes, write_json
+from plumb.runs import atomic_write_bytes, jsonable, write_json
 
 
 def machine() -> str:
@@ -39,21 +38,6 @@ def machine() -> str:
         f"{cpu}, {os.cpu_count()} core(s), {torch.get_num_threads()} torch thread(s), "
         f"torch {torch.__version__}, plumb {__version__}"
     )
-
-
-def jsonable(x: Any) -> Any:
-    """JSON-safe: non-finite floats as strings, tuples as lists, tensors as lists."""
-    if isinstance(x, dict):
-        return {str(k): jsonable(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [jsonable(v) for v in x]
-    if isinstance(x, torch.Tensor):
-        return jsonable(x.tolist())
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    if hasattr(x, "item") and callable(x.item):  # numpy scalars
-        return jsonable(x.item())
-    return x
 
 
 def csv_bytes(rows: list[dict[str, Any]]) -> bytes:
