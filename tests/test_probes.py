@@ -143,7 +143,7 @@ def test_any_torch_model_with_adam(tmp_path):
             mon.step(loss)
             if i == 4:
                 delta = model.fc.weight.detach() - before
-                p_std = model.fc.weight.std().item()
+                p_rms = model.fc.weight.square().mean().sqrt().item()
             for h in handles:
                 h.remove()
     rec = plumb.load_run(tmp_path / "run")
@@ -163,9 +163,9 @@ def test_any_torch_model_with_adam(tmp_path):
     sat = ((sig < 0.015) | (sig > 0.985)).float().mean().item()
     assert row["sig"]["saturated"] == pytest.approx(sat)
     assert "saturated" not in row["gelu"] and "zero" not in row["gelu"]
-    # Adam's update, measured from the actual change
+    # Adam's update, measured from the actual change, relative to the weight's RMS
     s = rec.rows[-1]["param"]["fc.weight"]
-    expected = math.log10(delta.std().item() / p_std)
+    expected = math.log10(delta.square().mean().sqrt().item() / p_rms)
     assert s["update_data"] == pytest.approx(expected, abs=1e-4)
     assert rec.meta["saturation_layer"] == "sig"
     steps, maps = rec.saturation_maps()
@@ -181,7 +181,8 @@ def test_hooks_only_on_record_steps_and_removed_on_exception():
 
     with pytest.raises(RuntimeError, match="boom"), Monitor(model, every=3) as mon:
         for i, (x, y) in enumerate(_batches(5)):
-            assert n_hooks() == (len(mon.layers) if i % 3 == 0 else 0)
+            # record steps: every module (the module stack for functional activations)
+            assert n_hooks() == (len(list(model.modules())) if i % 3 == 0 else 0)
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad()
             loss.backward()
@@ -211,27 +212,56 @@ def test_attach_twice_and_bad_arguments():
         Monitor(model).step(1.0)
 
 
-def test_eval_forwards_and_shared_modules():
-    act = nn.Tanh()
-    lin1, lin2 = nn.Linear(4, 4), nn.Linear(4, 2)
-    model = nn.ModuleDict({"lin1": lin1, "act": act, "lin2": lin2})
+class Shared(nn.Module):
+    """``act`` runs twice per forward: once on the data (no gradient), once inside."""
 
-    def fwd(x):
-        return lin2(act(lin1(act(x))))  # `act` is called twice per forward
+    def __init__(self):
+        super().__init__()
+        self.lin1, self.act, self.lin2 = nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2)
 
+    def forward(self, x):
+        return self.lin2(self.act(self.lin1(self.act(x))))
+
+
+@pytest.mark.parametrize("per_call", [False, True])
+def test_repeated_calls_pool_and_validation_forwards_are_not_recorded(per_call):
+    torch.manual_seed(0)
+    model = Shared()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with Monitor(model, every=1) as mon:
-        loss = fwd(torch.randn(8, 4)).pow(2).mean()
+    x = torch.randn(8, 4)
+    with torch.no_grad():  # what the training forward computes, before the update
+        a = model.act(x)
+        h = model.lin1(a)
+        b = model.act(h)
+    with Monitor(model, every=1, per_call=per_call) as mon:
+        model(torch.randn(8, 4) * 100)  # a validation forward that forgot no_grad
         with torch.no_grad():
-            fwd(torch.randn(8, 4))  # an evaluation pass: not recorded
+            model(torch.randn(8, 4))  # an evaluation pass
+        loss = model(x).pow(2).mean()
+        model(x).sum()  # a graph never back-propagated
         opt.zero_grad()
         loss.backward()
         opt.step()
         mon.step(loss)
     layers = mon.history.rows[0]["layer"]
-    assert set(layers) == {"lin1", "act", "act#2", "lin2"}
-    assert "grad_std" not in layers["act"]  # input x does not require grad
-    assert "grad_std" in layers["act#2"]
+    if per_call:
+        assert list(layers) == ["act", "lin1", "act#2", "lin2"]  # forward order
+        assert layers["act"]["mean"] == pytest.approx(a.mean().item())
+        assert "grad_std" not in layers["act"]  # the input x needs no gradient
+        assert layers["act#2"]["std"] == pytest.approx(b.std().item(), rel=1e-6)
+    else:
+        assert list(layers) == ["act", "lin1", "lin2"]
+        both = torch.cat([a.flatten(), b.flatten()])
+        act = layers["act"]
+        assert act["calls"] == 2
+        assert act["mean"] == pytest.approx(both.mean().item(), rel=1e-6)
+        assert act["std"] == pytest.approx(both.std().item(), rel=1e-6)
+        assert act["min"] == pytest.approx(both.min().item())
+        assert act["saturated"] == pytest.approx((both.abs() > 0.97).float().mean().item())
+        assert "grad_std" in act  # from the second call, the only one with a gradient
+    # the validation forward (inputs x100) would have pushed lin1's |mean| far up
+    assert layers["lin1"]["std"] == pytest.approx(h.std().item(), rel=1e-6)
+    assert layers["lin1"]["in_rms"] == pytest.approx(a.square().mean().sqrt().item(), rel=1e-6)
 
 
 def test_nonfinite_values_do_not_raise():

@@ -11,8 +11,9 @@ from plumb.doctor import Diagnosis, Finding, diagnose
 from plumb.errors import PlumbError
 from plumb.init import calculate_gain, expected_initial_loss
 from plumb.models import MLP, PRESETS, ModelConfig, preset_config
+from plumb.monitor import Monitor
 from plumb.pipeline import eval_run, sample_run, train_run
-from plumb.probes import Monitor
+from plumb.probes import Probes
 from plumb.record import Record, load_run
 from plumb.runs import Run
 from plumb.train import TrainConfig, split_loss, train
@@ -34,6 +35,7 @@ __all__ = [
     "ModelConfig",
     "Monitor",
     "PlumbError",
+    "Probes",
     "Record",
     "Run",
     "TrainConfig",

@@ -281,7 +281,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif run.status == "diverged":
         from plumb.checkpoint import CHECKPOINT, read_checkpoint
 
-        f = run.result.nonfinite
+        f = run.nonfinite
         kept = (
             f"the last good checkpoint (step {read_checkpoint(out).step:,}) is kept in {out}"
             if (out / CHECKPOINT).is_file()
@@ -387,7 +387,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     if args.catalogue is not None:
-        from plumb.doctor.catalogue import SETUPS, confusion_table, run_catalogue
+        from plumb.catalogue import SETUPS, confusion_table, run_catalogue
 
         names = [n for n in args.catalogue.split(",") if n] or None
         unknown = sorted(set(names or []) - {s.name for s in SETUPS})

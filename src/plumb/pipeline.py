@@ -15,11 +15,12 @@ import torch
 from plumb import __version__
 from plumb.checkpoint import CHECKPOINT, Checkpoint, read_checkpoint, restore, save_checkpoint
 from plumb.data import Dataset, load_dataset
-from plumb.doctor import Diagnosis, Doctor, diagnose
+from plumb.doctor import Diagnosis, Finding, diagnose
+from plumb.doctor.rules import nonfinite_finding
 from plumb.errors import PlumbError
 from plumb.guard import RunLock, StopSignals
 from plumb.models import MLP, ModelConfig
-from plumb.probes import Monitor
+from plumb.monitor import Monitor
 from plumb.record import History
 from plumb.runs import Run, save_run, sha256_file, write_json
 from plumb.sample import sample
@@ -45,6 +46,7 @@ class TrainedRun:
     status: str = "complete"  # complete | interrupted | diverged
     exit_code: int = 0  # 0; 130/143 after SIGINT/SIGTERM; 3 after a non-finite step
     resumed_from: int = 0  # the checkpoint's step, when resumed
+    nonfinite: Finding | None = None  # the doctor's finding for the step that diverged
 
 
 def check_out_dir(out: Path) -> None:
@@ -161,7 +163,7 @@ def train_run(
     with RunLock(out), StopSignals() as signals:
         for tmp in out.glob(".*.tmp"):  # left by a run killed mid-write; ours to clear now
             tmp.unlink(missing_ok=True)
-        monitor, doctor = _probes(out, model, optimizer, data, train_cfg, tensorboard, on_finding)
+        monitor = _monitor(out, model, optimizer, data, train_cfg, tensorboard, on_finding)
         if monitor is not None and ckpt is not None:
             monitor.restore(History.restore(out, monitor.meta(), ckpt.losses), ckpt.step)
 
@@ -179,10 +181,7 @@ def train_run(
                 status=status,
             )
 
-        with contextlib.ExitStack() as stack:
-            for ctx in (monitor, doctor):
-                if ctx is not None:
-                    stack.enter_context(ctx)
+        with monitor if monitor is not None else contextlib.nullcontext():
             result = train(
                 model,
                 data,
@@ -192,7 +191,6 @@ def train_run(
                 progress=progress,
                 on_print=on_print,
                 monitor=monitor,
-                doctor=doctor,
                 start=ckpt.step if ckpt is not None else 0,
                 done_losses=ckpt.losses if ckpt is not None else None,
                 on_checkpoint=checkpoint,
@@ -203,7 +201,8 @@ def train_run(
         ]
         if result.stopped != "nonfinite":  # a diverged run keeps its last good checkpoint
             checkpoint(result.steps_done, result.losses, status)
-        run = _finish(out, model, data, device, train_cfg, data_info, result, doctor, samples)
+        diagnosis = monitor.diagnosis if monitor is not None else None
+        run = _finish(out, model, data, device, train_cfg, data_info, result, diagnosis, samples)
         run.status = status
         run.exit_code = {"complete": 0, "diverged": 3}.get(status, signals.exit_code)
         run.resumed_from = ckpt.step if ckpt is not None else 0
@@ -214,30 +213,34 @@ def train_run(
     return run
 
 
-def _probes(out, model, optimizer, data, train_cfg, tensorboard, on_finding):
-    """The Monitor (writing ``out/probes``) and the Doctor beside it, as configured."""
+def _monitor(out, model, optimizer, data, train_cfg, tensorboard, on_finding) -> Monitor | None:
+    """The Monitor (writing ``out/probes``), with the doctor when configured."""
     if not train_cfg.probes:
-        return None, None
+        return None
     sinks = []
     if tensorboard is not None:
         from plumb.report.tensorboard import TensorBoardSink
 
         sinks.append(TensorBoardSink(tensorboard))
     every, hist_every = train_cfg.cadence()
-    monitor = Monitor(model, every, hist_every=hist_every, out=out, report=False, sinks=sinks)
-    doctor = None
-    if train_cfg.doctor:
-        doctor = Doctor(
-            monitor,
-            optimizer=optimizer,
-            classes=data.vocab.size,
-            check_every=max(1000, train_cfg.steps // 20),
-            on_finding=on_finding,
-        )
-    return monitor, doctor
+    return Monitor(
+        model,
+        every,
+        hist_every=hist_every,
+        out=out,
+        report=False,
+        sinks=sinks,
+        optimizer=optimizer,
+        doctor=train_cfg.doctor,
+        classes=data.vocab.size,
+        check_every=max(1000, train_cfg.steps // 20),
+        on_finding=on_finding,
+    )
 
 
-def _finish(out, model, data, device, train_cfg, data_info, result, doctor, samples) -> TrainedRun:
+def _finish(
+    out, model, data, device, train_cfg, data_info, result, diagnosis, samples
+) -> TrainedRun:
     """Evaluate, and write config, weights, metrics, losses, findings and samples."""
     calibrated = train_cfg.calibrate_bn and calibrate_batchnorm(model, data.train, device) > 0
     losses = {name: split_loss(model, split, device) for name, split in data.splits.items()}
@@ -259,14 +262,16 @@ def _finish(out, model, data, device, train_cfg, data_info, result, doctor, samp
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     save_run(out, model.cpu(), train_cfg, data_info, metrics, result.losses, result.lrs)
-    diagnosis = doctor.diagnosis if doctor is not None else None
-    if result.nonfinite is not None:
+    stop = result.nonfinite
+    nonfinite = None
+    if stop is not None:
+        nonfinite = nonfinite_finding(stop.step, stop.what, stop.where, stop.loss, stop.lr)
         if diagnosis is None:
             findings = {"ok": False, "steps": result.steps_done, "findings": []}
         else:
             findings = diagnosis.to_dict()
         findings["ok"] = False
-        findings["findings"] = [result.nonfinite.to_dict()] + [
+        findings["findings"] = [nonfinite.to_dict()] + [
             f for f in findings["findings"] if f.get("code") != "non-finite"
         ]
         write_json(out / "findings.json", findings)
@@ -284,7 +289,7 @@ def _finish(out, model, data, device, train_cfg, data_info, result, doctor, samp
             },
         },
     )
-    return TrainedRun(out, model, data, result, metrics, rows)
+    return TrainedRun(out, model, data, result, metrics, rows, nonfinite=nonfinite)
 
 
 def _first_items(path: str | Path, n: int) -> list[str]:

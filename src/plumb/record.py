@@ -1,18 +1,24 @@
 """The probe record: what a ``Monitor`` measured, on the host and on disk.
 
-On disk, in ``RUN_DIR/probes/`` (format version ``RECORD_FORMAT``):
+On disk, in ``RUN_DIR/probes/`` (format version ``RECORD_FORMAT``; format 1 is read too):
 
-    meta.json               {"format": 1, "every", "hist_every", "bins", "saturation_layer",
-                             "thresholds", "layers": [{name, type, kind}],
-                             "params": [{name, shape, layer}], "model"}
+    meta.json               {"format": 2, "every", "hist_every", "bins", "saturation_layer",
+                             "thresholds", "layers": [{name, type, kind}] (type
+                             "function" for an activation function seen inside a module),
+                             "params": [{name, shape, layer, aliases?}] (aliases: the
+                             other names of a tied parameter), "chains": [[weight layers
+                             that feed each other, in forward order]], "model"}
     scalars.jsonl           one JSON object per record step:
                              {"step": 100, "loss": 2.41,
-                              "layer": {NAME: {"mean", "std", "grad_mean", "grad_std",
-                                               "saturated" | "zero", "dead"}},
-                              "param": {NAME: {"std", "grad_mean", "grad_std", "grad_data",
-                                               "update_data"}}}
-                             (a stat a layer does not have is absent; NaN/Infinity are
-                             written as Python's json writes them)
+                              "layer": {NAME: {"mean", "std", "min", "max", "grad_mean",
+                                               "grad_std", "saturated" | "zero", "dead",
+                                               "in_rms", "calls"}},   (forward order)
+                              "param": {NAME: {"mean", "std", "rms", "grad_mean",
+                                               "grad_std", "grad_data", "update_data",
+                                               "grad_carry"}}}
+                             (a stat a layer does not have is absent; "calls" only when a
+                             module ran more than once; NaN/Infinity are written as
+                             Python's json writes them)
     loss.safetensors        "loss": float32 (steps,), the training loss of every step
     histograms.safetensors  for each SERIES ("layer/NAME", "layer_grad/NAME",
                              "param_grad/NAME"): "SERIES/steps" int64 (H,),
@@ -20,8 +26,10 @@ On disk, in ``RUN_DIR/probes/`` (format version ``RECORD_FORMAT``):
                              [min, max]; "satmap/steps" int64 (M,) and "satmap/maps"
                              float16 (M, examples, units) for the saturation layer
 
-Layer NAMEs are ``model.named_modules()`` names; a module called k > 1 times in one
-forward pass appears as ``NAME#k`` for its later calls. ``plumb.load_run(DIR)`` reads it all.
+Layer NAMEs are ``model.named_modules()`` names (``MODULE.tanh`` for an activation
+function called in a module's forward); a module called k times in a step is one row
+pooling all k calls (``Monitor(per_call=True)``: ``NAME``, ``NAME#2``, ...).
+``plumb.load_run(DIR)`` reads it all.
 """
 
 from __future__ import annotations
@@ -35,8 +43,10 @@ import torch
 
 from plumb.errors import PlumbError
 from plumb.runs import atomic_write_bytes, read_json, read_tensors, write_json, write_tensors
+from plumb.stats import N_STATS, summarize
 
-RECORD_FORMAT = 1
+RECORD_FORMAT = 2
+READABLE_FORMATS = (1, 2)  # format 1 rows lack calls, in_rms, min/max, grad_carry
 PROBES = "probes"
 
 
@@ -102,46 +112,118 @@ class History:
             ranges = torch.cat([s.hist_range for s in with_hist]).float().cpu().numpy()
         offset = hoffset = 0
         for s in snaps:
-            keys, scales = s.plan.keys, s.plan.scales
-            n = len(keys)
-            row: dict[str, Any] = {"step": s.step}
+            n = s.values.numel()
+            row = decode(s.step, s.layout, values[offset : offset + n])
+            offset += n
             i = s.step - start
             if 0 <= i < len(loss):
-                row["loss"] = float(loss[i])
-            row["layer"], row["param"] = {}, {}
-            chunk = values[offset : offset + n] / np.asarray(
-                scales, np.float64
-            )  # counts -> fractions
-            for (section, name, stat), v in zip(keys, chunk.tolist(), strict=True):
-                row[section].setdefault(name, {})[stat] = v
-            offset += n
-            _derive(row["param"])
+                row = {
+                    "step": s.step,
+                    "loss": float(loss[i]),
+                    **{k: v for k, v in row.items() if k != "step"},
+                }
             rows.append(row)
             if s.hist is not None:
-                for j, (section, name) in enumerate(s.plan.hist_keys):
+                for j, (section, name) in enumerate(s.layout.hist_keys):
                     key = f"{section}/{name}"
                     entry = (s.step, counts[hoffset + j], ranges[hoffset + j])
                     self.hists.setdefault(key, {"steps": [], "counts": [], "range": []})
                     for field, x in zip(("steps", "counts", "range"), entry, strict=True):
                         self.hists[key][field].append(x)
                     new_hists.setdefault(key, []).append(entry)
-                hoffset += len(s.plan.hist_keys)
+                hoffset += len(s.layout.hist_keys)
             if s.satmap is not None:
                 self.satmaps.append((s.step, s.satmap.float().cpu().numpy()))
         self.rows.extend(rows)
         return rows, new_hists
 
 
+def decode(step: int, layout: Any, values: np.ndarray) -> dict[str, Any]:
+    """One record step's row from its snapshot values (see ``plumb.probes.Layout``):
+    per layer (forward order) mean, std, min, max, saturated | zero, dead, grad_mean,
+    grad_std, in_rms, calls (when > 1); per parameter mean, std, rms, grad_mean, grad_std,
+    grad_data, update_data, grad_carry."""
+    K = len(layout.keys)
+    stats = values[: K * N_STATS].reshape(K, N_STATS)
+    rest = values[K * N_STATS :]
+    layer: dict[str, dict[str, Any]] = {k: {} for k in layout.order}
+    param: dict[str, dict[str, Any]] = {k: {} for k in getattr(layout, "params", [])}
+    grad_norm: dict[str, float] = {}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for (section, name), v, calls in zip(
+            layout.keys, stats.tolist(), layout.calls, strict=True
+        ):
+            if section.startswith("layer"):
+                s = summarize(v, section, layout.kinds.get(name, "other"), None)
+                d = layer.setdefault(name, {})
+                if section == "layer":
+                    d.update({k: s[k] for k in s if k != "rms"})
+                    if calls > 1:
+                        d["calls"] = calls
+                elif section == "layer_grad":
+                    d["grad_mean"], d["grad_std"] = s["mean"], s["std"]
+                else:
+                    d["in_rms"] = s["rms"]
+                continue
+            s = summarize(v, section, "other", None)
+            d = param.setdefault(name, {})
+            if section == "param":
+                d["mean"], d["std"], d["rms"] = s["mean"], s["std"], s["rms"]
+            elif section == "param_grad":
+                d["grad_mean"], d["grad_std"] = s["mean"], s["std"]
+                grad_norm[name] = float(np.sqrt(v[2] + v[0] * v[1] * v[1]))
+            else:
+                d["update_rms"] = s["rms"]
+        for name, v in zip(layout.dead, rest[: len(layout.dead)].tolist(), strict=True):
+            layer[name]["dead"] = v
+        carried = rest[len(layout.dead) : len(layout.dead) + len(layout.carry)]
+        for name, c in zip(layout.carry, carried.tolist(), strict=True):
+            total = grad_norm.get(name, float("nan"))
+            param[name]["grad_carry"] = float(np.sqrt(c) / total) if total > 0 else 0.0
+        _derive(param)
+    rank = {s: i for i, s in enumerate(STAT_ORDER)}
+    layer = {
+        k: dict(sorted(d.items(), key=lambda kv: rank.get(kv[0], 99))) for k, d in layer.items()
+    }
+    param = {
+        k: dict(sorted(d.items(), key=lambda kv: rank.get(kv[0], 99)))
+        for k, d in param.items()
+        if d
+    }
+    return {"step": step, "layer": layer, "param": param}
+
+
+STAT_ORDER = (
+    "calls",
+    "mean",
+    "std",
+    "rms",
+    "min",
+    "max",
+    "saturated",
+    "zero",
+    "dead",
+    "in_rms",
+    "grad_mean",
+    "grad_std",
+    "grad_data",
+    "update_data",
+    "grad_carry",
+)
+
+
 def _derive(params: dict[str, dict[str, float]]) -> None:
-    """grad:data = std(grad) / std(p); update:data = log10(std(p_t - p_{t-1}) / std(p_t))
-    (float32 arithmetic, as the lecture's ``(grad.std() / p.std())``)."""
+    """grad:data = std(grad) / std(p) (float32 arithmetic, as the lecture's
+    ``grad.std() / p.std()``); update:data = log10(rms(p_t - p_{t-1}) / rms(p_t))."""
     with np.errstate(divide="ignore", invalid="ignore"):
         for stats in params.values():
             std = np.float32(stats.get("std", np.nan))
             if "grad_std" in stats:
                 stats["grad_data"] = float(np.float32(stats["grad_std"]) / std)
-            if "update_std" in stats:
-                stats["update_data"] = float(np.log10(np.float32(stats["update_std"]) / std))
+            upd = stats.pop("update_rms", None)
+            if upd is not None:
+                rms = np.float64(stats.get("rms", np.nan))
+                stats["update_data"] = float(np.log10(np.float64(upd) / rms))
 
 
 def hist_tensors(history: History) -> dict[str, torch.Tensor]:
@@ -173,9 +255,14 @@ class RecordWriter:
         if Path(run_dir).exists() and not Path(run_dir).is_dir():
             raise PlumbError(f"{run_dir} exists and is not a directory: choose another path")
         self.dir.mkdir(parents=True, exist_ok=True)
-        write_json(self.dir / "meta.json", {"format": RECORD_FORMAT, **meta})
+        self.write_meta(meta)
         atomic_write_bytes(self.dir / "scalars.jsonl", b"")
         self.history: History | None = None
+
+    def write_meta(self, meta: dict[str, Any]) -> None:
+        """Rewrite ``meta.json`` (layers found while training: functional activations,
+        the weight-layer chains)."""
+        write_json(self.dir / "meta.json", {"format": RECORD_FORMAT, **meta})
 
     def rewrite(self, history: History) -> None:
         """Write the whole of ``history`` (a resumed run's record) afresh."""
@@ -217,7 +304,7 @@ class Record:
             )
         self.meta = read_json(probes / "meta.json")
         fmt = self.meta.get("format")
-        if fmt != RECORD_FORMAT:
+        if fmt not in READABLE_FORMATS:
             raise PlumbError(
                 f"{probes}/meta.json has record format {fmt!r}; this plumb reads format "
                 f"{RECORD_FORMAT}: use the plumb version that wrote it"
@@ -281,6 +368,13 @@ class Record:
                 steps.append(row["step"])
                 values.append(v)
         return np.asarray(steps, np.int64), np.asarray(values, np.float64)
+
+    def at(self, step: int, section: str, name: str) -> dict[str, float]:
+        """One layer's or parameter's statistics at record step ``step`` ({} if none)."""
+        for row in self.rows:
+            if row["step"] == step:
+                return row.get(section, {}).get(name, {})
+        return {}
 
     def latest(self, section: str, name: str) -> dict[str, float]:
         for row in reversed(self.rows):

@@ -1,28 +1,35 @@
-"""The probes' quantities: statistics of many tensors at once, on the device.
+"""The probes' quantities: sufficient statistics of many tensors at once, on the device,
+merged across the calls of a step.
 
-A record step measures dozens of tensors (layer outputs, their gradients, parameters,
-their gradients, their updates). One kernel launch per tensor per statistic would cost
-more than the training step itself, so tensors with the same number of elements are
-stacked into rows ``X (k, n)`` and every statistic is a row reduction:
+A record step measures dozens of tensors (layer outputs, their gradients, weight-layer
+inputs, parameters, their gradients, their updates), and a module may run k times in one
+step (an RNN cell per time step, gradient accumulation's micro-batches). Every tensor is
+reduced to *sufficient statistics* that merge:
 
-    mean = sum(x) / n
-    std  = ||x - mean||_2 / sqrt(n - 1)          (unbiased, as torch.std; centred first,
-                                                   so no cancellation when |mean| >> std)
-    hist = counts of floor((x - min) / (max - min) * bins), clipped to [0, bins - 1]
-           (bins equal bins over [min, max], torch.histogram's default range)
+    n, mean, M2 = ||x - mean||^2, min, max, off = #{x in the flat tails / <= 0}
+    unit_off[u] = 1 if unit u is off for every example of the tensor, else 0
 
-All histograms of a step share one ``bincount`` (rows offset by ``bins``). A ``Plan``
-holds what depends only on the set of shapes (grouping, offsets, output keys), built
-once and reused every record step.
+Tensors with the same number of elements are stacked into rows ``X (k, n)`` and every
+statistic is a row reduction (one kernel launch per statistic per group, not per
+tensor). Rows of the same key (k calls of one module) are then merged (Chan et al.):
 
-Derived quantities are computed on the host from these (see ``record.History``):
-grad:data = std(grad) / std(p), update:data = log10(std(p_t - p_{t-1}) / std(p_t)).
+    N = sum n_i,  mean = sum n_i mean_i / N,
+    M2 = sum M2_i + sum n_i (mean_i - mean)^2,  std = sqrt(M2 / (N - 1))
+
+(float64 for the merge; the row reductions run in float32, centred first so there is no
+cancellation when |mean| >> std). Merging is associative, so the same function pools
+the k calls of a step, the partial results of a step that held more than its memory
+budget, and (``plumb at scale``) the ranks of a distributed job.
+
+Histograms use edges agreed first: the key's merged [min, max] split into ``bins`` equal
+bins (``torch.histogram``'s default range), and every call's values are counted on those
+edges, all histograms of a step in one ``bincount``.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -32,7 +39,11 @@ TANH_SATURATION = 0.97  # |t| > 0.97, the lecture's threshold: tanh'(x) = 1 - t^
 SIGMOID_SATURATION = 0.015
 SATURATING = ("tanh", "sigmoid")
 RECTIFYING = ("relu", "leaky_relu")
+NORMS = ("batchnorm", "layernorm", "groupnorm")
+WEIGHT_LAYERS = ("linear", "conv")
 HISTOGRAMS = ("layer", "layer_grad", "param_grad")  # sections that get histograms
+SECTIONS = ("layer", "layer_grad", "layer_in", "param_grad", "param", "param_update")
+N_STATS = 6  # n, mean, M2, min, max, off
 
 
 def unit_dim(kind: str, ndim: int) -> int | None:
@@ -56,7 +67,9 @@ def off_mask(kind: str, X: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class Row:
-    """One measured tensor: ``section`` is layer | layer_grad | param | param_grad."""
+    """One measured tensor. ``section``: layer (an output) | layer_grad (its gradient) |
+    layer_in (a weight layer's input) | param | param_grad; ``name``: the key it merges
+    into (a module called k times gives k rows of one name)."""
 
     section: str
     name: str
@@ -72,11 +85,89 @@ class Row:
 
 
 @dataclass
+class RowStats:
+    """Sufficient statistics of some rows, on the device: ``keys[i] = (section, name)``
+    of row i, ``values (rows, N_STATS)`` float64, and per-unit off masks
+    ``units[j] = (row, mask (U,) float: 1 = off for every example)``."""
+
+    keys: list[tuple[str, str]]
+    values: Tensor
+    units: list[tuple[int, Tensor]] = field(default_factory=list)
+    calls: list[int] | None = None  # calls each row already pools (None: one each)
+
+
+@dataclass
+class Merged:
+    """Statistics per key (``keys`` in first-seen order): ``values (K, N_STATS)`` with
+    n, mean, M2, min, max, off; ``calls[k]`` rows merged; ``unit_off[key]`` per-unit
+    masks (AND over calls)."""
+
+    keys: list[tuple[str, str]]
+    values: Tensor
+    calls: list[int]
+    unit_off: dict[tuple[str, str], Tensor]
+
+    def index(self) -> dict[tuple[str, str], int]:
+        return {k: i for i, k in enumerate(self.keys)}
+
+
+def merge(parts: list[RowStats], cache: dict | None = None) -> Merged:
+    """Pool rows with the same key: N, mean, M2 by Chan's formula, min/max, off counts
+    summed, unit masks multiplied (off for every example of every call)."""
+    parts = [p for p in parts if p.keys]
+    if not parts:
+        return Merged([], torch.zeros(0, N_STATS, dtype=torch.float64), [], {})
+    row_keys = [k for p in parts for k in p.keys]
+    row_calls = [c for p in parts for c in (p.calls or [1] * len(p.keys))]
+    values = parts[0].values if len(parts) == 1 else torch.cat([p.values for p in parts])
+    signature = (tuple(row_keys), tuple(row_calls))
+    entry = cache.get(signature) if cache is not None else None
+    if entry is None:
+        order: dict[tuple[str, str], int] = {}
+        for k in row_keys:
+            order.setdefault(k, len(order))
+        idx_list = [order[k] for k in row_keys]
+        calls = [0] * len(order)
+        for i, c in zip(idx_list, row_calls, strict=True):
+            calls[i] += c
+        idx = torch.tensor(idx_list, device=values.device)
+        entry = (list(order), idx, calls)
+        if cache is not None:
+            if len(cache) > 32:  # shapes keep changing: do not grow without bound
+                cache.clear()
+            cache[signature] = entry
+    keys, idx, calls = entry
+    K = len(keys)
+    n, mean, m2, lo, hi, off = values.unbind(1)
+    if len(keys) == len(row_keys):  # nothing to pool: keep the rows' own numbers exactly
+        out = values
+    else:
+        N = values.new_zeros(K).index_add_(0, idx, n)
+        mu = values.new_zeros(K).index_add_(0, idx, n * mean) / N
+        dev = mean - mu[idx]
+        M2 = values.new_zeros(K).index_add_(0, idx, m2 + n * dev * dev)
+        LO = values.new_full((K,), float("inf")).scatter_reduce_(0, idx, lo, "amin")
+        HI = values.new_full((K,), float("-inf")).scatter_reduce_(0, idx, hi, "amax")
+        OFF = values.new_zeros(K).index_add_(0, idx, off)
+        out = torch.stack([N, mu, M2, LO, HI, OFF], 1)
+    unit_off: dict[tuple[str, str], Tensor] = {}
+    by_key: dict[tuple[str, str], list[Tensor]] = defaultdict(list)
+    for p in parts:
+        for row, mask in p.units:
+            by_key[p.keys[row]].append(mask)
+    for key, masks in by_key.items():
+        shapes = {m.shape for m in masks}
+        if len(shapes) == 1:
+            unit_off[key] = masks[0] if len(masks) == 1 else torch.stack(masks).amin(0)
+    return Merged(keys, out, calls, unit_off)
+
+
+@dataclass
 class _KindGroup:
     kind: str
     shape: tuple[int, ...]
     index: Tensor  # rows of the numel group's X
-    names: list[str]
+    positions: list[int]  # the same, as ints (rows of the group)
 
 
 @dataclass
@@ -89,23 +180,22 @@ class _Group:
 
 
 class Plan:
-    """Grouping, offsets and output keys for one set of row shapes.
+    """Grouping, offsets and keys for one set of row shapes, built once and reused.
 
-    Output of ``measure``: ``values`` with ``keys[i] = (section, name, stat)`` and
-    ``scales[i]`` (divide on the host: counts become fractions); histograms for
-    ``hist_keys[j] = (section, name)``.
-    """
+    ``row_stats`` gives the rows' sufficient statistics (``RowStats``: the stacked rows in
+    group order, then the parameter updates); ``histograms`` counts the rows' values on
+    their key's merged [min, max]."""
 
     def __init__(self, rows: list[Row], bins: int, satmap_layer: str | None, device):
         self.rows, self.bins, self.satmap_layer = rows, bins, satmap_layer
         # histogrammed sections first, so each group's histogram rows are one slice of X
-        order = {"layer": 0, "layer_grad": 1, "param_grad": 2, "param": 3}
+        order = {"layer": 0, "layer_grad": 1, "param_grad": 2, "layer_in": 3, "param": 4}
         by_numel: dict[int, list[int]] = defaultdict(list)
         for i, r in enumerate(rows):
             by_numel[r.numel].append(i)
         self.groups: list[_Group] = []
-        stat_rows: list[tuple[str, str]] = []  # (section, name) per stacked row, in output order
-        hist_rows: list[tuple[str, str]] = []
+        self.keys: list[tuple[str, str]] = []  # one per stacked row (+ update rows)
+        self.kinds_of: list[str] = []
         for numel, members in by_numel.items():
             members.sort(key=lambda i: order[rows[i].section])
             secs = [rows[i].section for i in members]
@@ -115,41 +205,15 @@ class Plan:
             kinds = self._kind_groups(members, device)
             n_hist = sum(s in HISTOGRAMS for s in secs)
             self.groups.append(_Group(numel, members, params, kinds, n_hist))
-            hist_rows += [(rows[i].section, rows[i].name) for i in members[:n_hist]]
-            stat_rows += [(rows[i].section, rows[i].name) for i in members]
+            self.keys += [(rows[i].section, rows[i].name) for i in members]
             if params is not None:
-                stat_rows += [("param_update", rows[i].name) for i in members[params]]
-        names = {
-            "layer": ("layer", "mean", "std"),
-            "layer_grad": ("layer", "grad_mean", "grad_std"),
-            "param": ("param", "mean", "std"),
-            "param_grad": ("param", "grad_mean", "grad_std"),
-            "param_update": ("param", "update_mean", "update_std"),
-        }
-        self.keys = [(names[s][0], n, names[s][1]) for s, n in stat_rows]
-        self.keys += [(names[s][0], n, names[s][2]) for s, n in stat_rows]
-        self.scales = [1.0] * len(self.keys)
-        for g in self.groups:
+                self.keys += [("param_update", rows[i].name) for i in members[params]]
+        self.satmap_row: tuple[int, int] | None = None  # (group, kind-group position)
+        for gi, g in enumerate(self.groups):
             for kg in g.kinds:
-                stat = "saturated" if kg.kind in SATURATING else "zero"
-                self.keys += [("layer", n, stat) for n in kg.names]
-                self.scales += [float(g.numel)] * len(kg.names)
-                ud = unit_dim(kg.kind, len(kg.shape))
-                if ud is not None:
-                    self.keys += [("layer", n, "dead") for n in kg.names]
-                    self.scales += [float(kg.shape[ud])] * len(kg.names)
-        self.hist_keys = hist_rows
-        n_rows = len(hist_rows)
-        # bin offsets of each row in the shared bincount, per group
-        self._offsets: list[Tensor] = []
-        start = 0
-        for g in self.groups:
-            k = g.n_hist
-            self._offsets.append(
-                torch.arange(start, start + k, device=device, dtype=torch.float32)[:, None] * bins
-            )
-            start += k
-        assert start == n_rows
+                for pos in kg.positions:
+                    if self.satmap_row is None and rows[g.members[pos]].name == satmap_layer:
+                        self.satmap_row = (gi, pos)
 
     def _kind_groups(self, members: list[int], device) -> list[_KindGroup]:
         by_kind: dict[tuple[str, tuple[int, ...]], list[int]] = defaultdict(list)
@@ -158,66 +222,126 @@ class Plan:
             if r.section == "layer" and r.kind in SATURATING + RECTIFYING:
                 by_kind[(r.kind, r.shape)].append(pos)
         return [
-            _KindGroup(
-                kind,
-                shape,
-                torch.tensor(pos, device=device),
-                [self.rows[members[p]].name for p in pos],
-            )
+            _KindGroup(kind, shape, torch.tensor(pos, device=device), pos)
             for (kind, shape), pos in by_kind.items()
         ]
 
     @torch.no_grad()
-    def measure(
-        self, tensors: list[Tensor], prev: dict[int, Tensor], hist: bool
-    ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    def row_stats(
+        self, tensors: list[Tensor], prev: dict[int, Tensor], satmap: bool = False
+    ) -> tuple[RowStats, list[Tensor], Tensor | None]:
         """Statistics of ``tensors`` (one per row, in ``rows`` order). ``prev[numel]`` holds
         the stacked parameter data before the update (rows in the group's param order).
 
-        Returns (values, hist counts (rows, bins) or None, hist ranges (rows, 2) or None,
-        saturation map or None)."""
-        means, stds, extra, lows, highs, binned = [], [], [], [], [], []
-        satmap = None
-        for g, offset in zip(self.groups, self._offsets, strict=True):
-            X = torch.stack([tensors[i].reshape(-1) for i in g.members])
+        Returns the RowStats, the stacked groups (for ``histograms``) and the saturation
+        map (examples x units, fraction off) of the saturation layer's first call."""
+        cols, stacks, units = [], [], []
+        smap = None
+        base = 0
+        for gi, g in enumerate(self.groups):
+            if len(g.members) == 1:  # a view, no copy
+                X = tensors[g.members[0]].detach().reshape(1, -1)
+            else:
+                X = torch.stack([tensors[i].detach().reshape(-1) for i in g.members])
             if X.dtype != torch.float32:
                 X = X.float()
-            if g.params is not None and g.numel in prev:
-                X = torch.cat([X, X.narrow(0, g.params.start, len(prev[g.numel])) - prev[g.numel]])
-            elif g.params is not None:  # no snapshot (cannot happen in Monitor): NaN rows
+            stacks.append(X)
+            if g.params is not None:
                 k = g.params.stop - g.params.start
-                X = torch.cat([X, X.new_full((k, g.numel), float("nan"))])
+                if g.numel in prev:
+                    upd = X.narrow(0, g.params.start, k) - prev[g.numel]
+                else:  # no snapshot of the parameters before the update: NaN rows
+                    upd = X.new_full((k, g.numel), float("nan"))
+                X = torch.cat([X, upd])
             mean = X.mean(1)
-            means.append(mean)
-            stds.append(
-                torch.linalg.vector_norm(X - mean.unsqueeze(1), dim=1) / max(g.numel - 1, 1) ** 0.5
-            )
+            norm = torch.linalg.vector_norm(X - mean.unsqueeze(1), dim=1)
+            off = torch.zeros(X.shape[0], dtype=torch.float64, device=X.device)
             for kg in g.kinds:
-                off = off_mask(kg.kind, X.index_select(0, kg.index))
-                extra.append(off.sum(1, dtype=torch.float32))
+                mask = off_mask(kg.kind, X.index_select(0, kg.index))
+                off.index_copy_(0, kg.index, mask.sum(1, dtype=torch.float64))
                 ud = unit_dim(kg.kind, len(kg.shape))
-                if ud is not None:
-                    per_unit = off.view(-1, *kg.shape).movedim(ud + 1, -1)
-                    per_unit = per_unit.reshape(len(kg.names), -1, kg.shape[ud])
-                    extra.append(per_unit.all(1).sum(1, dtype=torch.float32))
-                    if hist and self.satmap_layer in kg.names:
-                        m = per_unit[kg.names.index(self.satmap_layer)]  # (B*rest, U)
-                        m = m.view(kg.shape[0], -1, kg.shape[ud]).float().mean(1)
-                        satmap = m[:256, :256].to(torch.float16)
-            if hist and g.n_hist:
-                X = X.narrow(0, 0, g.n_hist)
-                lo, hi = X.amin(1), X.amax(1)
-                lows.append(lo)
-                highs.append(hi)
-                scale = self.bins / (hi - lo).clamp_min(torch.finfo(torch.float32).tiny)
-                Y = (X - lo.unsqueeze(1)) * scale.unsqueeze(1)
-                Y.nan_to_num_(0.0).clamp_(0, self.bins - 1).add_(offset)  # NaN rows: bin 0
-                binned.append(Y.view(-1))
-        values = torch.cat(means + stds + extra)
-        if not hist:
-            return values, None, None, None
-        n_rows = len(self.hist_keys)
-        idx = torch.cat(binned).int()
-        counts = torch.bincount(idx, minlength=n_rows * self.bins).view(n_rows, self.bins)
-        ranges = torch.stack([torch.cat(lows), torch.cat(highs)], dim=1)
-        return values, counts, ranges, satmap
+                if ud is None:
+                    continue
+                per_unit = mask.view(-1, *kg.shape).movedim(ud + 1, -1)
+                per_unit = per_unit.reshape(len(kg.positions), -1, kg.shape[ud])
+                all_off = per_unit.all(1).to(torch.float64)
+                for j, pos in enumerate(kg.positions):
+                    units.append((base + pos, all_off[j]))
+                if (
+                    satmap
+                    and self.satmap_row is not None
+                    and self.satmap_row[0] == gi
+                    and self.satmap_row[1] in kg.positions
+                ):
+                    j = kg.positions.index(self.satmap_row[1])
+                    m = per_unit[j].view(kg.shape[0], -1, kg.shape[ud]).float().mean(1)
+                    smap = m[:256, :256].to(torch.float16)
+            n = torch.full_like(off, float(g.numel))
+            cols.append(
+                torch.stack(
+                    [
+                        n,
+                        mean.double(),
+                        norm.double().square(),
+                        X.amin(1).double(),
+                        X.amax(1).double(),
+                        off,
+                    ],
+                    1,
+                )
+            )
+            base += X.shape[0]
+        values = torch.cat(cols) if cols else torch.zeros(0, N_STATS, dtype=torch.float64)
+        return RowStats(list(self.keys), values, units), stacks, smap
+
+    @torch.no_grad()
+    def histograms(
+        self, stacks: list[Tensor], merged: Merged, hist_keys: list[tuple[str, str]]
+    ) -> Tensor:
+        """(len(hist_keys), bins) counts of every held row's values on its key's merged
+        [min, max] (``bins`` equal bins; NaN values count in bin 0)."""
+        where = {k: i for i, k in enumerate(hist_keys)}
+        at = merged.index()
+        device = merged.values.device
+        binned = []
+        base = 0
+        for g, X in zip(self.groups, stacks, strict=True):
+            keys = self.keys[base : base + g.n_hist]
+            base += len(g.members) + (0 if g.params is None else g.params.stop - g.params.start)
+            keep = [j for j, k in enumerate(keys) if k in where]
+            if not keep:
+                continue
+            rows = X if len(keep) == X.shape[0] else X[torch.tensor(keep, device=X.device)]
+            kidx = torch.tensor([at[keys[j]] for j in keep], device=device)
+            hidx = torch.tensor(
+                [where[keys[j]] for j in keep], device=X.device, dtype=torch.float32
+            )
+            lo = merged.values[kidx, 3].float()
+            hi = merged.values[kidx, 4].float()
+            scale = self.bins / (hi - lo).clamp_min(torch.finfo(torch.float32).tiny)
+            Y = (rows - lo.unsqueeze(1)) * scale.unsqueeze(1)
+            Y.nan_to_num_(0.0, posinf=self.bins - 1, neginf=0.0).clamp_(0, self.bins - 1)
+            Y.add_((hidx * self.bins).unsqueeze(1))
+            binned.append(Y.view(-1))
+        total = len(hist_keys) * self.bins
+        if not binned:
+            return torch.zeros(len(hist_keys), self.bins, dtype=torch.int64, device=device)
+        idx = torch.cat(binned).long()
+        return torch.bincount(idx, minlength=total).view(len(hist_keys), self.bins)
+
+
+def summarize(values: list[float], section: str, kind: str, units: float | None) -> dict:
+    """Host-side statistics of one merged key from (n, mean, M2, min, max, off):
+    mean, std (unbiased), rms, min, max, and for saturating/rectifying layers the fraction
+    off (``saturated`` for tanh/sigmoid, ``zero`` for the ReLU family)."""
+    import math
+
+    n, mean, m2, lo, hi, off = values
+    std = math.sqrt(m2 / (n - 1)) if n > 1 and m2 == m2 else (0.0 if n == 1 else float("nan"))
+    rms = math.sqrt(m2 / n + mean * mean) if n > 0 else float("nan")
+    out = {"mean": mean, "std": std, "rms": rms, "min": lo, "max": hi}
+    if section == "layer" and kind in SATURATING + RECTIFYING:
+        out["saturated" if kind in SATURATING else "zero"] = off / n if n else float("nan")
+    if units is not None:
+        out["dead"] = units
+    return out

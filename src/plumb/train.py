@@ -33,6 +33,7 @@ from plumb.data import Dataset, Split
 from plumb.errors import PlumbError
 from plumb.models import LECTURE_SEED
 from plumb.optim import SGD
+from plumb.probes import Probes, first_nonfinite
 
 OPTIMIZERS = ("sgd", "adamw")
 NONFINITE = ("stop", "skip")
@@ -210,7 +211,7 @@ class TrainResult:
     step0_loss: float
     steps_done: int = 0
     stopped: str | None = None  # None: ran to the end; "signal"; "nonfinite"
-    nonfinite: Any = None  # the doctor's Finding for the step that stopped the run
+    nonfinite: NonFinite | None = None  # where the step that stopped the run went bad
     skipped: list[int] = dataclasses.field(default_factory=list)  # steps skipped (non-finite)
     start: int = 0  # steps already done when this call began (a resumed run)
 
@@ -258,7 +259,6 @@ def train(
     on_print: Callable[[int, float], None] | None = None,
     progress: bool = True,
     monitor: Any = None,
-    doctor: Any = None,
     start: int = 0,
     done_losses: torch.Tensor | None = None,
     on_checkpoint: Callable[[int, torch.Tensor], None] | None = None,
@@ -269,8 +269,8 @@ def train(
     ``generator`` must be the one the model was initialised from, for the lecture's
     order of random draws; ``on_print(step, loss)`` is called every ``cfg.print_every``
     steps (the notebook prints at steps 0, 10000, ...). ``monitor`` (a ``plumb.Monitor``
-    already attached to ``model``) is stepped after every update, then ``doctor`` (a
-    ``plumb.doctor.Doctor`` beside it).
+    already attached to ``model``, with or without its doctor) is stepped after every
+    update.
 
     Resuming: ``start`` steps are done, their losses in ``done_losses``, and the model,
     optimizer and generator are as they were then. ``on_checkpoint(step, losses)`` is
@@ -278,8 +278,8 @@ def train(
     step (a signal arrived): then the loop ends with ``stopped="signal"``.
 
     A non-finite loss or gradient either stops the loop before the update
-    (``cfg.on_nonfinite="stop"``: ``stopped="nonfinite"`` and ``nonfinite`` the doctor's
-    finding for the first layer that went bad) or skips that step's update ("skip")."""
+    (``cfg.on_nonfinite="stop"``: ``stopped="nonfinite"`` and ``nonfinite`` the first
+    place it appeared) or skips that step's update ("skip")."""
     device = resolve_device(cfg.device)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -316,8 +316,6 @@ def train(
             opt.step()
         if monitor is not None:
             monitor.step(loss)
-        if doctor is not None:
-            doctor.step()
         done = i + 1
         if i % cfg.print_every == 0 or i == cfg.steps - 1:
             value = loss.item()
@@ -377,45 +375,32 @@ def _finite(loss: torch.Tensor, params: list[torch.Tensor]) -> bool:
     return FiniteCheck(params)(loss)
 
 
+@dataclass
+class NonFinite:
+    """Where a step's first NaN/Inf appeared (see :func:`locate_nonfinite`)."""
+
+    step: int
+    where: str  # a layer or parameter name, or "loss"
+    what: str  # the same, said as a phrase ("the output of layer 'fc'")
+    loss: float
+    lr: float
+
+
 def locate_nonfinite(
     model: nn.Module, X: torch.Tensor, Y: torch.Tensor, step: int, lr: float
-) -> Any:
-    """The doctor's ``non-finite`` finding for a step whose loss or gradient is NaN/Inf:
-    the first place it appears, in the order the step computes things (outputs in forward
-    order, the loss, then gradients in backward order). Replays the step's batch on a
-    copy of the model (its BatchNorm buffers and gradients stay as they were)."""
-    from plumb.doctor.rules import nonfinite_finding  # here: rules -> runs -> train
-
+) -> NonFinite:
+    """The first place a step's loss or gradient went NaN/Inf, in the order the step
+    computes things (outputs in forward order, the loss, then gradients in backward
+    order): the step's batch replayed on a copy of the model (its BatchNorm buffers and
+    gradients stay as they were) under the probes, every statistic of that one step."""
     twin = copy.deepcopy(model)
     twin.train()
-    first: list[str] = []
-
-    def hook(name: str):
-        def f(module: nn.Module, args: Any, out: Any) -> None:
-            if not first and isinstance(out, torch.Tensor) and not torch.isfinite(out).all():
-                first.append(f"the output of {name}")
-
-        return f
-
-    handles = [
-        m.register_forward_hook(hook(name))
-        for name, m in twin.named_modules()
-        if not any(m.children())
-    ]
-    try:
-        twin.zero_grad(set_to_none=True)
+    twin.zero_grad(set_to_none=True)
+    with Probes(twin, every=1, hist_every=1 << 30) as probes:
         loss = F.cross_entropy(twin(X), Y)
-        if not first and not torch.isfinite(loss):
-            first.append("the loss")
         loss.backward()
-    finally:
-        for h in handles:
-            h.remove()
-    if not first:
-        for name, p in reversed(list(twin.named_parameters())):
-            if p.grad is not None and not torch.isfinite(p.grad).all():
-                first.append(f"the gradient of {name}")
-                break
-    what = first[0] if first else "the loss"
-    where = what.rsplit(" ", 1)[-1] if what != "the loss" else "loss"
-    return nonfinite_finding(step, what, where, float(loss.detach()), lr)
+        probes.step(loss)
+    row = probes.history.rows[-1] if probes.history.rows else {"loss": float(loss)}
+    names = [n for n, _ in reversed(list(twin.named_parameters()))]
+    where, what = first_nonfinite(row, probes.order, names) or ("loss", "the loss")
+    return NonFinite(step, where, what, float(loss.detach()), lr)

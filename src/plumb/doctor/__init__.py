@@ -6,17 +6,19 @@
     diag.codes, diag.ok, diag.suggested_lr, diag.to_json()
 
 ``diagnose`` *trains the model in place* for ``steps`` steps (forward, loss, backward,
-``optimizer.step()``) with a ``Monitor`` recording every step and the doctor's own hooks
-(``watch.py``) attached, then applies the rules (``rules.py``). Step 0's loss is the loss
-before the first update. The model is used in the mode it is given (``diagnose`` does not
-call ``model.train()``: a BatchNorm left in eval mode is one of the things it finds).
-It never raises because the model misbehaves (NaN, Inf, layers it does not know): it
-reports what it saw. The rules and the principle behind each threshold are in
-``rules.py``; ``Doctor`` runs the same rules during ``plumb train``.
+``optimizer.step()``) with the probes recording every step, then runs a short lr test
+on copies of the model (``LrTest``) and applies the rules (``rules.py``). Step 0's loss
+is the loss before the first update. The model is used in the mode it is given
+(``diagnose`` does not call ``model.train()``: a BatchNorm left in eval mode is one of
+the things it finds). It never raises because the model misbehaves (NaN, Inf, layers it
+does not know): it reports what it saw. ``Doctor`` runs the same rules inside a user's
+own training loop (``plumb.Monitor(model, optimizer=opt, doctor=True)``), where the bugs
+of the loop itself (a missing ``zero_grad``) can be seen.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import math
@@ -29,14 +31,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from plumb.doctor.evidence import Evidence
+from plumb.doctor.evidence import Evidence, LrTest, gather, weight_symmetry
 from plumb.doctor.rules import CODES, Finding, apply_rules, sort_findings, suggested_lr
-from plumb.doctor.watch import Watch
 from plumb.errors import PlumbError
 from plumb.init import expected_initial_loss
-from plumb.probes import Monitor
+from plumb.probes import Probes
+from plumb.runs import jsonable
 
-__all__ = ["CODES", "Diagnosis", "Doctor", "Finding", "diagnose"]
+__all__ = ["CODES", "Diagnosis", "Doctor", "Finding", "LrTest", "diagnose"]
 
 
 @dataclass
@@ -50,6 +52,7 @@ class Diagnosis:
     expected_initial_loss: float | None = None
     suggested_lr: float | None = None
     seconds: float = 0.0
+    lr_test: LrTest | None = None
     evidence: Evidence | None = field(default=None, repr=False)
 
     @property
@@ -72,6 +75,7 @@ class Diagnosis:
             "final_loss": num(self.final_loss),
             "expected_initial_loss": num(self.expected_initial_loss),
             "suggested_lr": self.suggested_lr,
+            "lr_test": jsonable(self.lr_test.to_dict()) if self.lr_test else None,
             "codes": sorted(self.codes),
             "findings": [f.to_dict() for f in self.findings],
         }
@@ -85,8 +89,14 @@ class Diagnosis:
         lines = [head + (" - healthy" if self.ok else "")]
         exp = f" (expected {self.expected_initial_loss:.3f})" if self.expected_initial_loss else ""
         lines.append(f"  loss {self.initial_loss:.4g}{exp} -> {self.final_loss:.4g}")
+        if self.lr_test is not None:
+            t = self.lr_test
+            lines.append(
+                f"  lr test ({t.steps} steps from step {t.start}, held-out loss): {t.table()}"
+            )
         if self.suggested_lr is not None:
-            lines.append(f"  suggested lr (median update:data -> 1e-3): {self.suggested_lr:g}")
+            keep = self.lr_test is not None and self.suggested_lr == self.lr_test.lr
+            lines.append(f"  suggested lr: {self.suggested_lr:g}" + (" (keep)" if keep else ""))
         for f in self.findings:
             lines.append(f"  [{f.severity}] {f.code} @ {f.where}: {f.message}")
         return "\n".join(lines)
@@ -139,21 +149,52 @@ def _batch_stream(batches: Any) -> Iterator[tuple[Any, Any]]:
     return gen()
 
 
-def _loss_is_softmax(loss_fn: Callable, out: Any, y: Any) -> bool:
-    """Is the loss invariant to adding a constant to each row of the output (along the
-    class dim 1)? Softmax cross-entropy is; MSE, NLL, BCE are not."""
+def _class_dim(loss_fn: Callable, out: Any, y: Any) -> int | None:
+    """The output dimension the loss applies softmax over, found by measurement: adding
+    a constant that varies along every other dimension leaves softmax cross-entropy
+    unchanged (log-softmax is shift-invariant along its own dimension). Tried for dim 1
+    (``cross_entropy``'s (N, C, ...)) and the last dim (a (B, T, V) sequence model whose
+    loss reshapes to (B*T, V)). None: the loss does not apply softmax (MSE, NLL, BCE)."""
     if not isinstance(out, Tensor) or not out.is_floating_point() or out.dim() < 2:
-        return False
+        return None
+    dims = list(dict.fromkeys([1, out.dim() - 1]))
     try:
         with torch.no_grad():
             base = float(loss_fn(out, y))
+            if not math.isfinite(base):
+                return None
             g = torch.Generator(device="cpu").manual_seed(0)
-            shape = (out.shape[0],) + (1,) * (out.dim() - 1)
-            c = (1 + 3 * torch.rand(shape, generator=g)).to(out.device, out.dtype)
-            shifted = float(loss_fn(out + c, y))
+            for d in dims:
+                shape = list(out.shape)
+                shape[d] = 1
+                c = (1 + 3 * torch.rand(shape, generator=g)).to(out.device, out.dtype)
+                if abs(float(loss_fn(out + c, y)) - base) <= 1e-4 * (1 + abs(base)):
+                    return d
     except Exception:  # a loss that cannot take the shifted output: not a softmax loss
-        return False
-    return math.isfinite(base) and abs(shifted - base) <= 1e-4 * (1 + abs(base))
+        return None
+    return None
+
+
+def softmax_dim(out: Tensor | None, grad: Tensor | None) -> int | None:
+    """The output dimension a loss applies softmax over, read from dL/d(output): a loss
+    invariant to adding a constant along dim d (what log-softmax makes cross-entropy)
+    has a gradient that sums to zero along d, row by row (the derivative of
+    L(out + c 1) in c). Zero to float rounding (1e-3 of each row's L1 norm: cross-entropy
+    gives ~1e-7, MSE or NLL of log-probs give O(1)). Tried for dim 1 and the last dim;
+    rows with no gradient (ignored positions) are skipped. None: no such dimension."""
+    if out is None or grad is None or grad.shape != out.shape or out.dim() < 2:
+        return None
+    for d in dict.fromkeys([1, out.dim() - 1]):
+        if out.shape[d] < 2:
+            continue
+        g = grad.double()
+        l1 = g.abs().sum(d)
+        rows = l1 > 0
+        if not rows.any():
+            return None
+        if bool(((g.sum(d).abs() <= 1e-3 * l1) | ~rows).all()):
+            return d
+    return None
 
 
 def _lr(optimizer: Any) -> float | None:
@@ -162,38 +203,6 @@ def _lr(optimizer: Any) -> float | None:
         return float(lr)
     except (AttributeError, IndexError, KeyError, TypeError, ValueError):
         return None
-
-
-# --- the evidence from a Monitor and a Watch --------------------------------------------
-def gather(
-    monitor: Monitor,
-    watch: Watch,
-    *,
-    classes: int | None,
-    softmax_loss: bool | None,
-    lr: float | None,
-) -> Evidence:
-    """The host-side evidence so far: the Monitor's history and what the watch saw."""
-    seen = watch.collect()
-    history = monitor.history
-    rows = history.rows if history is not None else []
-    loss = history.loss.astype(np.float64) if history is not None else np.empty(0)
-    kinds = dict(watch.kinds)  # every named module; NAME#k (a later call) is NAME's kind
-    for key in monitor.order:
-        kinds.setdefault(key, kinds.get(key.partition("#")[0], "other"))
-    return Evidence(
-        loss=loss,
-        rows=rows,
-        order=list(monitor.order),
-        kinds=kinds,
-        shapes=dict(monitor.shapes),
-        params=monitor.meta()["params"],
-        seen=seen,
-        classes=classes,
-        softmax_loss=softmax_loss,
-        lr=lr,
-        steps=monitor.step_count,
-    )
 
 
 def _summary(ev: Evidence, findings: list[Finding], seconds: float) -> Diagnosis:
@@ -210,8 +219,63 @@ def _summary(ev: Evidence, findings: list[Finding], seconds: float) -> Diagnosis
         expected_initial_loss=expected_initial_loss(ev.classes) if ev.classes else None,
         suggested_lr=suggested_lr(ev),
         seconds=seconds,
+        lr_test=ev.lr_test,
         evidence=ev,
     )
+
+
+# --- the lr test -----------------------------------------------------------------------
+LR_FACTORS = (0.1, 1 / 3, 1.0, 3.0, 10.0)  # a decade either side, half-decade steps
+LR_TEST_STEPS = 30
+LR_TEST_EVAL = 16
+
+
+def lr_test(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[[Any, Any], Tensor],
+    train_batches: list[tuple[Any, Any]],
+    eval_batches: list[tuple[Any, Any]],
+    *,
+    start: int,
+    factors: tuple[float, ...] = LR_FACTORS,
+    seed: int = 0,
+) -> LrTest | None:
+    """Train a copy of (model, optimizer state) on ``train_batches`` at each lr x factor
+    (every param group scaled), then score each copy on ``eval_batches`` (mean loss per
+    batch, no update, the model in its mode). The same batches and the same random
+    stream (dropout) for every lr; the user's model and optimizer are not touched.
+    None when the model cannot be copied or a step fails."""
+    lr = _lr(optimizer)
+    if not lr or not train_batches or not eval_batches:
+        return None
+    device = next(iter(model.parameters())).device
+    lrs, losses, per_batch = [], [], []
+    for f in factors:
+        try:
+            twin, opt = copy.deepcopy((model, optimizer))
+        except Exception:  # a model or optimizer that cannot be deep-copied
+            return None
+        for group in opt.param_groups:
+            group["lr"] = group["lr"] * f
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            try:
+                for x, y in train_batches:
+                    loss = loss_fn(twin(x), y)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                with torch.no_grad():
+                    scores = [float(loss_fn(twin(x), y)) for x, y in eval_batches]
+            except Exception:
+                return None
+        scores = [v if math.isfinite(v) else math.inf for v in scores]
+        lrs.append(float(f"{lr * f:.3g}"))
+        losses.append(float(np.mean(scores)) if all(map(math.isfinite, scores)) else math.inf)
+        per_batch.append(scores)
+    return LrTest(start, len(train_batches), len(eval_batches), lr, lrs, losses, per_batch)
 
 
 # --- diagnose ---------------------------------------------------------------------------
@@ -221,13 +285,17 @@ def diagnose(
     loss_fn: Callable[[Any, Any], Tensor],
     optimizer: torch.optim.Optimizer,
     steps: int = 100,
+    *,
+    test_lr: bool = True,
 ) -> Diagnosis:
     """Train ``model`` in place for ``steps`` steps with probes attached and diagnose it.
 
     ``batches``: an iterable of ``(inputs, targets)`` (cycled when shorter than ``steps``),
     a zero-argument callable returning one, or a single ``(inputs, targets)`` pair.
     ``loss_fn(model(inputs), targets)`` must return a scalar tensor; ``optimizer`` is any
-    ``torch.optim`` optimizer over the model's parameters. Returns a :class:`Diagnosis`.
+    ``torch.optim`` optimizer over the model's parameters. ``test_lr``: afterwards, run
+    the lr test (5 copies x 30 steps, scored on 16 further batches) that the learning-rate
+    findings and ``suggested_lr`` rest on. Returns a :class:`Diagnosis`.
     """
     if not isinstance(model, nn.Module):
         raise PlumbError(f"diagnose needs a torch.nn.Module, got {type(model).__name__}")
@@ -241,21 +309,23 @@ def diagnose(
         )
     stream = _batch_stream(batches)
     t0 = time.perf_counter()
-    monitor = Monitor(model, 1, hist_every=max(steps, 1) * 1000, report=False)
-    classes, softmax_loss = None, None
+    probes = Probes(model, 1, hist_every=max(steps, 1) * 1000, watch_modes=True)
+    symmetry = weight_symmetry(model)
+    classes, class_dim = None, 1
     crash: Finding | None = None
-    with monitor, Watch(model) as watch:
+    with probes:
         for step in range(steps):
             x, y = next(stream)
             if step == steps // 2:
-                watch.reset_window()  # dead units: the second half of the steps
+                probes.reset_window()  # dead units: the second half of the steps
             try:
                 out = model(x)
                 loss = loss_fn(out, y)
                 if step == 0:
                     _check_loss(loss)
-                    softmax_loss = _loss_is_softmax(loss_fn, out, y)
-                    classes = out.shape[1] if softmax_loss else None
+                    dim = _class_dim(loss_fn, out, y)
+                    if dim is not None:
+                        classes, class_dim = out.shape[dim], dim
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -269,9 +339,22 @@ def diagnose(
                     ) from None
                 crash = _crash(step, exc)
                 break
-            monitor.step(loss)
-            watch.step()
-    ev = gather(monitor, watch, classes=classes, softmax_loss=softmax_loss, lr=_lr(optimizer))
+            probes.step(loss)
+    test = None
+    healthy = crash is None and len(probes.history.loss) and np.isfinite(probes.history.loss[-1])
+    if test_lr and healthy:
+        train = [next(stream) for _ in range(LR_TEST_STEPS)]
+        held = [next(stream) for _ in range(LR_TEST_EVAL)]
+        test = lr_test(model, optimizer, loss_fn, train, held, start=probes.step_count)
+    ev = gather(
+        probes,
+        classes=classes,
+        class_dim=class_dim,
+        softmax_loss=classes is not None,
+        lr=_lr(optimizer),
+        symmetry_start=symmetry,
+        lr_test=test,
+    )
     findings = apply_rules(ev)
     if crash is not None:
         findings.insert(0, crash)
@@ -302,65 +385,64 @@ def _crash(step: int, exc: Exception) -> Finding:
 
 # --- during training ---------------------------------------------------------------------
 class Doctor:
-    """The same rules during a training loop, beside a ``Monitor``.
+    """The same rules inside a training loop, reading a ``Probes`` (``plumb.Monitor(model,
+    optimizer=opt, doctor=True)`` builds one).
 
-    Call ``step()`` after ``monitor.step(loss)``; the doctor checks after the first step
-    (what init shows) and every ``check_every`` steps, and calls ``on_finding(finding,
-    step)`` for each finding it has not reported before (same code and place)."""
+    ``observe(loss)`` after each ``probes.step(loss)``: the doctor checks after the first
+    step (what init shows), every ``check_every`` steps and at ``finish()``, and calls
+    ``on_finding(finding, step)`` for each finding it has not reported before (same code
+    and place). ``classes``: the class count of a softmax cross-entropy loss; None: found
+    from the first recorded output and its gradient (``softmax_dim``), else the rules
+    that need it (overconfident-init, double-softmax) stay silent. ``diagnosis`` holds the latest
+    result; a finding stays in it once seen (with its latest evidence)."""
 
     def __init__(
         self,
-        monitor: Monitor,
+        probes: Probes,
         *,
         optimizer: Any = None,
         classes: int | None = None,
-        softmax_loss: bool = True,
         check_every: int = 1000,
         on_finding: Callable[[Finding, int], None] | None = None,
     ):
-        self.monitor, self.optimizer = monitor, optimizer
-        self.classes, self.softmax_loss = classes, softmax_loss
+        self.probes, self.optimizer = probes, optimizer
+        self.classes, self.class_dim = classes, 1
+        self.softmax_loss = classes is not None
         self.check_every = max(int(check_every), 1)
         self.on_finding = on_finding
-        self.watch = Watch(monitor.model)
         self.reported: dict[tuple[str, str], Finding] = {}
         self.diagnosis: Diagnosis | None = None
+        self.symmetry: dict[str, float] = {}
         self._t0 = time.perf_counter()
 
-    def __enter__(self) -> Doctor:
-        self.watch.__enter__()
-        self.watch.record = self.monitor._is_record(self.monitor.step_count)
-        return self
+    def start(self) -> None:
+        self.symmetry = weight_symmetry(self.probes.model)
 
-    def __exit__(self, *exc: object) -> None:
-        if exc[0] is None or exc[0] is KeyboardInterrupt:
-            self.check()
-        self.watch.__exit__(*exc)
-
-    def step(self) -> None:
-        self.watch.step()
-        n = self.monitor.step_count
+    def observe(self, loss: Any) -> None:
+        n = self.probes.step_count
         if n == 1 or n % self.check_every == 0:
             self.check()
-        self.watch.record = self.monitor._is_record(n)
 
     def check(self) -> Diagnosis:
-        self.monitor.flush()
+        self.probes.flush()
+        out = self.probes.output
+        dim = softmax_dim(out, self.probes.output_grad)
+        if dim is not None and (self.classes is None or out.shape[dim] == self.classes):
+            self.classes, self.class_dim, self.softmax_loss = out.shape[dim], dim, True
         ev = gather(
-            self.monitor,
-            self.watch,
+            self.probes,
             classes=self.classes,
+            class_dim=self.class_dim,
             softmax_loss=self.softmax_loss,
             lr=_lr(self.optimizer),
+            symmetry_start=self.symmetry,
         )
-        self.watch.reset_window()
+        self.probes.reset_window()
         findings = apply_rules(ev)
         for f in findings:
             key = (f.code, f.where)
             if key not in self.reported and self.on_finding is not None:
                 self.on_finding(f, ev.steps)
             self.reported[key] = f
-        # A finding stays in the report once seen (with its latest evidence).
-        all_findings = list(self.reported.values())
-        self.diagnosis = _summary(ev, all_findings, time.perf_counter() - self._t0)
+        self.diagnosis = _summary(ev, list(self.reported.values()), time.perf_counter() - self._t0)
         return self.diagnosis

@@ -1,5 +1,7 @@
-"""What the rules read: the Monitor's statistics and the watch's observations, indexed the
-way the rules ask for them (call order, weight layers, windows of steps)."""
+"""What the rules read: the probes' statistics and observations, indexed the way the
+rules ask for them (forward order, weight-layer chains, windows of steps), plus what the
+doctor measured itself (weight symmetry, the lr test). Nothing here attaches a hook: the
+probes (``plumb.probes.Probes``) are the only mechanism that does."""
 
 from __future__ import annotations
 
@@ -9,8 +11,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
+from torch import Tensor, nn
 
-from plumb.doctor.watch import Seen
+from plumb import nn as pnn
+from plumb.probes import BatchNormEvent, Probes, layer_kind
+from plumb.stats import NORMS, WEIGHT_LAYERS
 
 
 def finite(x: Any) -> bool:
@@ -22,21 +28,118 @@ def median(values: list[float]) -> float:
     return float(np.median(v)) if v else float("nan")
 
 
+def weight_unit_dim(module: nn.Module) -> int:
+    """The dimension of ``module.weight`` that indexes output units: 1 for plumb's
+    ``Linear`` (stored (fan_in, fan_out), as the lecture), 0 for torch.nn layers."""
+    return 1 if isinstance(module, pnn.Linear) else 0
+
+
+def symmetry_spread(w: Tensor, dim: int) -> float:
+    """||W - mean over units of W|| / ||W||: 0 when every unit (slice along ``dim``) is the
+    same vector, ~1 for a random init. An all-zero W counts as symmetric (0)."""
+    w = w.detach().double()
+    norm = w.norm().item()
+    if not math.isfinite(norm):
+        return float("nan")
+    if norm == 0.0:
+        return 0.0
+    return (w - w.mean(dim, keepdim=True)).norm().item() / norm
+
+
+def weight_symmetry(model: nn.Module) -> dict[str, float]:
+    """The unit spread of every weight layer with more than one unit."""
+    model = getattr(model, "_orig_mod", model)
+    out = {}
+    for name, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        if layer_kind(m) not in WEIGHT_LAYERS or not isinstance(w, Tensor) or w.dim() < 2:
+            continue
+        dim = weight_unit_dim(m)
+        if w.shape[dim] > 1:
+            out[name] = symmetry_spread(w, dim)
+    return out
+
+
+@dataclass
+class LrTest:
+    """A short learning-rate test: copies of the model (and optimizer state) from step
+    ``start``, trained ``steps`` steps on the same batches at each ``lrs[i]``, then
+    evaluated on the same ``eval_batches`` held-out batches (``losses[i]``: their mean;
+    inf for a copy that diverged)."""
+
+    start: int
+    steps: int
+    eval_batches: int
+    lr: float
+    lrs: list[float]
+    losses: list[float]
+    per_batch: list[list[float]] = field(repr=False, default_factory=list)
+
+    @property
+    def current(self) -> int:
+        return min(range(len(self.lrs)), key=lambda i: abs(math.log(self.lrs[i] / self.lr)))
+
+    @property
+    def best(self) -> int:
+        return min(range(len(self.lrs)), key=lambda i: (self.losses[i], abs(i - self.current)))
+
+    def gain(self, i: int) -> tuple[float, float]:
+        """(mean, standard error) of loss(lr_i) - loss(current lr) over the held-out
+        batches, paired (the same batches for both)."""
+        a, b = np.asarray(self.per_batch[i]), np.asarray(self.per_batch[self.current])
+        if not np.all(np.isfinite(a)):
+            return math.inf, 0.0
+        if not np.all(np.isfinite(b)):
+            return -math.inf, 0.0
+        d = a - b
+        se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.inf
+        return float(d.mean()), se
+
+    def significantly_better(self, i: int, z: float) -> bool:
+        """lr_i's held-out loss is below the current lr's by more than ``z`` standard
+        errors of the paired difference."""
+        mean, se = self.gain(i)
+        return mean < 0 and (mean == -math.inf or -mean > z * se)
+
+    def table(self) -> str:
+        return ", ".join(
+            f"{lr:.3g} -> {loss:.4g}" for lr, loss in zip(self.lrs, self.losses, strict=True)
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "start_step": self.start,
+            "steps": self.steps,
+            "eval_batches": self.eval_batches,
+            "lr": self.lr,
+            "lrs": self.lrs,
+            "held_out_loss": self.losses,
+        }
+
+
 @dataclass
 class Evidence:
     """Everything one diagnosis knows, on the host."""
 
     loss: np.ndarray  # training loss of every step (step 0: before the first update)
-    rows: list[dict[str, Any]]  # Monitor rows, one per record step
-    order: list[str]  # probed layer keys in forward-call order
-    kinds: dict[str, str]  # module name -> probe kind (linear, tanh, batchnorm, ...)
-    shapes: dict[str, tuple[int, ...]]  # layer key -> output shape
-    params: list[dict[str, Any]]  # {name, shape, layer} (Monitor meta)
-    seen: Seen
+    rows: list[dict[str, Any]]  # probe rows, one per record step
+    order: list[str]  # probed layer keys in forward order
+    kinds: dict[str, str]  # layer key -> probe kind (linear, tanh, batchnorm, ...)
+    shapes: dict[str, tuple[int, ...]]  # layer key -> output shape (first call)
+    params: list[dict[str, Any]]  # {name, shape, layer, aliases?} (probe meta)
+    chains: list[list[str]] = field(default_factory=list)  # weight layers feeding each other
+    dead: dict[str, tuple[float, int, int]] = field(default_factory=dict)
+    bn_events: dict[tuple[str, str], BatchNormEvent] = field(default_factory=dict)
+    model_input: dict[str, float] | None = None
+    output: Tensor | None = None  # the first recorded forward's output (CPU)
+    symmetry_start: dict[str, float] = field(default_factory=dict)
+    symmetry_end: dict[str, float] = field(default_factory=dict)
     classes: int | None = None  # C when the loss is softmax cross-entropy over C outputs
+    class_dim: int = 1  # the output dimension that indexes the C classes
     softmax_loss: bool | None = None  # loss_fn is invariant to a per-row shift of outputs
     lr: float | None = None
     steps: int = 0
+    lr_test: LrTest | None = None
     _memo: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def cached(self, key: str, compute: Callable[[], Any]) -> Any:
@@ -86,27 +189,55 @@ class Evidence:
 
     # ----- structure ---------------------------------------------------------------
     def weight_layers(self) -> list[str]:
-        """Linear/conv layers in call order (the watch's order, else the Monitor's)."""
-        if self.seen.weight_layers:
-            return list(self.seen.weight_layers)
-        return [k for k in self.order if self.kinds.get(k) in ("linear", "conv")]
+        """Linear/conv layers in forward order."""
+        return [k for k in self.order if self.kinds.get(k) in WEIGHT_LAYERS]
+
+    def output_layer(self) -> str | None:
+        layers = self.weight_layers()
+        return layers[-1] if layers else None
+
+    def param(self, name: str) -> dict[str, Any] | None:
+        return next((p for p in self.params if p["name"] == name), None)
 
     def weight_param(self, layer: str) -> str | None:
+        """The parameter that is ``layer``'s weight, under the name the record keeps it
+        (a tied weight is recorded once, under its first name)."""
         name = f"{layer}.weight" if layer else "weight"
-        return name if any(p["name"] == name for p in self.params) else None
-
-    def matrices(self, embeddings: bool = True) -> list[str]:
-        """Weights with >= 2 dims, the lecture's update:data plot's set (a norm layer's
-        (1, C)-shaped gamma is not a weight matrix)."""
-        out = []
         for p in self.params:
-            kind = self.kinds.get(p["layer"], "other")
-            if len(p["shape"]) < 2 or kind in ("batchnorm", "layernorm", "groupnorm"):
-                continue
-            if not embeddings and kind == "embedding":
-                continue
-            out.append(p["name"])
+            if p["name"] == name or name in p.get("aliases", ()):
+                return p["name"]
+        return None
+
+    def tied(self, layer: str) -> str | None:
+        """The other name of ``layer``'s weight when it is tied to another module's."""
+        name = f"{layer}.weight" if layer else "weight"
+        for p in self.params:
+            if name in p.get("aliases", ()):
+                return p["name"]
+            if p["name"] == name and p.get("aliases"):
+                return p["aliases"][0]
+        return None
+
+    def has_bias(self, layer: str) -> bool:
+        name = f"{layer}.bias" if layer else "bias"
+        return any(p["name"] == name or name in p.get("aliases", ()) for p in self.params)
+
+    def layer_weights(self) -> list[str]:
+        """Weight matrices of the linear/conv layers (each once), output layer included."""
+        out: list[str] = []
+        for layer in self.weight_layers():
+            name = self.weight_param(layer)
+            p = self.param(name) if name else None
+            if p is not None and len(p["shape"]) >= 2 and name not in out:
+                out.append(name)
         return out
+
+    def embeddings(self) -> list[str]:
+        return [
+            p["name"]
+            for p in self.params
+            if self.kinds.get(p["layer"]) == "embedding" and len(p["shape"]) >= 2
+        ]
 
     def next_layer(self, layer: str) -> str | None:
         if layer not in self.order:
@@ -119,9 +250,12 @@ class Evidence:
             return None
         before = self.order[: self.order.index(layer)]
         for k in reversed(before):
-            if self.kinds.get(k) in ("linear", "conv"):
+            if self.kinds.get(k) in WEIGHT_LAYERS:
                 return k
         return None
+
+    def is_norm(self, layer: str) -> bool:
+        return self.kinds.get(layer) in NORMS
 
     def grad_norm(self, row: dict[str, Any], layer: str) -> float:
         """Per-example norm of dL/d(output): sqrt(n / B) * rms, from mean and std."""
@@ -132,6 +266,57 @@ class Evidence:
         per_example = math.prod(shape[1:]) if len(shape) > 1 else 1
         rms = math.sqrt(st["grad_std"] ** 2 + st.get("grad_mean", 0.0) ** 2)
         return rms * math.sqrt(per_example)
+
+    def logits(self) -> Tensor | None:
+        """The first output with the class dimension last, flattened to (rows, C)."""
+        y = self.output
+        if y is None or y.dim() < 2 or not torch.isfinite(y).all():
+            return None
+        return y.movedim(self.class_dim, -1).reshape(-1, y.shape[self.class_dim])
+
+
+def gather(
+    probes: Probes,
+    *,
+    classes: int | None,
+    class_dim: int = 1,
+    softmax_loss: bool | None,
+    lr: float | None,
+    symmetry_start: dict[str, float],
+    lr_test: LrTest | None = None,
+) -> Evidence:
+    """The host-side evidence so far: the probes' history and observations."""
+    history = probes.history
+    rows = history.rows if history is not None else []
+    loss = history.loss.astype(np.float64) if history is not None else np.empty(0)
+    kinds = {n: layer_kind(m) for n, m in probes._named.items()}
+    kinds.update(probes.kinds)
+    x = probes.model_input
+    model_input = None
+    if x is not None:
+        rms, mean, std, peak = x.cpu().tolist()
+        model_input = {"rms": rms, "mean": mean, "std": std, "max_feature_rms": peak}
+    return Evidence(
+        loss=loss,
+        rows=rows,
+        order=list(probes.order),
+        kinds=kinds,
+        shapes=dict(probes.shapes),
+        params=probes.meta()["params"],
+        chains=[list(c) for c in probes.chains or []],
+        dead=probes.window_dead(),
+        bn_events=dict(probes.bn_events),
+        model_input=model_input,
+        output=probes.output,
+        symmetry_start=symmetry_start,
+        symmetry_end=weight_symmetry(probes.model),
+        classes=classes,
+        class_dim=class_dim,
+        softmax_loss=softmax_loss,
+        lr=lr,
+        steps=probes.step_count,
+        lr_test=lr_test,
+    )
 
 
 def _row_finite(row: dict[str, Any]) -> bool:

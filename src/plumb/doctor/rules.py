@@ -12,13 +12,16 @@ saturated-activations              > 30% of a tanh/sigmoid layer's outputs in th
                                    tails (pre-activation std > 2x unit scale)
 dead-units                         >= 25% of a layer's units never active over >= 300
                                    examples
-activations-vanishing/-exploding   weight-layer input RMS changes > 10x across the hidden
-                                   stack
+activations-vanishing/-exploding   weight-layer input RMS changes > 10x along a chain of
+                                   weight layers that feed each other (no norm between)
 gradients-vanishing/-exploding     per-example norm of dL/d(pre-activation) changes > 10x
-                                   from the last hidden layer back to the first
-lr-too-high / lr-too-low           median log10 update:data > -2 / < -4 (a decade off the
-                                   lecture's -3); or the loss rose over the run
-uneven-updates                     a weight's update:data > 10x away from the median
+                                   along such a chain, last hidden layer back to first
+lr-too-high                        the loss rose over the run (error); or, in diagnose's
+                                   lr test, a lower lr does better by > 3 standard errors
+lr-too-low                         in the lr test a higher lr does better by > 3 standard
+                                   errors *and* updates are < 1e-4 of the weights per step
+                                   (without a test: info, from the update guide alone)
+uneven-updates                     a layer weight's update:data > 10x away from the median
 symmetric-weights                  all units of a layer identical at the start and still
                                    at the end (spread < 1e-4)
 redundant-bias                     a bias whose output goes straight into a BatchNorm
@@ -27,6 +30,8 @@ batchnorm-eval-mode-in-training    a BatchNorm in eval() mode in a training forw
 unnormalized-inputs                input RMS outside [0.1, 10]
 double-softmax                     outputs already on the simplex (or log-simplex), fed
                                    to a loss that is shift-invariant (applies softmax)
+gradients-accumulating             at most record steps, p.grad already held > 50% of its
+                                   final size when the step's backward began
 =================================  =====================================================
 """
 
@@ -42,6 +47,7 @@ import torch
 
 from plumb.doctor.evidence import Evidence, finite, median
 from plumb.init import expected_initial_loss
+from plumb.probes import first_nonfinite
 from plumb.runs import jsonable
 
 SEVERITIES = ("error", "warning", "info")
@@ -59,6 +65,8 @@ SYMMETRY_SPREAD = 1e-4
 BIAS_GRAD_RATIO = 1e-3
 INPUT_SCALE = 10.0
 SIMPLEX_TOL = 1e-3
+LR_TEST_Z = 3.0  # standard errors a test's lr must win by
+CARRY_FRACTION = 0.5
 
 
 @dataclass
@@ -99,8 +107,10 @@ def non_finite(ev: Evidence) -> list[Finding]:
     row = next((r for r in ev.rows if r["step"] >= step), None)
     where, what = "loss", "the loss"
     if row is not None:
-        where, what = _first_bad(ev, row)
-        step = row["step"] if where != "loss" else step
+        found = first_nonfinite(row, ev.order, [p["name"] for p in ev.params])
+        if found is not None:
+            where, what = found
+            step = row["step"] if where != "loss" else step
     loss = ev.loss[step] if step < len(ev.loss) else float("nan")
     return [nonfinite_finding(step, what, where, float(loss), ev.lr)]
 
@@ -120,28 +130,6 @@ def nonfinite_finding(step: int, what: str, where: str, loss: float, lr: float |
     )
 
 
-def _first_bad(ev: Evidence, row: dict[str, Any]) -> tuple[str, str]:
-    def bad(section: str, name: str, *stats: str) -> bool:
-        st = row[section].get(name, {})
-        return any(s in st and not finite(st[s]) for s in stats)
-
-    for k in ev.order:
-        if bad("layer", k, "mean", "std"):
-            return k, f"the output of layer '{k}' (first in forward order)"
-    if "loss" in row and not finite(row["loss"]):
-        return "loss", "the loss (every layer output was finite)"
-    for k in reversed(ev.order):
-        if bad("layer", k, "grad_mean", "grad_std"):
-            return k, f"the gradient at the output of layer '{k}' (first in backward order)"
-    for p in ev.params:
-        if bad("param", p["name"], "grad_mean", "grad_std"):
-            return p["name"], f"the gradient of parameter '{p['name']}'"
-    for p in ev.params:
-        if bad("param", p["name"], "mean", "std"):
-            return p["name"], f"parameter '{p['name']}' after the update"
-    return "loss", "the loss"
-
-
 def overconfident_init(ev: Evidence) -> list[Finding]:
     """Initial loss above ln C, uniform guessing. With logits of std s independent of the
     target, E[cross-entropy] ~ ln C + s^2 / 2, and the largest of C such logits leads by
@@ -158,21 +146,31 @@ def overconfident_init(ev: Evidence) -> list[Finding]:
         return []
     s = _logit_std(ev)
     factor = 10.0 ** -math.ceil(math.log10(s / 0.3)) if finite(s) and s > 0.3 else 0.1
-    last = ev.weight_layers()[-1] if ev.weight_layers() else "the output layer"
+    last = ev.output_layer() or "the output layer"
+    tied = ev.tied(last) if ev.output_layer() else None
+    if tied:
+        fix = (
+            f"the output layer '{last}' shares its weight with '{tied}', so scaling that "
+            f"weight scales both: scale the logits by ~{factor:g} in forward, or initialise "
+            "the shared weight with a smaller std (GPT-2: 0.02)"
+        )
+    else:
+        bias = " and zero its bias" if ev.output_layer() and ev.has_bias(last) else ""
+        fix = f"scale the last layer's weights ('{last}') by ~{factor:g}{bias}"
     return [
         Finding(
             "overconfident-init",
             "warning" if excess > expected else "info",
             last,
-            f"scale the last layer's weights ('{last}') by ~{factor:g} and zero its bias: "
-            f"initial loss {loss0:.3g}, expected {expected:.3g} = ln({ev.classes}) for "
-            f"{ev.classes} classes (logit std {s:.2g})",
+            f"{fix}: initial loss {loss0:.3g}, expected {expected:.3g} = ln({ev.classes}) "
+            f"for {ev.classes} classes (logit std {s:.2g})",
             {
                 "initial_loss": _r(loss0),
                 "expected": _r(expected),
                 "classes": ev.classes,
                 "excess_nats": _r(excess),
                 "logit_std": _r(s),
+                "tied_to": tied,
                 "info_above_nats": _r(OVERCONFIDENT_FRACTION * expected),
                 "warning_above_nats": _r(expected),
             },
@@ -181,10 +179,12 @@ def overconfident_init(ev: Evidence) -> list[Finding]:
 
 
 def _logit_std(ev: Evidence) -> float:
-    y = ev.seen.output
-    if y is None or y.dim() < 2 or not torch.isfinite(y).all():
+    """The std of the logits across the classes, averaged over the examples (and
+    positions) of the first recorded forward."""
+    y = ev.logits()
+    if y is None or y.shape[-1] < 2:
         return float("nan")
-    return y.float().std(dim=1).mean().item()
+    return y.float().std(dim=-1).mean().item()
 
 
 def saturated_activations(ev: Evidence) -> list[Finding]:
@@ -229,7 +229,7 @@ def dead_units(ev: Evidence) -> list[Finding]:
     quarter of a layer dead is width paid for and not used, the mark of a bad init, a
     negative bias or an lr that knocked units out."""
     out = []
-    for k, (frac, units, examples) in ev.seen.dead.items():
+    for k, (frac, units, examples) in ev.dead.items():
         if examples < DEAD_MIN_EXAMPLES or not finite(frac) or frac < DEAD_FRACTION:
             continue
         kind = ev.kinds.get(k, "other")
@@ -257,34 +257,34 @@ def dead_units(ev: Evidence) -> list[Finding]:
 
 
 def activation_depth(ev: Evidence) -> list[Finding]:
-    """The RMS of what each weight layer receives, across depth. Kaiming init (std
-    gain/sqrt(fan_in)) makes it constant; a wrong gain g' multiplies it by ~g'/g per
-    layer, which compounds. More than 10x (an order of magnitude) between the first and
-    the last hidden layer's input, at init or over the last half of the steps, is a
-    wrong gain (vanishing) or too large one (exploding). The first layer's input is the
-    data (see unnormalized-inputs) and is left out."""
-    layers = [k for k in ev.weight_layers() if k in ev.seen.input_rms][1:]
-    if len(layers) < 2:
-        return []
-    first, last = layers[0], layers[-1]
-
-    def at(name: str, lo: int, hi: float) -> float:
-        return median([v for s, v in ev.seen.input_rms[name] if lo <= s < hi])
-
-    stop = ev.first_nonfinite_step()
-    stop = stop if stop is not None else math.inf
-    mid = ev.steps // 2
-    for label, lo, hi in (("at init", 0, 1), ("late", mid, stop)):
-        a, b = at(first, lo, hi), at(last, lo, hi)
-        if not (finite(a) and finite(b)) or a <= 0 or b <= 0:
+    """The RMS of what each weight layer receives, along a chain of weight layers that
+    feed each other (through activations, no normalisation or residual sum between:
+    ``Probes.chains``, read from the autograd graph). Kaiming init (std gain/sqrt(fan_in))
+    keeps it constant along the chain; a wrong gain g' multiplies it by ~g'/g per layer,
+    which compounds. More than 10x (an order of magnitude) between the second and the last
+    layer's input of a chain of >= 3 layers, at init or over the last half of the steps,
+    is a gain too small (vanishing) or too large (exploding). The first layer's input is
+    the data, a norm's output or a sum (not the chain's doing) and is left out. Layers
+    that are not fed by one another (a residual branch and the output head, a GRU's gates)
+    are never compared: their scales differ by design."""
+    init, late = ev.init_row(), ev.late()
+    worst: tuple[float, Finding] | None = None
+    for chain in ev.chains:
+        layers = chain[1:]
+        if len(layers) < 2:
             continue
-        ratio = b / a
-        if 1 / DEPTH_FACTOR <= ratio <= DEPTH_FACTOR:
-            continue
-        vanishing = ratio < 1
-        per_layer = ratio ** (1 / (len(layers) - 1))
-        return [
-            Finding(
+        first, last = layers[0], layers[-1]
+        for label, rows in (("at init", [init] if init else []), ("late", late)):
+            a = median(ev.series(rows, "layer", first, "in_rms"))
+            b = median(ev.series(rows, "layer", last, "in_rms"))
+            if not (finite(a) and finite(b)) or a <= 0 or b <= 0:
+                continue
+            ratio = b / a
+            if 1 / DEPTH_FACTOR <= ratio <= DEPTH_FACTOR:
+                continue
+            vanishing = ratio < 1
+            per_layer = ratio ** (1 / (len(layers) - 1))
+            f = Finding(
                 "activations-vanishing" if vanishing else "activations-exploding",
                 "warning",
                 last,
@@ -293,46 +293,54 @@ def activation_depth(ev: Evidence) -> list[Finding]:
                 f"{'raise' if vanishing else 'lower'} the init gain (Kaiming std "
                 "gain/sqrt(fan_in): tanh 5/3, ReLU sqrt(2), linear 1) or add normalisation",
                 {
-                    "input_rms": {k: _r(at(k, lo, hi)) for k in layers},
+                    "input_rms": {
+                        k: _r(median(ev.series(rows, "layer", k, "in_rms"))) for k in layers
+                    },
                     "ratio": _r(ratio),
                     "per_layer": _r(per_layer),
                     "when": label,
+                    "chain": chain,
                     "threshold_factor": DEPTH_FACTOR,
                 },
             )
-        ]
-    return []
+            score = abs(math.log(ratio))
+            if worst is None or score > worst[0]:
+                worst = (score, f)
+            break
+    return [worst[1]] if worst else []
 
 
 def gradient_depth(ev: Evidence) -> list[Finding]:
-    """The per-example norm of dL/d(pre-activation) of each hidden weight layer. Kaiming
-    init (fan_in) preserves it layer to layer: ||d_in||^2 ~ fan_in Var(W) gain'^2
-    ||d_out||^2 = ||d_out||^2 for the right gain. More than 10x between the last hidden
-    layer and the first (at init or late) means the backward signal shrinks or blows up
-    with depth. The output layer is left out: its calibration (weights x0.1) scales the
-    gradient into the net on purpose. Vanishing is info when the first layer's
-    update:data is nevertheless in line with the others (an adaptive optimizer, or
-    activations that grow as the gradient shrinks, compensate: the early layers still
-    learn). Exploding stays a warning: the gradient values themselves grow geometrically
-    with depth (overflow in half precision, clipping thresholds hit first)."""
-    hidden = ev.weight_layers()[:-1]
-    hidden = [k for k in hidden if k in ev.order]
-    if len(hidden) < 2:
-        return []
-    first, last = hidden[0], hidden[-1]
+    """The per-example norm of dL/d(pre-activation) of each hidden weight layer along a
+    chain of >= 3 hidden layers (as in activation_depth). Kaiming init (fan_in) preserves it layer to layer:
+    ||d_in||^2 ~ fan_in Var(W) gain'^2 ||d_out||^2 = ||d_out||^2 for the right gain.
+    More than 10x between the chain's last hidden layer and its first (at init or late)
+    means the backward signal shrinks or blows up with depth. The output layer is left
+    out: its calibration (weights x0.1) scales the gradient into the net on purpose.
+    Vanishing is info when the first layer's update:data is nevertheless in line with the
+    others (an adaptive optimizer, or activations that grow as the gradient shrinks,
+    compensate: the early layers still learn). Exploding stays a warning: the gradient
+    values themselves grow geometrically with depth (overflow in half precision,
+    clipping thresholds hit first)."""
+    out_layer = ev.output_layer()
     init, late = ev.init_row(), ev.late()
-    for label, rows in (("at init", [init] if init else []), ("late", late)):
-        a = median([ev.grad_norm(r, first) for r in rows])
-        b = median([ev.grad_norm(r, last) for r in rows])
-        if not (finite(a) and finite(b)) or a <= 0 or b <= 0:
+    worst: tuple[float, Finding] | None = None
+    for chain in ev.chains:
+        hidden = [k for k in chain if k != out_layer]
+        if len(hidden) < 3:  # depth: at least two links to compound over
             continue
-        ratio = a / b  # first / last: < 1 shrinks on the way back
-        if 1 / DEPTH_FACTOR <= ratio <= DEPTH_FACTOR:
-            continue
-        vanishing = ratio < 1
-        compensated = vanishing and _updates_even(ev, first)
-        return [
-            Finding(
+        first, last = hidden[0], hidden[-1]
+        for label, rows in (("at init", [init] if init else []), ("late", late)):
+            a = median([ev.grad_norm(r, first) for r in rows])
+            b = median([ev.grad_norm(r, last) for r in rows])
+            if not (finite(a) and finite(b)) or a <= 0 or b <= 0:
+                continue
+            ratio = a / b  # first / last: < 1 shrinks on the way back
+            if 1 / DEPTH_FACTOR <= ratio <= DEPTH_FACTOR:
+                continue
+            vanishing = ratio < 1
+            compensated = vanishing and _updates_even(ev, first)
+            f = Finding(
                 "gradients-vanishing" if vanishing else "gradients-exploding",
                 "info" if compensated else "warning",
                 first,
@@ -355,12 +363,16 @@ def gradient_depth(ev: Evidence) -> list[Finding]:
                     "grad_norm_last": _r(b),
                     "ratio": _r(ratio),
                     "when": label,
+                    "chain": chain,
                     "threshold_factor": DEPTH_FACTOR,
                     "updates_even": compensated,
                 },
             )
-        ]
-    return []
+            score = abs(math.log(ratio)) - (100 if compensated else 0)
+            if worst is None or score > worst[0]:
+                worst = (score, f)
+            break
+    return [worst[1]] if worst else []
 
 
 def _updates_even(ev: Evidence, layer: str) -> bool:
@@ -376,10 +388,21 @@ def _updates_even(ev: Evidence, layer: str) -> bool:
 
 
 def update_ratios(ev: Evidence, embeddings: bool = True) -> dict[str, float]:
-    """Median log10 update:data of each weight over the last half of the steps."""
+    """Median log10 update:data of each layer weight (and embedding table) over the last
+    half of the steps. Weights that received no gradient at all (behind dead units:
+    grad std and mean exactly 0) are left out: how far they move says nothing about the
+    learning rate (dead-units says why they do not)."""
     rows = ev.late()
+    names = ev.layer_weights() + (ev.embeddings() if embeddings else [])
     out = {}
-    for name in ev.matrices(embeddings):
+    for name in dict.fromkeys(names):
+        g = [
+            abs(r["param"].get(name, {}).get("grad_std", math.nan))
+            + abs(r["param"].get(name, {}).get("grad_mean", math.nan))
+            for r in rows
+        ]
+        if g and median(g) == 0.0:
+            continue
         v = median(ev.series(rows, "param", name, "update_data"))
         if finite(v):
             out[name] = v
@@ -390,115 +413,182 @@ def median_update(ev: Evidence) -> float:
     return ev.cached("median_update", lambda: median(list(update_ratios(ev).values())))
 
 
-def suggested_lr(ev: Evidence) -> float | None:
-    """The lr that brings the median update:data to 1e-3: updates scale ~linearly with
-    the lr (exactly for SGD, nearly for Adam), so lr * 10^(-3 - median). When the loss
-    rose over the run the ratio is no guide (saturated or exploded weights move little):
-    then at most lr / 10."""
-    m = median_update(ev)
-    if not ev.lr or not finite(m):
+def _better_lr(ev: Evidence) -> int | None:
+    """The lr test's best lr when it beats the current one by more than LR_TEST_Z
+    standard errors of the paired difference on the held-out batches, else None."""
+    test = ev.lr_test
+    if test is None:
         return None
-    lr = ev.lr * 10 ** (UPDATE_TARGET - m)
-    if _loss_rose(ev) is not None:
-        lr = min(lr, ev.lr / 10)
-    return float(f"{lr:.2g}")
+    best = test.best
+    if best != test.current and test.significantly_better(best, LR_TEST_Z):
+        return best
+    return None
+
+
+def suggested_lr(ev: Evidence) -> float | None:
+    """The lr the doctor recommends. With an lr test: the current lr unless an lr finding
+    says otherwise, then the lr that did best in the test (never one that did worse
+    than the current lr there). Without a test: lr / 10 when the loss rose, else None."""
+    test, lr = ev.lr_test, ev.lr
+    if not lr:
+        return None
+    rising = _loss_rose(ev) is not None
+    if test is None:
+        return float(f"{lr / 10:.2g}") if rising else None
+    if rising:
+        lower = [i for i, x in enumerate(test.lrs) if x < lr and finite(test.losses[i])]
+        if not lower:
+            return float(f"{lr / 10:.2g}")
+        return test.lrs[min(lower, key=lambda i: test.losses[i])]
+    b = _better_lr(ev)
+    if b is not None and (test.lrs[b] < lr or median_update(ev) < UPDATE_TARGET - UPDATE_BAND):
+        return test.lrs[b]
+    return lr
 
 
 def learning_rate(ev: Evidence) -> list[Finding]:
-    """update:data = |lr * step| / |W|: how much of a weight one step rewrites. The
-    lecture's healthy value is ~1e-3; a decade above (1e-2) rewrites 1% of every weight
-    per step, noise-dominated; a decade below (1e-4) needs 10x the steps. Judged on the
-    last half of the run: the first steps are large for healthy runs too (momentum
-    building up, Adam's first steps are +-lr whatever the gradient). The loss ending
-    above where it started (3 standard errors, noise from step-to-step differences) is
-    too high an lr as well, an error: it also catches a BatchNorm net whose weights
-    grew under a huge lr until its steps look small again."""
+    """Learning-rate findings rest on measurements of the loss, never on update:data
+    alone. update:data ~ 1e-3 is the lecture's guide for plain SGD; with momentum, Adam
+    or normalised layers healthy runs sit decades away from it (Adam's step is ~lr
+    whatever the weight's size; a BatchNorm'd weight's scale does not matter), so it is
+    not a health criterion on its own.
+
+    * lr-too-high, error: the loss climbed during the run (see ``_measure_loss_rise``).
+    * lr-too-high, warning: in the lr test (``diagnose``: copies of the model and its
+      optimizer state trained a few dozen steps on the same batches at lr/10 ... 10 lr,
+      then scored on the same held-out batches) a *lower* lr ends lower by more than 3
+      standard errors of the paired difference. A short test favours larger lrs (they
+      move faster), so a lower one winning is strong evidence.
+    * lr-too-low, warning: in the test a higher lr wins by 3 standard errors *and* the
+      weights move less than 1e-4 of their size per step (a decade under the guide): the
+      short-test bias toward larger lrs alone is not a fault, a net that barely moves is.
+    * lr-too-low, info: no test (a training loop's own doctor) and updates < 1e-4.
+    """
     m = median_update(ev)
+    test = ev.lr_test
     lr_txt = f"lr {ev.lr:g}" if ev.lr else "the learning rate"
     suggest = suggested_lr(ev)
-    to = f" (suggested: {suggest:g})" if suggest else ""
-    evidence = {
+    to = f" (suggested: {suggest:g})" if suggest and suggest != ev.lr else ""
+    evidence: dict[str, Any] = {
         "median_log10_update_data": _r(m),
-        "target": UPDATE_TARGET,
-        "band_decades": UPDATE_BAND,
         "lr": ev.lr,
         "suggested_lr": suggest,
     }
+    if test is not None:
+        evidence["lr_test"] = test.to_dict()
     rising = _loss_rose(ev)
     if rising is not None:
-        evidence["loss_start"], evidence["loss_last_tenth"] = rising
+        best, high, a, b = rising
+        evidence["loss_best_before"], evidence["loss_window_median"] = _r(best), _r(high)
+        evidence["window_steps"] = [a, b]
         return [
             Finding(
                 "lr-too-high",
                 "error",
                 "model",
-                f"the loss rose from {rising[0]:.3g} to {rising[1]:.3g} over the run: "
-                f"lower {lr_txt}{to}",
+                f"the loss climbed from {best:.3g} to {high:.3g} (median of steps {a}-{b}): "
+                f"steps overshoot; lower {lr_txt}{to}",
                 evidence,
             )
         ]
-    if finite(m) and m > UPDATE_TARGET + UPDATE_BAND:
-        return [
-            Finding(
-                "lr-too-high",
-                "warning",
-                "model",
-                f"updates rewrite 10^{m:.1f} of the weights per step (healthy ~10^-3): "
-                f"lower {lr_txt}{to}",
-                evidence,
-            )
-        ]
-    if finite(m) and m < UPDATE_TARGET - UPDATE_BAND:
+    b = _better_lr(ev)
+    if test is not None and b is not None:
+        mean, se = test.gain(b)
+        evidence["held_out_gain"], evidence["standard_error"] = _r(mean), _r(se)
+        what = (
+            f"in an lr test ({len(test.lrs)} copies from step {test.start}, {test.steps} "
+            f"steps on the same batches, loss on {test.eval_batches} held-out batches: "
+            f"{test.table()}) lr {test.lrs[b]:.3g} ends {-mean:.3g} nats below {lr_txt}"
+        )
+        if test.lrs[b] < (ev.lr or 0):
+            return [Finding("lr-too-high", "warning", "model", f"{what}: lower it{to}", evidence)]
+        if finite(m) and m < UPDATE_TARGET - UPDATE_BAND:
+            return [
+                Finding(
+                    "lr-too-low",
+                    "warning",
+                    "model",
+                    f"{what}, and updates change only 10^{m:.1f} of the weights per step: "
+                    f"raise it{to}",
+                    evidence,
+                )
+            ]
+    if test is None and finite(m) and m < UPDATE_TARGET - UPDATE_BAND:
         return [
             Finding(
                 "lr-too-low",
-                "warning",
+                "info",
                 "model",
-                f"updates change only 10^{m:.1f} of the weights per step (healthy ~10^-3): "
-                f"raise {lr_txt}{to}",
+                f"updates change only 10^{m:.1f} of the weights per step (the lecture's "
+                f"guide for plain SGD is ~10^-3): if the loss is slow to fall, raise "
+                f"{lr_txt}; plumb.diagnose measures it with an lr test",
                 evidence,
             )
         ]
     return []
 
 
-def _loss_rose(ev: Evidence) -> tuple[float, float] | None:
+def _loss_rose(ev: Evidence) -> tuple[float, float, int, int] | None:
     return ev.cached("loss_rose", lambda: _measure_loss_rise(ev))
 
 
-def _measure_loss_rise(ev: Evidence) -> tuple[float, float] | None:
-    """(start, end) when the median loss of the last tenth of the steps is above the
-    loss before training (step 0, or the first tenth's median, the lower) by more than
-    3 standard errors; the noise sigma comes from step-to-step differences (a robust
-    MAD, insensitive to the trend)."""
+def _measure_loss_rise(ev: Evidence) -> tuple[float, float, int, int] | None:
+    """(best so far, a later window's median, that window's first and last step) when
+    the loss climbed: the median of some tenth of the run lies above the best the run
+    had reached before it (the loss before training, or the lowest median of an earlier
+    tenth) by more than 3 standard errors. With a small enough lr every step lowers the
+    expected loss (the descent lemma), so a climb means steps overshoot: the loss that
+    rises at the start and then falls (Adam at 100x its lr), the one that falls, then
+    climbs (a BatchNorm net whose weights grew under a huge lr), the one that rises to
+    an overflow.
+
+    The noise sigma comes from step-to-step differences (a robust MAD, insensitive to
+    the trend); a median of n steps has a standard error of 1.2533 sigma / sqrt(n); the
+    lowest of several earlier medians sits ~1.5 standard errors below their mean by
+    chance alone, which is added to the margin."""
     stop = ev.first_nonfinite_step()
     loss = ev.loss[: stop if stop is not None else len(ev.loss)]
     n = len(loss) // 10
-    if n < 3:
+    if n < (2 if stop is not None else 3):  # a run that overflowed: judge what it had
         return None
     d = np.diff(loss)
     sigma = 1.4826 * float(np.median(np.abs(d - np.median(d)))) / math.sqrt(2)
-    se_median = 1.2533 * sigma / math.sqrt(n)  # standard error of a median of n
-    a0, a = float(loss[0]), median(loss[:n].tolist())
-    b = median(loss[-n:].tolist())
-    if not (finite(a) and finite(b) and finite(a0)):
+    se = 1.2533 * sigma / math.sqrt(n)  # standard error of a median of n
+    a0 = float(loss[0])
+    if not finite(a0):
         return None
-    start, se_start = (a0, sigma) if a0 < a else (a, se_median)
-    if b > start + max(3 * math.hypot(se_start, se_median), 1e-3 * abs(start)):
-        return start, b
-    return None
+    k_max = len(loss) // n
+    windows = [median(loss[k * n : (k + 1) * n].tolist()) for k in range(k_max)]
+    worst: tuple[float, tuple[float, float, int, int]] | None = None
+    for k, w in enumerate(windows):
+        earlier = [x for x in windows[:k] if finite(x)]
+        if not finite(w):
+            continue
+        if not earlier or a0 <= min(earlier):
+            start, margin = a0, 3 * math.hypot(sigma, se)
+        else:
+            start, margin = min(earlier), 3 * math.hypot(se, se) + 1.5 * se
+        excess = w - start - max(margin, 1e-3 * abs(start))
+        if excess > 0 and (worst is None or excess > worst[0]):
+            worst = (excess, (start, w, k * n, (k + 1) * n - 1))
+    return worst[1] if worst else None
 
 
 def uneven_updates(ev: Evidence) -> list[Finding]:
-    """One weight's update:data more than a decade from the median of all weights: with
-    one lr, that layer learns 10x faster or slower than the rest (a layer with its own
-    tiny/huge init scale, or a BatchNorm net where update:data scales as 1/|W|^2).
-    Left out: embedding tables (only the rows a batch uses are updated) and the output
-    layer, whose weights the calibration shrinks on purpose (x0.1, x0.01), so that its
-    relative steps are large until it has grown (the lecture's outlier "that settles")."""
+    """One layer weight's update:data more than a decade from the median of all layer
+    weights: with one lr, that layer learns 10x faster or slower than the rest (a layer
+    with its own tiny/huge init scale, or a BatchNorm net where update:data scales as
+    1/|W|^2). Judged on the weights of linear/conv layers only: embedding tables (only
+    the rows a batch uses are updated), gains, biases and free parameters (an RNN's
+    learned start state, often initialised to zero) have no common scale with them.
+    The output layer is left out too: the calibration shrinks its weights on purpose
+    (x0.1, x0.01), so its relative steps are large until it has grown (the lecture's
+    outlier "that settles")."""
     ratios = update_ratios(ev, embeddings=False)
-    output = ev.weight_param(ev.weight_layers()[-1]) if ev.weight_layers() else None
+    output = ev.weight_param(ev.output_layer()) if ev.output_layer() else None
     ratios.pop(output, None)
+    for name in ev.embeddings():
+        ratios.pop(name, None)
     if len(ratios) < 2:
         return []
     m = median(list(ratios.values()))
@@ -531,7 +621,7 @@ def symmetric_weights(ev: Evidence) -> list[Finding]:
     level (< 1e-6) for copies; < 1e-4 at the start *and* at the end means symmetry never
     broke (a zero-initialised output layer breaks it on the first step and is fine)."""
     out = []
-    start, end = ev.seen.symmetry_start, ev.seen.symmetry_end
+    start, end = ev.symmetry_start, ev.symmetry_end
     for name, s0 in start.items():
         s1 = end.get(name, math.nan)
         if finite(s0) and finite(s1) and s0 < SYMMETRY_SPREAD and s1 < SYMMETRY_SPREAD:
@@ -563,9 +653,7 @@ def redundant_bias(ev: Evidence) -> list[Finding]:
             continue
         if not any(p["name"] == bias for p in ev.params):
             continue
-        if any(
-            e.mode == "eval-mode-in-training" and e.name == nxt for e in ev.seen.bn_events.values()
-        ):
+        if any(e.mode == "eval-mode-in-training" and e.name == nxt for e in ev.bn_events.values()):
             continue  # an eval-mode BatchNorm does not subtract the batch mean
         gb = ev.late_median("param", bias, "grad_std")
         gw = ev.late_median("param", weight, "grad_std")
@@ -601,7 +689,7 @@ def batchnorm_modes(ev: Evidence) -> list[Finding]:
     unit scale. A frozen BatchNorm (no trainable affine parameters) in eval mode is a
     common deliberate choice when fine-tuning: info."""
     out = []
-    for e in ev.seen.bn_events.values():
+    for e in ev.bn_events.values():
         if e.mode == "train-mode-in-eval":
             out.append(
                 Finding(
@@ -638,7 +726,7 @@ def unnormalized_inputs(ev: Evidence) -> list[Finding]:
     layer's pre-activation std is gain * RMS(x), so an RMS off by 10x (e.g. raw 0-255
     pixels: RMS ~ 100) puts the first layer an order of magnitude off its calibrated
     scale (saturating tanh/sigmoid, or making its gradients and updates 10x off)."""
-    x = ev.seen.model_input
+    x = ev.model_input
     if not x or not finite(x["rms"]):
         return []
     if 1 / INPUT_SCALE <= x["rms"] <= INPUT_SCALE:
@@ -663,8 +751,8 @@ def double_softmax(ev: Evidence) -> list[Finding]:
     does). Probabilities in [0, 1] then become nearly uniform logits: the loss can barely
     move (error). Log-probabilities are only redundant, log_softmax being idempotent
     (info)."""
-    y = ev.seen.output
-    if not ev.softmax_loss or y is None or y.dim() < 2 or not torch.isfinite(y).all():
+    y = ev.logits()
+    if not ev.softmax_loss or y is None:
         return []
     y = y.double()
     sums = y.sum(1)
@@ -704,6 +792,54 @@ def double_softmax(ev: Evidence) -> list[Finding]:
     return []
 
 
+def gradients_accumulating(ev: Evidence) -> list[Finding]:
+    """Gradients not cleared between steps (a loop without ``zero_grad``): backward adds
+    into ``p.grad``, so each step's update carries every earlier gradient and steps grow
+    until training diverges. The probes measure it directly: when a record step's
+    backward begins, ``p.grad`` of a cleared parameter is None or exactly zero
+    (grad_carry 0), while an uncleared one still holds the earlier sum, >= ~70% of its
+    final size from the second step on (sqrt((t-1)/t) for uncorrelated gradients, more
+    for correlated ones). More than half, in the median over layer weights and record
+    steps after the first, is that; 50% is far from both sides. Micro-batch
+    accumulation within a step does not count (only the first gradient of the step is
+    compared), as long as ``mon.step`` comes once per optimizer step."""
+    weights = ev.layer_weights() + ev.embeddings() or [p["name"] for p in ev.params]
+    rows = [r for r in ev.clean if r["step"] > 0]
+    carry = [v for name in weights for v in ev.series(rows, "param", name, "grad_carry")]
+    c = median(carry)
+    if not finite(c) or c <= CARRY_FRACTION:
+        return []
+
+    def grad_rms(row: dict[str, Any]) -> float:
+        return median(
+            [
+                math.hypot(st["grad_std"], st["grad_mean"])
+                for name in weights
+                if "grad_std" in (st := row["param"].get(name, {}))
+            ]
+        )
+
+    growth = grad_rms(rows[-1]) / grad_rms(rows[0]) if len(rows) > 1 else math.nan
+    return [
+        Finding(
+            "gradients-accumulating",
+            "error",
+            "model",
+            f"gradients are not cleared between steps: when a step's backward began, the "
+            f"weights' .grad already held {c:.0%} of their final size (median over "
+            f"{len(rows)} record steps): call optimizer.zero_grad() once per step before "
+            "backward (to accumulate micro-batches on purpose, zero after the optimizer "
+            "step and call mon.step once per optimizer step)",
+            {
+                "median_grad_carry": _r(c),
+                "record_steps": len(rows),
+                "grad_rms_growth": _r(growth),
+                "threshold": CARRY_FRACTION,
+            },
+        )
+    ]
+
+
 RULES: list[Callable[[Evidence], list[Finding]]] = [
     non_finite,
     overconfident_init,
@@ -718,6 +854,7 @@ RULES: list[Callable[[Evidence], list[Finding]]] = [
     batchnorm_modes,
     unnormalized_inputs,
     double_softmax,
+    gradients_accumulating,
 ]
 
 CODES = (
@@ -738,6 +875,7 @@ CODES = (
     "unnormalized-inputs",
     "double-softmax",
     "batchnorm-eval-mode-in-training",
+    "gradients-accumulating",
     "step-failed",  # diagnose only: the user's step raised after step 0 (exception text)
 )
 

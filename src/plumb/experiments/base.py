@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from plumb.data import Dataset, load_dataset
 from plumb.errors import PlumbError
 from plumb.models import LECTURE_SEED, MLP, ModelConfig
+from plumb.probes import Probes
 from plumb.stats import TANH_SATURATION
 from plumb.train import resolve_device
 
@@ -252,34 +253,25 @@ def layer_pass(
     model: nn.Module, X: Tensor, Y: Tensor, kinds: tuple[type, ...]
 ) -> list[dict[str, Any]]:
     """One training-mode forward and backward of the batch (X, Y), without an update:
-    for each module of a type in ``kinds``, its output ``out`` and the gradient
-    ``grad = dL/d(out)`` (the lecture's ``layer.out.retain_grad()``), as float CPU tensors."""
-    captured: list[tuple[str, Tensor]] = []
-
-    def hook(name: str):
-        def f(module: nn.Module, args: Any, out: Tensor) -> None:
-            if out.requires_grad:
-                out.retain_grad()
-            captured.append((name, out))
-
-        return f
-
-    handles = [
-        m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, kinds)
-    ]
-    try:
-        model.train()
-        loss = F.cross_entropy(model(X), Y.long())
-        model.zero_grad(set_to_none=True)
-        loss.backward()
-    finally:
-        for h in handles:
-            h.remove()
-    rows = []
-    for name, out in captured:
-        grad = out.grad if out.grad is not None else torch.zeros_like(out)
-        rows.append({"layer": name, "out": out.detach().float().cpu(), "grad": grad.float().cpu()})
+    for each module of a type in ``kinds`` (forward order), its output ``out`` and the
+    gradient ``grad = dL/d(out)`` (the lecture's ``layer.out.retain_grad()``), as float
+    CPU tensors, captured by the probes (``keep=True``)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, kinds)]
+    if not names:
+        return []
+    model.train()
     model.zero_grad(set_to_none=True)
+    with Probes(model, every=1, hist_every=1 << 30, layers=names, keep=True) as probes:
+        loss = F.cross_entropy(model(X), Y.long())
+        loss.backward()
+        probes.step(loss)
+    model.zero_grad(set_to_none=True)
+    rows = []
+    for name in probes.order:
+        out, grad = probes.tensors[name]
+        rows.append(
+            {"layer": name, "out": out, "grad": grad if grad is not None else torch.zeros_like(out)}
+        )
     return rows
 
 

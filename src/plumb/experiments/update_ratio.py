@@ -19,7 +19,7 @@ from plumb.experiments.base import (
     fmt,
     positive,
 )
-from plumb.probes import Monitor
+from plumb.probes import Probes
 from plumb.train import split_loss
 
 NAME = "update-ratio"
@@ -44,7 +44,7 @@ def _one(task: tuple[float, str | None, int, int, str]) -> dict:
     cfg = deep_config(data, norm="batch", out_norm=True, gain=1.0, bn_variance="lecture")
     model, g = build(cfg, seed, device)
     every = max(steps // 100, 1)
-    with Monitor(model, every=every, hist_every=every * 10**6) as mon:
+    with Probes(model, every=every, hist_every=every * 10**6) as mon:
         losses = fit(
             model, data, steps, g, lr=lr, device=device, on_step=lambda i, loss: mon.step(loss)
         )

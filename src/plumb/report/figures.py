@@ -50,32 +50,72 @@ def _density(counts: np.ndarray, rng: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return centers, counts / (total * width) if total else counts.astype(float)
 
 
+MAX_LEGEND = 12  # entries a legend lists; the rest are summed up in one line
+
+
+def _legend(ax, n_lines: int) -> None:
+    """A legend beside the plot (never over the data); past MAX_LEGEND lines, the first
+    and last few by name and one entry for the rest."""
+    handles, labels = ax.get_legend_handles_labels()
+    if not handles:
+        return
+    if len(handles) > MAX_LEGEND:
+        keep = list(range(MAX_LEGEND // 2)) + list(
+            range(len(handles) - MAX_LEGEND // 2 + 1, len(handles))
+        )
+        hidden = len(handles) - len(keep)
+        handles = [handles[i] for i in keep]
+        labels = [labels[i] for i in keep]
+        handles.insert(MAX_LEGEND // 2, plt.Line2D([], [], color="none"))
+        labels.insert(MAX_LEGEND // 2, f"... {hidden} more (in forward order)")
+    ax.legend(
+        handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False
+    )
+
+
+def _figure(height: float = 4.0):
+    return plt.subplots(figsize=(11, height), layout="constrained")
+
+
+def hist_step(rec: Record, section: str, names: list[str]) -> int | None:
+    """The latest histogram step of ``section`` among ``names``."""
+    last = [
+        int(rec.histogram(section, n)[0][-1]) for n in names if len(rec.histogram(section, n)[0])
+    ]
+    return max(last) if last else None
+
+
 def _distribution(rec: Record, section: str, names: list[str], title: str, label) -> Figure | None:
+    """One density line per name, all from the same histogram step (named in the title;
+    the labels' statistics are that step's)."""
+    step = hist_step(rec, section, names)
+    if step is None:
+        return None
     drawn = False
-    fig, ax = plt.subplots(figsize=(10, 4))
+    fig, ax = _figure()
     short = short_names(names)
     for name in names:
         steps, counts, ranges = rec.histogram(section, name)
-        if len(steps) == 0 or not np.all(np.isfinite(ranges[-1])):
+        at = np.flatnonzero(steps == step)
+        if len(at) == 0 or not np.all(np.isfinite(ranges[at[0]])):
             continue
-        x, y = _density(counts[-1], ranges[-1])
-        ax.plot(x, y, label=label(short[name], name))
+        x, y = _density(counts[at[0]], ranges[at[0]])
+        ax.plot(x, y, label=label(short[name], name, step))
         drawn = True
     if not drawn:
         plt.close(fig)
         return None
-    ax.set_title(title)
+    ax.set_title(f"{title} (step {step})")
     ax.set_ylabel("density")
-    ax.legend(fontsize=8, loc="upper right")
-    fig.tight_layout()
+    _legend(ax, len(names))
     return fig
 
 
 def activation_distribution(rec: Record) -> Figure | None:
     names = nonlinear_layers(rec)
 
-    def label(short: str, name: str) -> str:
-        s = rec.latest("layer", name)
+    def label(short: str, name: str, step: int) -> str:
+        s = rec.at(step, "layer", name)
         text = f"{short}: mean {s.get('mean', np.nan):+.2f}, std {s.get('std', np.nan):.2f}"
         if "saturated" in s:
             text += f", saturated {100 * s['saturated']:.1f}%"
@@ -83,21 +123,19 @@ def activation_distribution(rec: Record) -> Figure | None:
             text += f", zero {100 * s['zero']:.1f}%"
         return text
 
-    return _distribution(rec, "layer", names, f"activation distribution (step {_last(rec)})", label)
+    return _distribution(rec, "layer", names, "activation distribution", label)
 
 
 def gradient_distribution(rec: Record) -> Figure | None:
     names = nonlinear_layers(rec)
 
-    def label(short: str, name: str) -> str:
-        s = rec.latest("layer", name)
+    def label(short: str, name: str, step: int) -> str:
+        s = rec.at(step, "layer", name)
         return (
             f"{short}: mean {s.get('grad_mean', np.nan):+.2e}, std {s.get('grad_std', np.nan):.2e}"
         )
 
-    return _distribution(
-        rec, "layer_grad", names, f"gradient distribution (step {_last(rec)})", label
-    )
+    return _distribution(rec, "layer_grad", names, "gradient distribution", label)
 
 
 def weight_params(rec: Record) -> list[str]:
@@ -108,20 +146,18 @@ def weight_params(rec: Record) -> list[str]:
 def weight_gradient_distribution(rec: Record) -> Figure | None:
     names = weight_params(rec)
 
-    def label(short: str, name: str) -> str:
-        s = rec.latest("param", name)
+    def label(short: str, name: str, step: int) -> str:
+        s = rec.at(step, "param", name)
         shape = next(tuple(p["shape"]) for p in rec.params if p["name"] == name)
         return f"{short} {shape}: grad:data {s.get('grad_data', np.nan):.2e}"
 
-    return _distribution(
-        rec, "param_grad", names, f"weight gradient distribution (step {_last(rec)})", label
-    )
+    return _distribution(rec, "param_grad", names, "weight gradient distribution", label)
 
 
 def update_ratio(rec: Record) -> Figure | None:
     names = weight_params(rec) or [p["name"] for p in rec.params]
     short = short_names(names)
-    fig, ax = plt.subplots(figsize=(10, 4))
+    fig, ax = _figure()
     drawn = False
     for name in names:
         steps, values = rec.series("param", name, "update_data")
@@ -132,11 +168,10 @@ def update_ratio(rec: Record) -> Figure | None:
         plt.close(fig)
         return None
     ax.axhline(UPDATE_GUIDE, color="k", linestyle="--", linewidth=1, label="1e-3 (guide)")
-    ax.set_title("update:data ratio, log10(std(Δp) / std(p))")
+    ax.set_title("update:data ratio, log10(rms(Δp) / rms(p))")
     ax.set_xlabel("step")
     ax.set_ylabel("log10 ratio")
-    ax.legend(fontsize=8, loc="upper right", ncol=2)
-    fig.tight_layout()
+    _legend(ax, len(names))
     return fig
 
 
@@ -146,7 +181,7 @@ def loss_curve(rec: Record, window: int | None = None) -> Figure | None:
         return None
     window = window or max(1, len(loss) // 200)
     n = len(loss) // window * window
-    fig, ax = plt.subplots(figsize=(10, 4))
+    fig, ax = _figure()
     with np.errstate(divide="ignore", invalid="ignore"):
         if n >= window and window > 1:
             means = loss[:n].reshape(-1, window).mean(1)
@@ -156,7 +191,6 @@ def loss_curve(rec: Record, window: int | None = None) -> Figure | None:
     ax.set_title(f"training loss (log10, mean of {window} steps)")
     ax.set_xlabel("step")
     ax.set_ylabel("log10 loss")
-    fig.tight_layout()
     return fig
 
 
@@ -166,7 +200,9 @@ def saturation_map(rec: Record) -> Figure | None:
         return None
     layer = rec.meta.get("saturation_layer") or "?"
     m = maps[-1]
-    fig, ax = plt.subplots(figsize=(10, max(2.5, 10 * m.shape[0] / max(m.shape[1], 1))))
+    fig, ax = plt.subplots(
+        figsize=(10, min(8, max(2.5, 10 * m.shape[0] / max(m.shape[1], 1)))), layout="constrained"
+    )
     ax.imshow(m, cmap="gray", interpolation="nearest", vmin=0, vmax=1, aspect="auto")
     kind = rec.kind(layer)
     what = (
@@ -179,7 +215,6 @@ def saturation_map(rec: Record) -> Figure | None:
     ax.set_title(f"{short_names([layer])[layer]} at step {int(steps[-1])}: white = {what}")
     ax.set_xlabel("unit")
     ax.set_ylabel("example")
-    fig.tight_layout()
     return fig
 
 
@@ -192,7 +227,9 @@ def histogram_heatmaps(rec: Record, section: str = "layer") -> Figure | None:
     short = short_names(names)
     cols = min(3, len(names))
     rows = (len(names) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False, layout="constrained"
+    )
     for ax, name in zip(axes.flat, names, strict=False):
         steps, counts, ranges = rec.histogram(section, name)
         finite = np.all(np.isfinite(ranges), axis=1)
@@ -200,6 +237,8 @@ def histogram_heatmaps(rec: Record, section: str = "layer") -> Figure | None:
         if len(steps) == 0:
             continue
         lo, hi = float(ranges[:, 0].min()), float(ranges[:, 1].max())
+        if hi <= lo:  # a constant layer (all zero: dead): a unit-wide band around it
+            lo, hi = lo - 0.5, lo + 0.5
         grid = np.linspace(lo, hi, counts.shape[1] + 1)
         image = np.zeros((counts.shape[1], len(steps)))
         for j, (c, (a, b)) in enumerate(zip(counts, ranges, strict=True)):
@@ -219,7 +258,6 @@ def histogram_heatmaps(rec: Record, section: str = "layer") -> Figure | None:
     for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     fig.suptitle("activation histograms over time (log(1 + count))")
-    fig.tight_layout()
     return fig
 
 
@@ -232,10 +270,6 @@ FIGURES = {
     "saturation": saturation_map,
     "histograms_over_time": histogram_heatmaps,
 }
-
-
-def _last(rec: Record) -> int:
-    return int(rec.rows[-1]["step"]) if rec.rows else 0
 
 
 def png(fig: Figure) -> bytes:

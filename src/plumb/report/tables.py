@@ -22,9 +22,12 @@ class LayerRow:
 
 
 def _weight_of(rec: Record, layer: str) -> str | None:
-    """The layer's weight parameter (``LAYER.weight``), if it has one."""
+    """The layer's weight parameter (``LAYER.weight``), if it has one, under the name the
+    record keeps it (a tied weight is recorded once: ``lm_head.weight`` is an alias of
+    ``wte.weight``)."""
+    name = f"{layer}.weight" if layer else "weight"
     for p in rec.params:
-        if p["layer"] == layer and p["name"].endswith("weight"):
+        if p["name"] == name or name in p.get("aliases", ()):
             return p["name"]
     return None
 

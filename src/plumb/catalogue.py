@@ -1,12 +1,15 @@
 """A catalogue of training set-ups: broken ones that each inject one fault, and healthy
 ones the doctor must pass without a warning. ``plumb doctor --catalogue`` runs it and
-prints the confusion table; the tests assert it.
+prints the confusion table; the tests assert every row.
 
-The faults are the realistic version of each mistake (the lecture's own, and the ones
-practitioners make), at the magnitudes they happen in practice (lr 10x and 1000x off,
-N(0, 1) init, raw pixels), never sized to sit just past a threshold. Data: the bundled
-names (plumb's models), Gaussian class clusters (MLPs) and small synthetic images with
-class-dependent strokes (CNNs), all generated from fixed seeds, offline.
+Two families: plumb's own (the lecture's nets, small torch.nn MLPs and CNNs) and the
+*zoo* (``plumb.zoo``: a pre-LN GPT with tied weights, makemore's RNN and GRU, a CNN with
+BatchNorm2d, a residual MLP), each with its usual recipe, and faults injected into them.
+The faults are the realistic version of each mistake, at the magnitudes they happen in
+practice (lr x100 and / 10^4, N(0, 1) init, raw pixels, a loop without zero_grad), never
+sized to sit just past a threshold. Most set-ups run through ``plumb.diagnose``; faults of
+the training loop itself run the user's loop under ``plumb.Monitor(doctor=True)`` with
+its defaults. Data are generated offline from fixed seeds (or the bundled names).
 """
 
 from __future__ import annotations
@@ -23,20 +26,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from plumb import zoo
+from plumb.doctor import Diagnosis, diagnose
 from plumb.init import kaiming_normal_
 from plumb.models import MLP, ModelConfig, preset_config
+from plumb.monitor import Monitor
+from plumb.zoo import blobs, strokes
 
 Build = Callable[[], tuple[nn.Module, Any, Callable, torch.optim.Optimizer]]
+Loop = Callable[[nn.Module, Any, Callable, torch.optim.Optimizer, Monitor, int], None]
 
 
 @dataclass
 class SetUp:
     name: str
-    family: str  # plumb.nn | torch.nn
+    family: str  # plumb.nn | torch.nn | zoo
     expect: tuple[str, ...]  # codes it must yield (empty: healthy, no warning or error)
     build: Build
     about: str
     steps: int = 100
+    loop: Loop | None = None  # the user's own training loop (run under Monitor(doctor=True))
 
 
 @dataclass
@@ -46,6 +55,7 @@ class Outcome:
     problems: set[str]  # codes with severity warning or error
     seconds: float
     findings: list = field(default_factory=list)
+    diagnosis: Diagnosis | None = None
 
     @property
     def passed(self) -> bool:
@@ -70,65 +80,6 @@ def names_batches(batch: int = 32, seed: int = 0):
     def draw() -> tuple[Tensor, Tensor]:
         ix = torch.randint(0, X.shape[0], (batch,), generator=g)
         return X[ix], Y[ix]
-
-    return draw
-
-
-def blobs(
-    n: int = 4096,
-    features: int = 20,
-    classes: int = 10,
-    batch: int = 64,
-    seed: int = 0,
-    scale: float = 1.0,
-    offset: float = 0.0,
-):
-    """Gaussian clusters: class centres ~ N(0, I), points = centre + N(0, I), then
-    standardised (x * scale + offset gives the un-standardised variants)."""
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(classes, features, generator=g)
-    y = torch.randint(0, classes, (n,), generator=g)
-    x = centres[y] + torch.randn(n, features, generator=g)
-    x = (x - x.mean(0)) / x.std(0)
-    x = x * scale + offset
-    return _sampler(x, y, batch, seed)
-
-
-def strokes(
-    n: int = 2048,
-    classes: int = 4,
-    size: int = 16,
-    batch: int = 64,
-    seed: int = 0,
-    raw: bool = False,
-):
-    """1 x size x size images: a bright bar whose orientation/position is the class, plus
-    noise; pixels in [0, 1] standardised (``raw``: 0-255 bytes as floats, unnormalised)."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, classes, (n,), generator=g)
-    img = 0.2 * torch.rand(n, 1, size, size, generator=g)
-    pos = torch.randint(2, size - 2, (n,), generator=g)
-    for i in range(n):
-        c, p = int(y[i]), int(pos[i])
-        if c == 0:
-            img[i, 0, p, :] = 1.0
-        elif c == 1:
-            img[i, 0, :, p] = 1.0
-        elif c == 2:
-            img[i, 0].diagonal().fill_(1.0)
-        else:
-            img[i, 0].flip(1).diagonal().fill_(1.0)
-    img = img.clamp(0, 1)
-    x = (img * 255).round() if raw else (img - img.mean()) / img.std()
-    return _sampler(x, y, batch, seed)
-
-
-def _sampler(x: Tensor, y: Tensor, batch: int, seed: int):
-    g = torch.Generator().manual_seed(seed + 1)
-
-    def draw() -> tuple[Tensor, Tensor]:
-        ix = torch.randint(0, x.shape[0], (batch,), generator=g)
-        return x[ix], y[ix]
 
     return draw
 
@@ -490,11 +441,11 @@ def _setups() -> list[SetUp]:
             "AdamW at 1e-6 instead of 1e-3",
         ),
         SetUp(
-            "adamw-lr-10x-high",
+            "adamw-lr-100x-high",
             T,
             ("lr-too-high",),
-            adamw_lr(1e-2),
-            "AdamW at 1e-2 instead of 1e-3",
+            adamw_lr(1e-1),
+            "AdamW at 1e-1 instead of 1e-3",
         ),
         SetUp(
             "nan-huge-lr",
@@ -555,17 +506,189 @@ def _setups() -> list[SetUp]:
     ]
 
 
-SETUPS: list[SetUp] = _setups()
+# --- the zoo: real architectures with their usual recipes, and faults injected ---------
+def gpt(init_std: float = 0.02, lr: float = 1e-3, seed: int = 0):
+    """nanoGPT's character-level recipe: AdamW, betas (0.9, 0.99), weight decay 0.1."""
+
+    def build():
+        m = zoo.GPT(zoo.GPTConfig(), init_std=init_std, seed=seed)
+        opt = torch.optim.AdamW(m.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.1)
+        return m, zoo.text_windows(), zoo.sequence_loss, opt
+
+    return build
+
+
+def rnn(cell: str = "rnn", lr: float = 5e-4, recurrent_std: float | None = None):
+    """makemore's recipe: AdamW 5e-4, weight decay 0.01, batch 32."""
+
+    def build():
+        m = zoo.RNNLM(cell=cell)
+        if recurrent_std is not None:
+            with torch.no_grad():
+                for mod in m.cell.modules():
+                    if isinstance(mod, nn.Linear):
+                        mod.weight.normal_(0, recurrent_std)
+        opt = torch.optim.AdamW(m.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
+        return m, zoo.name_sequences(), zoo.sequence_loss, opt
+
+    return build
+
+
+def cnn_recipe(lr: float = 0.05, raw: bool = False, softmax: bool = False, eval_mode: bool = False):
+    """The usual image recipe: SGD, momentum 0.9, weight decay 5e-4."""
+
+    def build():
+        m = zoo.cnn_bn(softmax=softmax)
+        if eval_mode:
+            m.eval()  # left in eval mode after a validation pass
+        opt = torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+        return m, strokes(raw=raw), F.cross_entropy, opt
+
+    return build
+
+
+def resmlp(lr: float = 1e-3, branch_bias: float | None = None):
+    def build():
+        m = zoo.ResMLP()
+        if branch_bias is not None:
+            with torch.no_grad():
+                for block in m.blocks:
+                    block[1].bias.fill_(branch_bias)
+        return m, blobs(), F.cross_entropy, torch.optim.AdamW(m.parameters(), lr=lr)
+
+    return build
+
+
+def no_zero_grad(model, batches, loss_fn, opt, mon, steps) -> None:
+    """A loop that forgets ``optimizer.zero_grad()``: gradients pile up."""
+    for _ in range(steps):
+        x, y = batches()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        mon.step(loss)
+
+
+def validates_in_train_mode(model, batches, loss_fn, opt, mon, steps) -> None:
+    """A loop that evaluates under no_grad every 10 steps but never calls model.eval()."""
+    model.train()
+    for i in range(steps):
+        x, y = batches()
+        loss = loss_fn(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        mon.step(loss)
+        if i % 10 == 9:
+            xv, yv = batches()
+            with torch.no_grad():
+                loss_fn(model(xv), yv)
+
+
+def _zoo() -> list[SetUp]:
+    Z = "zoo"
+    return [
+        SetUp("gpt-adamw", Z, (), gpt(), "pre-LN GPT, tied weights, SDPA, AdamW 1e-3 (nanoGPT)"),
+        SetUp("rnn-adamw", Z, (), rnn("rnn"), "makemore RNN (torch.tanh cell), AdamW 5e-4"),
+        SetUp("gru-adamw", Z, (), rnn("gru"), "makemore GRU (sigmoid/tanh gates), AdamW 5e-4"),
+        SetUp(
+            "cnn-bn-sgd-momentum",
+            Z,
+            (),
+            cnn_recipe(),
+            "CNN with BatchNorm2d, SGD momentum 0.9 lr 0.05, weight decay",
+        ),
+        SetUp("resmlp-adamw", Z, (), resmlp(), "pre-norm residual MLP, AdamW 1e-3"),
+        SetUp(
+            "gpt-init-std-1",
+            Z,
+            ("overconfident-init",),
+            gpt(init_std=1.0),
+            "the GPT initialised N(0, 1) instead of N(0, 0.02) (tied output weight)",
+        ),
+        SetUp("gpt-lr-100x", Z, ("lr-too-high",), gpt(lr=1e-1), "the GPT at AdamW 1e-1"),
+        SetUp("gpt-lr-1e-4x", Z, ("lr-too-low",), gpt(lr=1e-7), "the GPT at AdamW 1e-7"),
+        SetUp(
+            "gpt-no-zero-grad",
+            Z,
+            ("gradients-accumulating",),
+            gpt(),
+            "the GPT's loop without optimizer.zero_grad()",
+            loop=no_zero_grad,
+        ),
+        SetUp(
+            "rnn-init-std-1",
+            Z,
+            ("saturated-activations",),
+            rnn("rnn", recurrent_std=1.0),
+            "the RNN cell's weights N(0, 1) (no 1/sqrt(fan_in)) into torch.tanh",
+        ),
+        SetUp("rnn-lr-1e-4x", Z, ("lr-too-low",), rnn("rnn", lr=5e-8), "the RNN at AdamW 5e-8"),
+        SetUp("gru-lr-100x", Z, ("lr-too-high",), rnn("gru", lr=5e-2), "the GRU at AdamW 5e-2"),
+        SetUp(
+            "cnn-bn-left-in-eval",
+            Z,
+            ("batchnorm-eval-mode-in-training",),
+            cnn_recipe(eval_mode=True),
+            "the CNN trained after model.eval()",
+        ),
+        SetUp(
+            "cnn-validates-in-train-mode",
+            Z,
+            ("batchnorm-train-mode-in-eval",),
+            cnn_recipe(),
+            "the CNN's loop validates under no_grad without model.eval()",
+            loop=validates_in_train_mode,
+        ),
+        SetUp(
+            "cnn-raw-pixels",
+            Z,
+            ("unnormalized-inputs",),
+            cnn_recipe(raw=True),
+            "the CNN fed 0-255 pixels",
+        ),
+        SetUp(
+            "cnn-softmax-into-ce",
+            Z,
+            ("double-softmax",),
+            cnn_recipe(softmax=True),
+            "the CNN ends in Softmax and trains with cross_entropy",
+        ),
+        SetUp(
+            "cnn-lr-100x", Z, ("lr-too-high",), cnn_recipe(lr=5.0), "the CNN at SGD momentum lr 5"
+        ),
+        SetUp(
+            "resmlp-dead-relu",
+            Z,
+            ("dead-units",),
+            resmlp(branch_bias=-3.0),
+            "the residual MLP's branch ReLUs behind biases of -3",
+        ),
+        SetUp(
+            "resmlp-no-zero-grad",
+            Z,
+            ("gradients-accumulating",),
+            resmlp(),
+            "the residual MLP's loop without optimizer.zero_grad()",
+            loop=no_zero_grad,
+        ),
+    ]
+
+
+SETUPS: list[SetUp] = _setups() + _zoo()
 
 
 def run_setup(setup: SetUp) -> Outcome:
-    from plumb.doctor import diagnose
-
     model, batches, loss_fn, opt = setup.build()
     t0 = time.perf_counter()
-    diag = diagnose(model, batches, loss_fn, opt, steps=setup.steps)
+    if setup.loop is None:
+        diag = diagnose(model, batches, loss_fn, opt, steps=setup.steps)
+    else:
+        with Monitor(model, optimizer=opt, doctor=True) as mon:
+            setup.loop(model, batches, loss_fn, opt, mon, setup.steps)
+        diag = mon.diagnosis
     problems = {f.code for f in diag.findings if f.severity in ("error", "warning")}
-    return Outcome(setup, diag.codes, problems, time.perf_counter() - t0, diag.findings)
+    return Outcome(setup, diag.codes, problems, time.perf_counter() - t0, diag.findings, diag)
 
 
 def run_catalogue(names: list[str] | None = None) -> list[Outcome]:
