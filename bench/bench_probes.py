@@ -1,16 +1,27 @@
-"""Cost of the probes: microseconds per lecture-deep training step, with and without a Monitor.
+"""Cost of the probes: microseconds per training step, with and without a Monitor.
 
-Same process, batch 32, CPU, 1 thread, plumb's layers and SGD. Configurations:
+Two models, each with its usual recipe, same process, CPU, 1 thread:
+
+    lecture-deep   plumb's 5 x [Linear, BatchNorm1d, Tanh] MLP, batch 32, SGD 0.1
+    gpt            plumb.zoo.GPT (4 pre-LN blocks, n_embd 64, tied weights, SDPA),
+                   16 x 32 characters, AdamW 1e-3
+
+Configurations:
 
     plain       the bare training step
     default     plumb.Monitor(model) at its default cadence (every=50, histograms every 500)
+    record      plumb.Monitor(model, every=1, hist_every=10**9): a record step every step
+                (no histograms): the cost of one record step is record - plain
     every-step  plumb.Monitor(model, every=1, hist_every=1): every statistic, every step
-    notebook    the lecture's loop: update ratios read with .item() for every parameter, every step
+    notebook    (lecture-deep) the lecture's loop: update ratios read with .item() for
+                every parameter, every step
 
-Blocks of steps alternate between configurations so that drift in machine speed hits all;
-the figure is the median over blocks. Targets (issue 3): default <= 1.05x, every-step <= 1.3x.
+Configurations take turns step by step so that drift in machine speed hits all alike;
+the figure is each configuration's mean time per step (record steps included) in a round,
+the median over rounds. Targets: default <= 1.05x (issues 3 and 12),
+every-step <= 1.3x (issue 3; met only inside a compiled step, see the README).
 
-    python bench/bench_probes.py [--blocks 9] [--steps 300] [--json out.json]
+    python bench/bench_probes.py [--models lecture-deep,gpt] [--rounds 5] [--steps 500] [--json out.json]
 """
 
 from __future__ import annotations
@@ -25,7 +36,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from plumb import Monitor
+from plumb import Monitor, zoo
 from plumb.data import load_dataset
 from plumb.models import MLP, preset_config
 from plumb.optim import SGD
@@ -33,24 +44,54 @@ from plumb.optim import SGD
 CONFIGS = {
     "plain": None,
     "default": {},
+    "record": {"every": 1, "hist_every": 10**9},
     "every-step": {"every": 1, "hist_every": 1},
     "notebook": "notebook",
 }
 
 
-def make(vocab: int, X, Y, mode):
-    g = torch.Generator().manual_seed(1)
-    model = MLP(preset_config("lecture-deep", vocab_size=vocab), g)
-    opt = SGD(model.parameters(), lr=0.1)
+def lecture_deep():
+    data = load_dataset()
+    X, Y = data.train.X, data.train.Y
+
+    def build():
+        g = torch.Generator().manual_seed(1)
+        model = MLP(preset_config("lecture-deep", vocab_size=data.vocab.size), g)
+        opt = SGD(model.parameters(), lr=0.1)
+
+        def batch():
+            ix = torch.randint(0, X.shape[0], (32,), generator=g)
+            return X[ix], Y[ix].long()
+
+        return model, opt, batch, F.cross_entropy
+
+    return build
+
+
+def gpt():
+    def build():
+        model = zoo.GPT(zoo.GPTConfig(), seed=1)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
+        return model, opt, zoo.text_windows(seed=1), zoo.sequence_loss
+
+    return build
+
+
+MODELS = {"lecture-deep": lecture_deep, "gpt": gpt}
+
+
+def make(build, mode):
+    model, opt, batch, loss_fn = build()
     params = list(model.parameters())
-    mon = Monitor(model, **mode) if isinstance(mode, dict) else None
+    mon = Monitor(model, report=False, **mode) if isinstance(mode, dict) else None
     if mon is not None:
         mon.attach()
     ud: list[list[float]] = []
+    lr = opt.param_groups[0]["lr"]
 
     def step() -> None:
-        ix = torch.randint(0, X.shape[0], (32,), generator=g)
-        loss = F.cross_entropy(model(X[ix]), Y[ix].long())
+        x, y = batch()
+        loss = loss_fn(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -58,47 +99,71 @@ def make(vocab: int, X, Y, mode):
             mon.step(loss)
         elif mode == "notebook":
             with torch.no_grad():
-                ud.append([((0.1 * p.grad).std() / p.data.std()).log10().item() for p in params])
+                ud.append([((lr * p.grad).std() / p.data.std()).log10().item() for p in params])
 
     return step, mon
 
 
+def bench(name: str, rounds: int, steps: int) -> dict[str, dict[str, float]]:
+    """Every configuration steps in turn, one step at a time (the order rotating), so
+    that the machine's drift, which on a shared VM is larger than the effect measured,
+    hits all alike; ``rounds`` times ``steps`` steps each, a multiple of the default
+    cadence (50) so that record steps count at their share. The figure is the mean over
+    all steps (record steps included), the median over rounds."""
+    build = MODELS[name]()
+    configs = {k: v for k, v in CONFIGS.items() if k != "notebook" or name == "lecture-deep"}
+    runs = {k: make(build, mode) for k, mode in configs.items()}
+    names = list(runs)
+    for step, _ in runs.values():  # warm up (and past step 0's one-off work)
+        for _ in range(60):
+            step()
+    per_round: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(rounds):
+        total = dict.fromkeys(names, 0.0)
+        for i in range(steps):
+            for k in names[i % len(names) :] + names[: i % len(names)]:
+                t0 = time.perf_counter()
+                runs[k][0]()
+                total[k] += time.perf_counter() - t0
+        for k in names:
+            per_round[k].append(total[k] / steps * 1e6)
+    for _, mon in runs.values():
+        if mon is not None:
+            mon.close()
+    med = {k: statistics.median(v) for k, v in per_round.items()}
+    return {k: {"us_per_step": us, "ratio": us / med["plain"]} for k, us in med.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--blocks", type=int, default=9)
-    ap.add_argument("--steps", type=int, default=300, help="steps per block")
+    ap.add_argument("--models", default="lecture-deep,gpt")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=500, help="steps per round (a multiple of 50)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    data = load_dataset()
-    X, Y = data.train.X, data.train.Y
-    steps = {name: make(data.vocab.size, X, Y, mode) for name, mode in CONFIGS.items()}
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for step, _ in steps.values():  # warm up
-        for _ in range(100):
-            step()
-    for _ in range(args.blocks):
-        for name, (step, _) in steps.items():
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                step()
-            times[name].append((time.perf_counter() - t0) / args.steps * 1e6)
-    for _, mon in steps.values():
-        if mon is not None:
-            mon.close(write_report=False)
-    med = {k: statistics.median(v) for k, v in times.items()}
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1 thread, torch {torch.__version__}"
-    print(f"lecture-deep training step with probes, batch 32, CPU ({machine})")
     targets = {"default": 1.05, "every-step": 1.3}
-    results = {}
-    for name, us in med.items():
-        ratio = us / med["plain"]
-        results[name] = {"us_per_step": us, "ratio": ratio}
-        target = f"   (target <= {targets[name]})" if name in targets else ""
-        print(f"  {name:<11} {us:8.1f} us/step   {ratio:5.2f}x{target}")
+    out: dict[str, object] = {"machine": machine}
+    for name in args.models.split(","):
+        steps = args.steps if name == "lecture-deep" else max(100, args.steps // 5)
+        results = bench(name, args.rounds, steps)
+        out[name] = results
+        print(
+            f"{name} training step with probes, CPU ({machine}), "
+            f"{args.rounds} rounds of {steps} interleaved steps"
+        )
+        for k, r in results.items():
+            target = f"   (target <= {targets[k]})" if k in targets else ""
+            print(f"  {k:<11} {r['us_per_step']:9.1f} us/step   {r['ratio']:5.2f}x{target}")
+        cost = results["record"]["us_per_step"] - results["plain"]["us_per_step"]
+        print(
+            f"  one record step costs {cost / 1000:.2f} ms over a plain step (histograms: "
+            f"{(results['every-step']['us_per_step'] - results['record']['us_per_step']) / 1000:.2f} ms more)"
+        )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine, **results}, f, indent=2)
+            json.dump(out, f, indent=2)
 
 
 if __name__ == "__main__":
