@@ -1,7 +1,16 @@
+import functools
+
 import pytest
 import torch
 
+from plumb.catalogue import SETUPS, Outcome, run_setup
 from plumb.data import load_dataset
+
+
+@functools.cache
+def catalogue_outcome(name: str) -> Outcome:
+    """One catalogue set-up diagnosed once per test session (several tests read it)."""
+    return run_setup(next(s for s in SETUPS if s.name == name))
 
 
 @pytest.fixture(scope="session")

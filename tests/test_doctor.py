@@ -4,10 +4,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import catalogue_outcome
 from torch import nn
 
 import plumb
-from plumb.catalogue import SETUPS, blobs, confusion_table, mlp, plumb_model, run_setup
+from plumb.catalogue import SETUPS, blobs, confusion_table, mlp, plumb_model
 from plumb.cli import main
 from plumb.doctor import CODES, Finding, diagnose, rules
 from plumb.doctor.rules import median_update
@@ -24,7 +25,7 @@ def _strict_rules(monkeypatch):
 
 @pytest.mark.parametrize("setup", SETUPS, ids=[s.name for s in SETUPS])
 def test_catalogue(setup):
-    outcome = run_setup(setup)
+    outcome = catalogue_outcome(setup.name)
     if setup.expect:
         missing = set(setup.expect) - outcome.codes
         assert not missing, f"{setup.name}: missing {missing}, found {outcome.codes}"
