@@ -6,6 +6,9 @@ Two models, each with its usual recipe, same process, CPU, 1 thread:
     gpt            plumb.zoo.GPT (4 pre-LN blocks, n_embd 64, tied weights, SDPA),
                    16 x 32 characters, AdamW 1e-3
 
+lecture-deep runs twice: under the eager engine (autograd and hooks) and under the fused
+engine (plumb.fused: a record step measures the same statistics inside its compiled graph).
+
 Configurations:
 
     plain       the bare training step
@@ -16,9 +19,9 @@ Configurations:
     notebook    (lecture-deep) the lecture's loop: update ratios read with .item() for
                 every parameter, every step
 
-Configurations take turns step by step so that drift in machine speed hits all alike;
-the figure is each configuration's mean time per step (record steps included) in a round,
-the median over rounds. Targets: default <= 1.05x (issues 3 and 12),
+Blocks of 50 steps (one default record step each) alternate between the configurations so
+that drift in machine speed hits all alike; the figure is the median over blocks of the
+mean time per step (record steps included). Targets: default <= 1.05x (issues 3 and 12),
 every-step <= 1.3x (issue 3; met only inside a compiled step, see the README).
 
     python bench/bench_probes.py [--models lecture-deep,gpt] [--rounds 5] [--steps 500] [--json out.json]
@@ -40,6 +43,7 @@ from plumb import Monitor, zoo
 from plumb.data import load_dataset
 from plumb.models import MLP, preset_config
 from plumb.optim import SGD
+from plumb.train import FusedEngine
 
 CONFIGS = {
     "plain": None,
@@ -80,6 +84,24 @@ def gpt():
 MODELS = {"lecture-deep": lecture_deep, "gpt": gpt}
 
 
+def make_fused(build, mode):
+    """The fused engine's step; with a Monitor, its record steps measure in the graph."""
+    model, opt, batch, _ = build()
+    engine = FusedEngine(model, opt)
+    mon = Monitor(model, report=False, **mode) if isinstance(mode, dict) else None
+    if mon is not None:
+        mon.attach()
+        mon.external = True
+
+    def step() -> None:
+        x, y = batch()
+        loss, _, measured = engine(x, y, None, 0, mon)
+        if mon is not None:
+            mon.step(loss, measured)
+
+    return step, mon
+
+
 def make(build, mode):
     model, opt, batch, loss_fn = build()
     params = list(model.parameters())
@@ -104,33 +126,35 @@ def make(build, mode):
     return step, mon
 
 
-def bench(name: str, rounds: int, steps: int) -> dict[str, dict[str, float]]:
-    """Every configuration steps in turn, one step at a time (the order rotating), so
-    that the machine's drift, which on a shared VM is larger than the effect measured,
-    hits all alike; ``rounds`` times ``steps`` steps each, a multiple of the default
-    cadence (50) so that record steps count at their share. The figure is the mean over
-    all steps (record steps included), the median over rounds."""
+def bench(name: str, rounds: int, steps: int, fused: bool = False) -> dict[str, dict[str, float]]:
+    """Blocks of 50 steps (the default cadence: one record step each) alternate between
+    the configurations, so that the machine's drift, which on a shared VM is larger than
+    the effect measured, hits all alike; ``rounds`` x ``steps`` steps each. The figure
+    is the median over blocks of the mean time per step (record steps included)."""
     build = MODELS[name]()
-    configs = {k: v for k, v in CONFIGS.items() if k != "notebook" or name == "lecture-deep"}
-    runs = {k: make(build, mode) for k, mode in configs.items()}
+    configs = {
+        k: v
+        for k, v in CONFIGS.items()
+        if k != "notebook" or (name == "lecture-deep" and not fused)
+    }
+    runs = {k: (make_fused if fused else make)(build, mode) for k, mode in configs.items()}
     names = list(runs)
     for step, _ in runs.values():  # warm up (and past step 0's one-off work)
         for _ in range(60):
             step()
-    per_round: dict[str, list[float]] = {k: [] for k in names}
-    for r in range(rounds):
-        total = dict.fromkeys(names, 0.0)
-        for i in range(steps):
-            for k in names[i % len(names) :] + names[: i % len(names)]:
-                t0 = time.perf_counter()
-                runs[k][0]()
-                total[k] += time.perf_counter() - t0
-        for k in names:
-            per_round[k].append(total[k] / steps * 1e6)
+    per_block: dict[str, list[float]] = {k: [] for k in names}
+    block = 50
+    for r in range(rounds * max(1, steps // block)):
+        for k in names[r % len(names) :] + names[: r % len(names)]:
+            step = runs[k][0]
+            t0 = time.perf_counter()
+            for _ in range(block):
+                step()
+            per_block[k].append((time.perf_counter() - t0) / block * 1e6)
     for _, mon in runs.values():
         if mon is not None:
             mon.close()
-    med = {k: statistics.median(v) for k, v in per_round.items()}
+    med = {k: statistics.median(v) for k, v in per_block.items()}
     return {k: {"us_per_step": us, "ratio": us / med["plain"]} for k, us in med.items()}
 
 
@@ -145,13 +169,17 @@ def main() -> None:
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1 thread, torch {torch.__version__}"
     targets = {"default": 1.05, "every-step": 1.3}
     out: dict[str, object] = {"machine": machine}
-    for name in args.models.split(","):
+    runs = [(name, False) for name in args.models.split(",")]
+    if "lecture-deep" in args.models.split(","):
+        runs.append(("lecture-deep", True))
+    for name, fused in runs:
         steps = args.steps if name == "lecture-deep" else max(100, args.steps // 5)
-        results = bench(name, args.rounds, steps)
-        out[name] = results
+        results = bench(name, args.rounds, steps, fused)
+        label = f"{name} (fused engine)" if fused else f"{name} (eager engine)"
+        out[label] = results
         print(
-            f"{name} training step with probes, CPU ({machine}), "
-            f"{args.rounds} rounds of {steps} interleaved steps"
+            f"{label} training step with probes, CPU ({machine}), "
+            f"{args.rounds} rounds of {steps} steps in alternating blocks of 50"
         )
         for k, r in results.items():
             target = f"   (target <= {targets[k]})" if k in targets else ""

@@ -102,6 +102,13 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="torch.compile the model: ~2x faster steps on CPU after a ~20 s compile; not bit-exact",
     )
+    g.add_argument(
+        "--engine",
+        choices=("auto", "eager", "fused"),
+        help="auto (default): the fused engine (compiled whole step, hand-written backward) "
+        "for runs of 20,000+ steps of plumb's MLP, else eager; eager: autograd, bit-exact "
+        "with the notebook",
+    )
     g.add_argument("--print-every", type=int)
     g.add_argument(
         "--checkpoint-every",
@@ -110,9 +117,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--on-nonfinite",
-        choices=("stop", "skip"),
+        choices=("stop", "skip", "continue"),
         help="a NaN/Inf loss or gradient: stop (exit 3, keep the last good checkpoint; "
-        "default) or skip that step's update",
+        "default), skip that step's update, or continue (update anyway; eager engine)",
     )
     g.add_argument(
         "--resume",
@@ -231,6 +238,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"doctor at step {step}: [{f.severity}] {f.code} @ {f.where}: {f.message}", flush=True
         )
 
+    def on_engine(why: str) -> None:
+        print(f"plumb: {why}", flush=True)
+
     run = train_run(
         model_cfg,
         train_cfg,
@@ -238,6 +248,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.data,
         progress=not args.no_progress,
         on_print=on_print,
+        on_engine=on_engine,
         samples=args.samples,
         report=not args.no_report,
         tensorboard=tensorboard,
@@ -248,7 +259,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     m = run.metrics
     print(
         f"parameters {m['num_parameters']:,}  step-0 loss {m['step0_loss']:.4f}  "
-        f"({m['train_seconds']:.1f} s, {m['us_per_step']:.0f} us/step)"
+        f"({m['train_seconds']:.1f} s, {m['us_per_step']:.0f} us/step"
+        + (f"; {m['compile_seconds']:.1f} s of it compiling" if m.get("compile_seconds") else "")
+        + ")"
     )
     print("loss (eval mode): " + "  ".join(f"{k} {v:.4f}" for k, v in m["loss"].items()))
     if run.samples:

@@ -59,7 +59,10 @@ def run_stage(
     )
     model = MLP(cfg, g)
     tdefaults = PRESET_TRAIN[f"lecture-mlp:{stage}"]
-    tcfg = TrainConfig(**{**tdefaults, "steps": tdefaults["steps"] if steps is None else steps})
+    # the eager engine: autograd, the notebook's ops in its order (bit-exact)
+    tcfg = TrainConfig(
+        **{**tdefaults, "steps": tdefaults["steps"] if steps is None else steps, "engine": "eager"}
+    )
     printed: list[tuple[int, float]] = []
     result = train(
         model, data, tcfg, g, progress=progress, on_print=lambda i, v: printed.append((i, v))

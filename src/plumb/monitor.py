@@ -76,8 +76,8 @@ class Monitor(Probes):
         if self.doctor is not None:
             self.doctor.start()
 
-    def step(self, loss: Any) -> None:
-        super().step(loss)
+    def step(self, loss: Any, measured: Any = None) -> None:
+        super().step(loss, measured)
         if self.doctor is not None:
             self.doctor.observe(loss)
 

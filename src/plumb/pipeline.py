@@ -125,6 +125,7 @@ def train_run(
     on_finding=None,
     resume: bool = False,
     steps: int | None = None,
+    on_engine=None,
 ) -> TrainedRun:
     """Load data, build the model (vocab size and block size from the data), train with
     the probes attached (unless ``train_cfg.probes`` is off), evaluate every split in eval
@@ -195,6 +196,7 @@ def train_run(
                 done_losses=ckpt.losses if ckpt is not None else None,
                 on_checkpoint=checkpoint,
                 should_stop=signals.requested,
+                on_engine=on_engine,
             )
         status = {None: "complete", "signal": "interrupted", "nonfinite": "diverged"}[
             result.stopped
@@ -256,7 +258,9 @@ def _finish(
         "bn_calibrated": bool(calibrated),
         "num_parameters": model.num_parameters(),
         "train_seconds": result.seconds,
-        "us_per_step": 1e6 * result.seconds / max(result.steps_done - result.start, 1),
+        "engine": result.engine,
+        "compile_seconds": result.compile_seconds,
+        "us_per_step": result.us_per_step,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

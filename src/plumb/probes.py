@@ -261,6 +261,30 @@ class Layout:
 
 
 @dataclass
+class Measured:
+    """A record step's statistics before they are merged per key: the ``Plan`` that
+    computed them, the rows' sufficient statistics (several parts merge), the stacked
+    groups (for histograms), and what the layout needs (forward order, shapes, kinds,
+    positions seen per unit; chains when the engine knows them)."""
+
+    plan: Plan
+    stats: list[RowStats]
+    stacks: list[Tensor]
+    smap: Tensor | None = None
+    order: list[str] = field(default_factory=list)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    kinds: dict[str, str] = field(default_factory=dict)
+    positions: dict[str, int] = field(default_factory=dict)
+    carry: list[str] = field(default_factory=list)
+    carried: list[Tensor] = field(default_factory=list)
+    chains: list[list[str]] | None = None
+    # histograms the engine already counted (one row per key: on the key's own range)
+    counts: Tensor | None = None
+    ranges: Tensor | None = None
+    hist_keys: list[tuple[str, str]] | None = None
+
+
+@dataclass
 class Snapshot:
     """What one record step measured, still on the device (see ``Probes.flush``)."""
 
@@ -379,6 +403,7 @@ class Probes:
         self._mode_handles: list[Any] = []
         self._armed = False
         self._attached = False
+        self._external = False
         self._reset_step()
         # what the record steps learned, for the doctor and the views
         self.order: list[str] = []  # layer keys of the last record step, in forward order
@@ -537,7 +562,7 @@ class Probes:
 
     def _arm(self) -> None:
         """Attach hooks for the coming record step and remember the parameters."""
-        if not self._is_record(self.step_count) or self._armed:
+        if not self._is_record(self.step_count) or self._armed or self._external:
             return
         self._armed = True
         for name, m in self._named.items():
@@ -793,15 +818,18 @@ class Probes:
         return plan
 
     # ----- per step ------------------------------------------------------------------------
-    def step(self, loss: Tensor | float) -> None:
-        """Call once per training step, after ``optimizer.step()``."""
+    def step(self, loss: Tensor | float, measured: Measured | None = None) -> None:
+        """Call once per training step, after ``optimizer.step()``. ``measured``: the
+        record step's statistics from an engine that measures for itself (``external``)."""
         if not self._attached:
             raise PlumbError("Monitor.step() called outside `with Monitor(...)`")
         if isinstance(loss, Tensor):
             self._losses.append(loss.detach().reshape(()).float())
         else:
             self._losses.append(torch.tensor(float(loss)))
-        if self._armed:
+        if measured is not None and self._is_record(self.step_count):
+            self.snapshots.append(self._snapshot(self.step_count, measured))
+        elif self._armed:
             self.snapshots.append(self._measure(self.step_count))
             self._disarm()
         self.step_count += 1
@@ -810,6 +838,7 @@ class Probes:
         self._arm()
 
     def _measure(self, step: int) -> Snapshot:
+        """A record step of the hooks: the held calls' and the parameters' statistics."""
         held = self._held
         rows, tensors = self._layer_rows(held)
         carry: list[str] = []
@@ -826,42 +855,7 @@ class Probes:
         hist = step % self.hist_every == 0
         plan = self._plan(rows, tensors)
         stats, stacks, smap = plan.row_stats(tensors, self._prev, satmap=hist)
-        merged = merge([*self._partials, stats], self._merge_cache)
         ordered = sorted(held, key=lambda cg: cg[0].seq)
-        order = list(dict.fromkeys(c.key for c, _ in ordered))
-        shapes: dict[str, tuple[int, ...]] = {}
-        for c, _ in ordered:
-            shapes.setdefault(c.key, tuple(c.out.shape))
-        dead_keys = [
-            k for (s, k) in merged.keys if s == "layer" and ("layer", k) in merged.unit_off
-        ]
-        dead_vals = [merged.unit_off[("layer", k)].mean() for k in dead_keys]
-        self._update_window(merged, dead_keys, held)
-        hist_keys = [k for k in merged.keys if k[0] in HISTOGRAMS] if hist else []
-        counts = ranges = None
-        if hist and hist_keys:
-            counts = plan.histograms(stacks, merged, hist_keys)
-            at = merged.index()
-            idx = torch.tensor([at[k] for k in hist_keys], device=merged.values.device)
-            ranges = merged.values[idx][:, 3:5].float()
-        layout = Layout(
-            keys=list(merged.keys),
-            calls=list(merged.calls),
-            order=order,
-            kinds={k: self.kinds.get(k, "other") for k in order},
-            shapes=shapes,
-            dead=dead_keys,
-            carry=carry,
-            hist_keys=hist_keys,
-            params=[n for n, _ in self.params],
-        )
-        parts = [merged.values.reshape(-1)]
-        parts += [torch.stack(dead_vals).reshape(-1).double()] if dead_vals else []
-        parts += [torch.stack(carried).double().to(merged.values.device)] if carried else []
-        values = torch.cat(parts) if len(parts) > 1 else parts[0]
-        self.order, self.shapes = order, shapes
-        if self.chains is None and order:
-            self.chains = self._build_chains(order)
         if self.keep:
             self.tensors = {}
             for c, g in ordered:
@@ -870,22 +864,96 @@ class Probes:
                         c.out.float().cpu(),
                         g.float().cpu() if g is not None else None,
                     )
-        return Snapshot(step, layout, values, counts, ranges, smap if hist else None)
+        measured = Measured(plan, [*self._partials, stats], stacks, smap)
+        measured.order = list(dict.fromkeys(c.key for c, _ in ordered))
+        for c, _ in ordered:
+            measured.shapes.setdefault(c.key, tuple(c.out.shape))
+            measured.kinds.setdefault(c.key, c.kind)
+            ud = unit_dim(c.kind, c.out.dim())
+            if ud is not None:
+                measured.positions[c.key] = measured.positions.get(c.key, 0) + (
+                    c.out.numel() // c.out.shape[ud]
+                )
+        measured.carry, measured.carried = carry, carried
+        return self._snapshot(step, measured)
 
-    def _update_window(self, merged: Merged, dead_keys: list[str], held) -> None:
+    def _snapshot(self, step: int, m: Measured) -> Snapshot:
+        """Merge a record step's statistics per key and lay them out for the host."""
+        hist = step % self.hist_every == 0
+        merged = merge(m.stats, self._merge_cache)
+        dead_keys = [
+            k for (s, k) in merged.keys if s == "layer" and ("layer", k) in merged.unit_off
+        ]
+        dead_vals = [merged.unit_off[("layer", k)].mean() for k in dead_keys]
+        self._update_window(merged, dead_keys, m.positions)
+        hist_keys = [k for k in merged.keys if k[0] in HISTOGRAMS] if hist else []
+        counts = ranges = None
+        if hist and m.counts is not None:
+            hist_keys, counts, ranges = list(m.hist_keys), m.counts, m.ranges
+        elif hist and hist_keys:
+            counts = m.plan.histograms(m.stacks, merged, hist_keys)
+            at = merged.index()
+            idx = torch.tensor([at[k] for k in hist_keys], device=merged.values.device)
+            ranges = merged.values[idx][:, 3:5].float()
+        smap = None
+        if hist:
+            smap = m.smap if m.smap is not None or not m.stacks else m.plan.satmap(m.stacks)
+        self.kinds.update(m.kinds)
+        layout = Layout(
+            keys=list(merged.keys),
+            calls=list(merged.calls),
+            order=m.order,
+            kinds={k: self.kinds.get(k, "other") for k in m.order},
+            shapes=m.shapes,
+            dead=dead_keys,
+            carry=m.carry,
+            hist_keys=hist_keys,
+            params=[n for n, _ in self.params],
+        )
+        parts = [merged.values.reshape(-1)]
+        parts += [torch.stack(dead_vals).reshape(-1).double()] if dead_vals else []
+        parts += [torch.stack(m.carried).double().to(merged.values.device)] if m.carried else []
+        values = torch.cat(parts) if len(parts) > 1 else parts[0]
+        self.order, self.shapes = m.order, m.shapes
+        if self.chains is None and m.chains is not None:
+            self.chains = m.chains
+        elif self.chains is None and m.order:
+            self.chains = self._build_chains(m.order)
+        return Snapshot(step, layout, values, counts, ranges, smap)
+
+    def _update_window(
+        self, merged: Merged, dead_keys: list[str], positions: dict[str, int]
+    ) -> None:
         """Per-unit 'off at every record step' since ``reset_window`` (the doctor's dead
         units), and how many examples (positions) each unit has seen."""
         for k in dead_keys:
             mask = merged.unit_off[("layer", k)]
             prev = self._window_off.get(k)
             self._window_off[k] = mask if prev is None or prev.shape != mask.shape else prev * mask
-        units: dict[str, int] = {}
-        for c, _ in held:
-            ud = unit_dim(c.kind, c.out.dim())
-            if c.key in dead_keys and ud is not None:
-                units[c.key] = units.get(c.key, 0) + c.out.numel() // c.out.shape[ud]
-        for k, n in units.items():
-            self._window_examples[k] = self._window_examples.get(k, 0) + n
+            self._window_examples[k] = self._window_examples.get(k, 0) + positions.get(k, 0)
+
+    # ----- an engine that measures for itself ------------------------------------------------
+    @property
+    def external(self) -> bool:
+        """True when the training step measures itself and hands the result to ``step``
+        (``plumb.fused``): no hooks are attached then."""
+        return self._external
+
+    @external.setter
+    def external(self, on: bool) -> None:
+        self._external = bool(on)
+        if on and self._armed:
+            self._disarm()
+        elif not on and self._attached:
+            self._arm()
+
+    def wants_record(self) -> bool:
+        """Whether the coming step is a record step."""
+        return self._is_record(self.step_count)
+
+    def wants_histograms(self) -> bool:
+        """Whether the coming step is a histogram step."""
+        return self.step_count % self.hist_every == 0
 
     def reset_window(self) -> None:
         """Start a new window for dead units (units must be active somewhere in it)."""

@@ -267,15 +267,8 @@ class Plan:
                 all_off = per_unit.all(1).to(torch.float64)
                 for j, pos in enumerate(kg.positions):
                     units.append((base + pos, all_off[j]))
-                if (
-                    satmap
-                    and self.satmap_row is not None
-                    and self.satmap_row[0] == gi
-                    and self.satmap_row[1] in kg.positions
-                ):
-                    j = kg.positions.index(self.satmap_row[1])
-                    m = per_unit[j].view(kg.shape[0], -1, kg.shape[ud]).float().mean(1)
-                    smap = m[:256, :256].to(torch.float16)
+                if satmap and self.satmap_row is not None and self.satmap_row[0] == gi:
+                    smap = self.satmap(stacks) if smap is None else smap
             n = torch.full_like(off, float(g.numel))
             cols.append(
                 torch.stack(
@@ -294,6 +287,39 @@ class Plan:
         values = torch.cat(cols) if cols else torch.zeros(0, N_STATS, dtype=torch.float64)
         return RowStats(list(self.keys), values, units), stacks, smap
 
+    def satmap(self, stacks: list[Tensor]) -> Tensor | None:
+        """(examples, units) fraction of positions off, of the saturation layer's first
+        call (at most 256 x 256, float16), from the stacked groups of ``row_stats``."""
+        if self.satmap_row is None:
+            return None
+        gi, pos = self.satmap_row
+        row = self.rows[self.groups[gi].members[pos]]
+        ud = unit_dim(row.kind, len(row.shape))
+        if ud is None:
+            return None
+        mask = off_mask(row.kind, stacks[gi][pos].view(row.shape)).movedim(ud, -1)
+        m = mask.reshape(row.shape[0], -1, row.shape[ud]).float().mean(1)
+        return m[:256, :256].to(torch.float16)
+
+    def unit_rows(self) -> list[int]:
+        """The RowStats row of each per-unit mask ``row_stats`` returns, in its order."""
+        out, base = [], 0
+        for g in self.groups:
+            for kg in g.kinds:
+                if unit_dim(kg.kind, len(kg.shape)) is not None:
+                    out += [base + pos for pos in kg.positions]
+            base += len(g.members) + (0 if g.params is None else g.params.stop - g.params.start)
+        return out
+
+    def param_rows(self) -> dict[int, list[int]]:
+        """numel -> the rows (indices into ``rows``) of the parameters whose values before
+        the update ``row_stats`` wants stacked in ``prev[numel]``, in that order."""
+        out = {}
+        for g in self.groups:
+            if g.params is not None:
+                out[g.numel] = g.members[g.params]
+        return out
+
     @torch.no_grad()
     def histograms(
         self, stacks: list[Tensor], merged: Merged, hist_keys: list[tuple[str, str]]
@@ -302,32 +328,56 @@ class Plan:
         [min, max] (``bins`` equal bins; NaN values count in bin 0)."""
         where = {k: i for i, k in enumerate(hist_keys)}
         at = merged.index()
-        device = merged.values.device
-        binned = []
-        base = 0
-        for g, X in zip(self.groups, stacks, strict=True):
-            keys = self.keys[base : base + g.n_hist]
+        rows = self.hist_rows()
+        keep = [(r, k) for r, k in rows if k in where]
+        kidx = torch.tensor([at[k] for _, k in keep], device=merged.values.device)
+        lo = merged.values[kidx, 3].float()
+        hi = merged.values[kidx, 4].float()
+        return self.count(
+            stacks, [r for r, _ in keep], [where[k] for _, k in keep], lo, hi, len(hist_keys)
+        )
+
+    def hist_rows(self) -> list[tuple[tuple[int, int], tuple[str, str]]]:
+        """((group, row in the group's stack), key) of every histogrammed row."""
+        out, base = [], 0
+        for gi, g in enumerate(self.groups):
+            out += [((gi, j), self.keys[base + j]) for j in range(g.n_hist)]
             base += len(g.members) + (0 if g.params is None else g.params.stop - g.params.start)
-            keep = [j for j, k in enumerate(keys) if k in where]
-            if not keep:
-                continue
-            rows = X if len(keep) == X.shape[0] else X[torch.tensor(keep, device=X.device)]
-            kidx = torch.tensor([at[keys[j]] for j in keep], device=device)
-            hidx = torch.tensor(
-                [where[keys[j]] for j in keep], device=X.device, dtype=torch.float32
-            )
-            lo = merged.values[kidx, 3].float()
-            hi = merged.values[kidx, 4].float()
-            scale = self.bins / (hi - lo).clamp_min(torch.finfo(torch.float32).tiny)
-            Y = (rows - lo.unsqueeze(1)) * scale.unsqueeze(1)
-            Y.nan_to_num_(0.0, posinf=self.bins - 1, neginf=0.0).clamp_(0, self.bins - 1)
-            Y.add_((hidx * self.bins).unsqueeze(1))
-            binned.append(Y.view(-1))
-        total = len(hist_keys) * self.bins
-        if not binned:
-            return torch.zeros(len(hist_keys), self.bins, dtype=torch.int64, device=device)
-        idx = torch.cat(binned).long()
-        return torch.bincount(idx, minlength=total).view(len(hist_keys), self.bins)
+        return out
+
+    def count(
+        self,
+        stacks: list[Tensor],
+        rows: list[tuple[int, int]],
+        slots: list[int],
+        lo: Tensor,
+        hi: Tensor,
+        n_slots: int,
+    ) -> Tensor:
+        """Counts of ``rows`` ((group, row) of ``stacks``) on ``bins`` equal bins over
+        [lo, hi] (per row), added into ``slots`` of an (n_slots, bins) table: one
+        scatter-add for all (static shapes, so it also runs inside a compiled graph)."""
+        device = lo.device
+        counts = torch.zeros(n_slots * self.bins, dtype=torch.int64, device=device)
+        if not rows:
+            return counts.view(n_slots, self.bins)
+        by_group: dict[int, list[int]] = defaultdict(list)
+        for k, (gi, _) in enumerate(rows):
+            by_group[gi].append(k)
+        idx = []
+        for gi, ks in by_group.items():
+            picked = [rows[k][1] for k in ks]
+            X = stacks[gi] if picked == list(range(stacks[gi].shape[0])) else stacks[gi][picked]
+            sel = torch.tensor(ks, device=device)
+            a, b = lo[sel], hi[sel]
+            scale = self.bins / (b - a).clamp_min(torch.finfo(torch.float32).tiny)
+            Y = (X - a.unsqueeze(1)) * scale.unsqueeze(1)
+            Y = Y.nan_to_num(0.0, posinf=self.bins - 1, neginf=0.0).clamp(0, self.bins - 1)
+            offset = torch.tensor([slots[k] * self.bins for k in ks], device=device)
+            idx.append((Y.long() + offset.unsqueeze(1)).reshape(-1))
+        flat = torch.cat(idx)
+        counts.scatter_add_(0, flat, torch.ones_like(flat))
+        return counts.view(n_slots, self.bins)
 
 
 def summarize(values: list[float], section: str, kind: str, units: float | None) -> dict:

@@ -37,6 +37,7 @@ from plumb.errors import PlumbError
 from plumb.init import expected_initial_loss
 from plumb.probes import Probes
 from plumb.runs import jsonable
+from plumb.train import EagerEngine, loop
 
 __all__ = ["CODES", "Diagnosis", "Doctor", "Finding", "LrTest", "diagnose"]
 
@@ -311,35 +312,49 @@ def diagnose(
     t0 = time.perf_counter()
     probes = Probes(model, 1, hist_every=max(steps, 1) * 1000, watch_modes=True)
     symmetry = weight_symmetry(model)
-    classes, class_dim = None, 1
+    found: dict[str, int] = {}
+
+    def inspect(i: int, out: Any, loss: Any) -> None:
+        if i == 0:  # what only the first step can show: the set-up and the loss's kind
+            _check_loss(loss)
+            dim = _class_dim(loss_fn, out, y_first[0])
+            if dim is not None:
+                found.update(classes=out.shape[dim], class_dim=dim)
+
+    y_first: list[Any] = []
+
+    def next_batch(i: int) -> tuple[Any, Any]:
+        if i == steps // 2:
+            probes.reset_window()  # dead units: the second half of the steps
+        x, y = next(stream)
+        if i == 0:
+            y_first.append(y)
+        return x, y
+
+    engine = EagerEngine(model, optimizer, loss_fn, inspect=inspect, guard=False)
     crash: Finding | None = None
+    device = next(iter(model.parameters()), torch.empty(0)).device
     with probes:
-        for step in range(steps):
-            x, y = next(stream)
-            if step == steps // 2:
-                probes.reset_window()  # dead units: the second half of the steps
-            try:
-                out = model(x)
-                loss = loss_fn(out, y)
-                if step == 0:
-                    _check_loss(loss)
-                    dim = _class_dim(loss_fn, out, y)
-                    if dim is not None:
-                        classes, class_dim = out.shape[dim], dim
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-            except PlumbError:
-                raise
-            except Exception as exc:  # the user's code failed: at step 0 it is the set-up
-                if step == 0:
-                    raise PlumbError(
-                        f"diagnose could not run one training step: {type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''}"
-                    ) from None
-                crash = _crash(step, exc)
-                break
-            probes.step(loss)
+        try:
+            loop(
+                engine,
+                next_batch,
+                steps,
+                device=device,
+                monitor=probes,
+                print_every=steps + 1,
+                on_nonfinite="continue",
+            )
+        except PlumbError:
+            raise
+        except Exception as exc:  # the user's code failed: at step 0 it is the set-up
+            if probes.step_count == 0:
+                raise PlumbError(
+                    f"diagnose could not run one training step: {type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else ''}"
+                ) from None
+            crash = _crash(probes.step_count, exc)
+    classes, class_dim = found.get("classes"), found.get("class_dim", 1)
     test = None
     healthy = crash is None and len(probes.history.loss) and np.isfinite(probes.history.loss[-1])
     if test_lr and healthy:

@@ -28,7 +28,7 @@ from plumb.errors import PlumbError
 from plumb.models import LECTURE_SEED, MLP, ModelConfig
 from plumb.probes import Probes
 from plumb.stats import TANH_SATURATION
-from plumb.train import resolve_device
+from plumb.train import TrainConfig, resolve_device, train
 
 
 @dataclass
@@ -219,24 +219,28 @@ def fit(
     device: torch.device | str = "cpu",
     optimizer: torch.optim.Optimizer | None = None,
     on_step: Callable[[int, Tensor], None] | None = None,
+    engine: str = "auto",
 ) -> Tensor:
-    """Plain minibatch SGD (``p -= lr * grad``) on the training split; the per-step losses.
-
-    ``on_step(i, loss)`` runs after each update (e.g. to call a Monitor's ``step``)."""
-    X, Y = data.train.X.to(device), data.train.Y.to(device)
+    """Plain minibatch SGD (``p -= lr * grad``, torch's SGD unless ``optimizer``) on the
+    training split, through ``plumb.train``'s loop; the per-step losses. A run updates
+    through non-finite steps as a plain loop would (an experiment may diverge on
+    purpose). ``on_step(i, loss)`` runs after each update (e.g. a Monitor's ``step``)."""
+    if optimizer is not None:  # the loop sets each step's lr: the optimizer's own
+        lr = optimizer.param_groups[0]["lr"]
+    cfg = TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        lr_decay_step=None,
+        device=str(device),
+        print_every=max(steps, 1),
+        probes=False,
+        on_nonfinite="continue",
+        engine=engine,
+    )
     opt = optimizer or torch.optim.SGD(model.parameters(), lr=lr)
-    losses = torch.empty(steps, device=device)
-    model.train()
-    for i in range(steps):
-        ix = torch.randint(0, X.shape[0], (batch_size,), generator=generator).to(device)
-        loss = F.cross_entropy(model(X[ix]), Y[ix].long())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses[i] = loss.detach()
-        if on_step is not None:
-            on_step(i, loss)
-    return losses.cpu()
+    result = train(model, data, cfg, generator, optimizer=opt, on_step=on_step, progress=False)
+    return result.losses
 
 
 def unigram_loss(data: Dataset) -> float:

@@ -1,0 +1,564 @@
+"""The fused engine: plumb's MLP trained by one function that holds the forward pass, a
+backward pass written out by hand (the lecture series' next lesson), the BatchNorm
+running-statistics update and the optimizer update, compiled as one graph with
+``torch.compile``.
+
+The family it covers (``supports``): ``plumb.models.MLP`` with any norm (batch, layer,
+the lecture's batch norm, none), any activation (tanh, relu, leaky_relu, sigmoid,
+linear), an optional output norm, trained in training mode with cross-entropy by plumb's
+``SGD`` or ``torch.optim.AdamW``. Outside it, the eager engine (autograd) runs.
+
+The math, per hidden layer (h: its input, B: batch, W stored (fan_in, fan_out)):
+
+    z = h W + b                      dW = h^T dz,  db = sum_b dz,  dh = dz W^T
+    batch norm (over the batch, c = 1 for the unbiased variance, else 0):
+        xhat = (z - mean) / sqrt(var + eps),  var = sum (z - mean)^2 / (B - c)
+        y = gamma xhat + beta        dgamma = sum dy xhat,  dbeta = sum dy
+        dz = (dxhat - mean(dxhat) - xhat sum(dxhat xhat) / (B - c)) / sqrt(var + eps),
+             dxhat = gamma dy
+    layer norm: the same along the features of each example (c = 0)
+    a = act(y)                       dy = da * act'(y): tanh 1 - a^2, sigmoid a (1 - a),
+                                     relu [y > 0], leaky_relu [y > 0] + slope [y <= 0]
+    output: logits = h W + b [-> norm],  loss = mean(logsumexp(logits) - logits[target])
+        dlogits = (softmax(logits) - onehot(target)) / B
+    embedding: emb = C[ids],  dC = scatter-add of demb over ids
+
+Updates: SGD ``p <- p + (-lr) g``; AdamW as ``torch.optim.AdamW`` (decoupled weight decay,
+bias-corrected moments), on the optimizer's own state tensors so that checkpoints and
+resume work unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from plumb import nn as pnn
+from plumb.models import MLP
+from plumb.optim import SGD
+from plumb.probes import Measured, layer_kind
+from plumb.stats import Plan, Row, RowStats
+
+COMPILE_OPTIONS = {"cpp_wrapper": True}  # the graph's wrapper in C++: less Python per step
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One Linear [-> norm] [-> activation] block, as the fused step needs it."""
+
+    weight: int  # index into the parameter list
+    bias: int | None
+    norm: str  # none | batch | layer | lecture-batch
+    gamma: int | None
+    beta: int | None
+    buffers: tuple[int, ...]  # running_mean, running_var (or running_std)
+    eps: float
+    momentum: float
+    correction: int  # 1: the variance that normalises is unbiased
+    track_unbiased: bool  # running_var gets the unbiased variance (torch convention)
+    activation: str  # tanh | relu | leaky_relu | sigmoid | linear | none (output)
+    slope: float = 0.01
+
+
+def supports(model: nn.Module, optimizer: Any) -> str | None:
+    """None when the fused engine covers ``model`` and ``optimizer``, else the reason."""
+    if not isinstance(model, MLP):
+        return f"the model is a {type(model).__name__}, not plumb's MLP"
+    if not isinstance(optimizer, SGD | torch.optim.AdamW):
+        return f"the optimizer is {type(optimizer).__name__} (the fused engine has SGD and AdamW)"
+    if isinstance(optimizer, torch.optim.AdamW):
+        group = optimizer.param_groups[0]
+        if group.get("amsgrad") or group.get("maximize") or len(optimizer.param_groups) > 1:
+            return "AdamW with amsgrad, maximize or several param groups"
+    for m in model.modules():
+        if isinstance(m, pnn.BatchNorm1d) and not (m.affine and m.track_running_stats):
+            return "a BatchNorm1d without affine parameters or running statistics"
+    if not all(p.requires_grad for p in model.parameters()):
+        return "frozen parameters"
+    return None
+
+
+def build_spec(model: MLP) -> tuple[list[LayerSpec], list[Tensor], list[Tensor], list[str]]:
+    """The layers of ``model`` as specs over flat lists of its parameters and buffers
+    (the model's own tensors: the step updates them in place), and the parameter names."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    params: list[Tensor] = [model.layers.embedding.weight]
+    buffers: list[Tensor] = []
+
+    def add(t: Tensor | None, into: list[Tensor]) -> int | None:
+        if t is None:
+            return None
+        into.append(t)
+        return len(into) - 1
+
+    mods = list(model.layers.children())
+    specs: list[LayerSpec] = []
+    i = 0
+    while i < len(mods):
+        m = mods[i]
+        if not isinstance(m, pnn.Linear):
+            i += 1
+            continue
+        w, b = add(m.weight, params), add(m.bias, params)
+        norm, nm, act, slope = "none", None, "none", 0.01
+        j = i + 1
+        if j < len(mods) and isinstance(
+            mods[j], pnn.BatchNorm1d | pnn.LayerNorm | pnn.LectureBatchNorm1d
+        ):
+            nm = mods[j]
+            norm = {
+                pnn.BatchNorm1d: "batch",
+                pnn.LayerNorm: "layer",
+                pnn.LectureBatchNorm1d: "lecture-batch",
+            }[type(nm)]
+            j += 1
+        if j < len(mods) and not isinstance(mods[j], pnn.Linear):
+            a = mods[j]
+            act = {
+                pnn.Tanh: "tanh",
+                pnn.ReLU: "relu",
+                pnn.LeakyReLU: "leaky_relu",
+                pnn.Sigmoid: "sigmoid",
+                nn.Identity: "linear",
+            }[type(a)]
+            slope = getattr(a, "negative_slope", 0.01)
+            j += 1
+        gamma = beta = None
+        bufs: tuple[int, ...] = ()
+        eps, momentum, correction, unbiased = 0.0, 0.0, 0, True
+        if nm is not None:
+            gamma, beta = add(nm.weight, params), add(nm.bias, params)
+            if norm == "batch":
+                bufs = (add(nm.running_mean, buffers), add(nm.running_var, buffers))
+                eps, momentum = nm.eps, nm.momentum
+                correction = 1 if nm.variance == "lecture" else 0
+            elif norm == "lecture-batch":
+                bufs = (add(nm.running_mean, buffers), add(nm.running_std, buffers))
+                momentum, correction = nm.momentum, 1
+            else:
+                eps = nm.eps
+        specs.append(
+            LayerSpec(
+                w, b, norm, gamma, beta, bufs, eps, momentum, correction, unbiased, act, slope
+            )
+        )
+        i = j
+    return specs, params, buffers, [names[id(p)] for p in params]
+
+
+# --- the math ------------------------------------------------------------------------------
+def _norm_forward(s: LayerSpec, z: Tensor, params: list[Tensor], buffers: list[Tensor]):
+    """(y, xhat, invstd) of a norm layer in training mode; updates running buffers."""
+    gamma, beta = params[s.gamma], params[s.beta]
+    if s.norm == "layer":
+        mean = z.mean(1, keepdim=True)
+        d = z - mean
+        var = (d * d).mean(1, keepdim=True)
+        invstd = torch.rsqrt(var + s.eps)
+        xhat = d * invstd
+        return gamma * xhat + beta, xhat, invstd
+    n = z.shape[0]
+    mean = z.mean(0, keepdim=True)
+    d = z - mean
+    ss = (d * d).sum(0, keepdim=True)
+    var = ss / (n - s.correction)
+    with torch.no_grad():
+        m = s.momentum
+        rm, rv = buffers[s.buffers[0]], buffers[s.buffers[1]]
+        if s.norm == "lecture-batch":  # running std, no eps
+            rm.copy_((1 - m) * rm + m * mean.view(rm.shape))
+            rv.copy_((1 - m) * rv + m * (ss / (n - 1)).sqrt().view(rv.shape))
+        else:
+            rm.mul_(1 - m).add_(mean.view(-1) * m)
+            rv.mul_(1 - m).add_((ss / (n - 1)).view(-1) * m)
+    invstd = torch.rsqrt(var + s.eps) if s.norm == "batch" else torch.rsqrt(var)
+    xhat = d * invstd
+    return gamma * xhat + beta, xhat, invstd
+
+
+def _norm_backward(s: LayerSpec, dy: Tensor, xhat: Tensor, invstd: Tensor, params: list[Tensor]):
+    gamma = params[s.gamma]
+    dgamma_full = dy * xhat
+    dxhat = dy * gamma
+    if s.norm == "layer":
+        dgamma, dbeta = dgamma_full.sum(0), dy.sum(0)
+        dz = invstd * (
+            dxhat - dxhat.mean(1, keepdim=True) - xhat * (dxhat * xhat).mean(1, keepdim=True)
+        )
+    else:
+        n = dy.shape[0]
+        dgamma, dbeta = dgamma_full.sum(0, keepdim=True), dy.sum(0, keepdim=True)
+        dz = invstd * (
+            dxhat
+            - dxhat.mean(0, keepdim=True)
+            - xhat * (dxhat * xhat).sum(0, keepdim=True) / (n - s.correction)
+        )
+    return dz, dgamma.view(params[s.gamma].shape), dbeta.view(params[s.beta].shape)
+
+
+def _act(s: LayerSpec, y: Tensor) -> Tensor:
+    if s.activation == "tanh":
+        return torch.tanh(y)
+    if s.activation == "sigmoid":
+        return torch.sigmoid(y)
+    if s.activation == "relu":
+        return y.clamp_min(0)
+    if s.activation == "leaky_relu":
+        return torch.where(y > 0, y, y * s.slope)
+    return y
+
+
+def _act_backward(s: LayerSpec, da: Tensor, y: Tensor, a: Tensor) -> Tensor:
+    if s.activation == "tanh":
+        return da * (1 - a * a)
+    if s.activation == "sigmoid":
+        return da * a * (1 - a)
+    if s.activation == "relu":
+        return da * (y > 0)
+    if s.activation == "leaky_relu":
+        return torch.where(y > 0, da, da * s.slope)
+    return da
+
+
+@dataclass
+class Pass:
+    """The tensors of one fused forward/backward (for the probes): per layer in forward
+    order ``(name, output, dL/d(output))``, and each weight layer's input."""
+
+    outputs: list[tuple[str, Tensor, Tensor]]
+    inputs: dict[str, Tensor]
+    logits: Tensor
+
+
+def forward_backward(
+    specs: list[LayerSpec],
+    params: list[Tensor],
+    buffers: list[Tensor],
+    X: Tensor,
+    Y: Tensor,
+    names: list[tuple[str, str | None, str | None]] | None = None,
+) -> tuple[Tensor, list[Tensor], Pass | None]:
+    """One training-mode forward and the hand-written backward: (loss, gradients in
+    ``params`` order, and with ``names`` (per spec: linear, norm, activation module
+    names) the tensors the probes measure). Running buffers are updated as the modules'
+    forward would."""
+    C = params[0]
+    B = X.shape[0]
+    ids = X.long()
+    emb = C[ids]  # (B, T, E)
+    h = emb.reshape(B, -1)
+    saved = []
+    for s in specs:
+        z = h @ params[s.weight]
+        if s.bias is not None:
+            z = z + params[s.bias]
+        if s.norm != "none":
+            y, xhat, invstd = _norm_forward(s, z, params, buffers)
+        else:
+            y, xhat, invstd = z, None, None
+        a = _act(s, y)
+        saved.append((h, z, y, xhat, invstd, a))
+        h = a
+    logits = h
+    lse = torch.logsumexp(logits, 1, keepdim=True)
+    target = Y.long()
+    loss = (lse.squeeze(1) - logits.gather(1, target.view(-1, 1)).squeeze(1)).mean()
+    probs = torch.exp(logits - lse)
+    grads: list[Tensor | None] = [None] * len(params)
+    dh = (probs - torch.nn.functional.one_hot(target, logits.shape[1]).to(probs.dtype)) / B
+    back = []
+    for s, (hin, _z, y, xhat, invstd, a) in zip(reversed(specs), reversed(saved), strict=True):
+        da = dh
+        dy = _act_backward(s, da, y, a)
+        if s.norm != "none":
+            dz, grads[s.gamma], grads[s.beta] = _norm_backward(s, dy, xhat, invstd, params)
+        else:
+            dz = dy
+        grads[s.weight] = hin.t() @ dz
+        if s.bias is not None:
+            grads[s.bias] = dz.sum(0)
+        dh = dz @ params[s.weight].t()
+        back.append((dz, dy, da))
+    demb = dh.view(emb.shape)
+    grads[0] = torch.zeros_like(C).index_add_(0, ids.reshape(-1), demb.reshape(-1, C.shape[1]))
+    if names is None:
+        return loss, grads, None
+    outputs = [("layers.embedding", emb, demb), ("layers.flatten", saved[0][0], dh)]
+    inputs = {}
+    for (lin, norm, act), (hin, z, y, _, _, a), (dz, dy, da) in zip(
+        names, saved, reversed(back), strict=True
+    ):
+        outputs.append((lin, z, dz))
+        inputs[lin] = hin
+        if norm is not None:
+            outputs.append((norm, y, dy))
+        if act is not None:
+            outputs.append((act, a, da))
+    return loss, grads, Pass(outputs, inputs, logits)
+
+
+def _all_finite(loss: Tensor, grads: list[Tensor]) -> Tensor:
+    """One bool tensor: the loss and every gradient finite (a NaN/Inf in a gradient makes
+    its sum non-finite)."""
+    total = loss.reshape(1)
+    sums = torch.stack([g.sum() for g in grads])
+    return torch.isfinite(torch.cat([total, sums])).all()
+
+
+def sgd_update(params: list[Tensor], grads: list[Tensor], lr: Tensor, ok: Tensor) -> None:
+    """plumb's SGD, p <- p + (-lr * g), applied only where ``ok`` (a finite step)."""
+    for p, g in zip(params, grads, strict=True):
+        p.copy_(torch.where(ok, p + g * -lr, p))
+
+
+def adamw_update(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avg: list[Tensor],
+    exp_avg_sq: list[Tensor],
+    step: Tensor,
+    lr: Tensor,
+    ok: Tensor,
+    hyper: tuple[float, float, float, float],
+) -> None:
+    """torch.optim.AdamW's update (decoupled weight decay, bias-corrected moments),
+    applied only where ``ok``."""
+    beta1, beta2, eps, weight_decay = hyper
+    t = step + ok.to(step.dtype)
+    step.copy_(t)
+    bc1 = 1 - beta1**t
+    bc2 = 1 - beta2**t
+    for p, g, m, v in zip(params, grads, exp_avg, exp_avg_sq, strict=True):
+        m_new = m + (g - m) * (1 - beta1)
+        v_new = v * beta2 + g * g * (1 - beta2)
+        denom = v_new.sqrt() / bc2.sqrt() + eps
+        p_new = p * (1 - lr * weight_decay) - lr / bc1 * m_new / denom
+        m.copy_(torch.where(ok, m_new, m))
+        v.copy_(torch.where(ok, v_new, v))
+        p.copy_(torch.where(ok, p_new, p))
+
+
+class FusedStep:
+    """``step(X, Y, lr) -> (loss, ok)`` for ``model`` and ``optimizer``: the forward, the
+    hand-written backward, the running statistics and the update, compiled as one graph
+    (``compile=False``: the same function run eagerly, for tests). ``ok`` is False when
+    the loss or a gradient was not finite: then nothing was updated (the running
+    statistics excepted, as in eager mode). Parameters, buffers and the optimizer's
+    state are the model's and optimizer's own tensors, updated in place, so evaluation,
+    checkpoints and resume see them as usual.
+
+    ``record(X, Y, lr)`` is the same step that also measures, in the graph, what the
+    probes measure (``plumb.probes``: outputs, their gradients, weight-layer inputs,
+    parameters, gradients and updates); ``layout`` says how to read it."""
+
+    def __init__(self, model: MLP, optimizer: Any, *, compile: bool = True):
+        reason = supports(model, optimizer)
+        if reason is not None:
+            raise ValueError(f"the fused engine does not apply: {reason}")
+        self.model, self.optimizer = model, optimizer
+        self.specs, self.params, self.buffers, self.names = build_spec(model)
+        self.module_names = self._module_names(model)
+        device = self.params[0].device
+        self.lr = torch.zeros((), device=device)
+        self.adamw = isinstance(optimizer, torch.optim.AdamW)
+        self.hyper: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+        self.state: list[dict[str, Tensor]] = []
+        if self.adamw:
+            group = optimizer.param_groups[0]
+            self.hyper = (*group["betas"], group["eps"], group["weight_decay"])
+            for p in self.params:
+                st = optimizer.state[p]
+                if not st:  # as torch initialises it on the first step
+                    st["step"] = torch.tensor(0.0)
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            self.state = [optimizer.state[p] for p in self.params]
+        self.kinds = {n: layer_kind(m) for n, m in model.named_modules()}
+        self._prepared: tuple | None = None  # (batch, bins, saturation layer) of self.plan
+        wrap = (
+            (lambda f: torch.compile(f, fullgraph=True, dynamic=False, options=COMPILE_OPTIONS))
+            if compile
+            else (lambda f: f)
+        )
+        self._step = wrap(self._run)
+        self._record = wrap(self._run_record)
+        self._record_hist = wrap(self._run_record_hist)
+        self.compiled = compile
+        self.compile_seconds = 0.0  # first calls of the compiled variants (compile time)
+        self._first = {"step", "record", "hist"}
+
+    @staticmethod
+    def _module_names(model: MLP) -> list[tuple[str, str | None, str | None]]:
+        """(linear, norm, activation) module names per block, as named_modules() names them."""
+        out = []
+        mods = list(model.layers.named_children())
+        for k, (name, m) in enumerate(mods):
+            if not isinstance(m, pnn.Linear):
+                continue
+            norm = act = None
+            for other, om in mods[k + 1 : k + 3]:
+                if isinstance(om, pnn.Linear):
+                    break
+                if isinstance(om, pnn.BatchNorm1d | pnn.LayerNorm | pnn.LectureBatchNorm1d):
+                    norm = f"layers.{other}"
+                else:
+                    act = f"layers.{other}"
+            out.append((f"layers.{name}", norm, act))
+        return out
+
+    # ----- the step, with and without measurements ---------------------------------------
+    def _update(self, params, grads, opt, lr, ok) -> None:
+        if self.adamw:
+            m, v, step = opt
+            adamw_update(params, grads, m, v, step, lr, ok, self.hyper)
+        else:
+            sgd_update(params, grads, lr, ok)
+
+    def _run(self, params, buffers, opt, X, Y, lr):
+        with torch.no_grad():
+            loss, grads, _ = forward_backward(self.specs, params, buffers, X, Y)
+            ok = _all_finite(loss, grads)
+            self._update(params, grads, opt, lr, ok)
+        return loss, ok
+
+    def _run_record_hist(self, params, buffers, opt, X, Y, lr):
+        return self._run_record(params, buffers, opt, X, Y, lr, stacks=True)
+
+    def _run_record(self, params, buffers, opt, X, Y, lr, stacks: bool = False):
+        with torch.no_grad():
+            loss, grads, ps = forward_backward(self.specs, params, buffers, X, Y, self.module_names)
+            ok = _all_finite(loss, grads)
+            prev = {
+                numel: torch.stack([params[k].reshape(-1) for k in ks]).float()
+                for numel, ks in self._prev_params.items()
+            }
+            self._update(params, grads, opt, lr, ok)
+            tensors = [t for _, out, grad in ps.outputs for t in (out, grad)]
+            tensors += list(ps.inputs.values())
+            tensors += [t for p, g in zip(params, grads, strict=True) for t in (p, g)]
+            stats, groups, _ = self.plan.row_stats(tensors, prev)
+            masks = [m for _, m in stats.units]
+            hist = ()
+            if stacks:  # histograms on each row's own [min, max], and the saturation map
+                rows = self._hist_rows
+                at = torch.tensor(self._hist_at, device=stats.values.device)
+                lo, hi = stats.values[at, 3].float(), stats.values[at, 4].float()
+                counts = self.plan.count(groups, rows, list(range(len(rows))), lo, hi, len(rows))
+                smap = self.plan.satmap(groups)
+                hist = (counts, torch.stack([lo, hi], 1), smap)
+        return loss, ok, stats.values, masks, hist
+
+    def _prepare(self, batch: int, bins: int, saturation_layer: str | None) -> None:
+        """The rows a record step measures (forward order: each layer's output and its
+        gradient, weight-layer inputs, then each parameter and its gradient) and their
+        ``Plan``, from one pass on a batch of this size."""
+        device = self.params[0].device
+        X = torch.zeros(batch, self.model.config.block_size, dtype=torch.long, device=device)
+        with torch.no_grad():
+            _, _, ps = forward_backward(
+                self.specs,
+                [p.clone() for p in self.params],
+                [b.clone() for b in self.buffers],
+                X,
+                torch.zeros(batch, dtype=torch.long, device=device),
+                self.module_names,
+            )
+        rows = []
+        for name, out, _ in ps.outputs:
+            kind = self.kinds.get(name, "other")
+            rows += [
+                Row("layer", name, tuple(out.shape), kind),
+                Row("layer_grad", name, tuple(out.shape), kind),
+            ]
+        rows += [Row("layer_in", name, tuple(h.shape)) for name, h in ps.inputs.items()]
+        first_param = len(rows)
+        for n, p in zip(self.names, self.params, strict=True):
+            rows += [Row("param", n, tuple(p.shape)), Row("param_grad", n, tuple(p.shape))]
+        self.plan = Plan(rows, bins, saturation_layer, device)
+        self._prev_params = {
+            numel: [(r - first_param) // 2 for r in rs]
+            for numel, rs in self.plan.param_rows().items()
+        }
+        self._unit_rows = self.plan.unit_rows()
+        hist = self.plan.hist_rows()
+        index = {k: i for i, k in enumerate(self.plan.keys)}
+        self._hist_rows = [r for r, _ in hist]
+        self._hist_keys = [k for _, k in hist]
+        self._hist_at = [index[k] for k in self._hist_keys]
+        order = [name for name, _, _ in ps.outputs]
+        self._static = dict(
+            order=order,
+            shapes={name: tuple(out.shape) for name, out, _ in ps.outputs},
+            kinds={name: self.kinds.get(name, "other") for name in order},
+            positions={name: batch for name in order},
+            chains=self.chains(),
+        )
+        self._prepared = (batch, bins, saturation_layer)
+
+    def chains(self) -> list[list[str]]:
+        """Weight layers that feed each other (``plumb.probes``'s chains): all the Linears
+        when there is no norm between them, else each on its own."""
+        linears = [lin for lin, _, _ in self.module_names]
+        if all(s.norm == "none" for s in self.specs[:-1]):
+            return [linears]
+        return [[lin] for lin in linears]
+
+    def _args(self, X: Tensor, Y: Tensor, lr: float):
+        self.lr.fill_(lr)
+        opt = ()
+        if self.adamw:
+            opt = (
+                [s["exp_avg"] for s in self.state],
+                [s["exp_avg_sq"] for s in self.state],
+                self.state[0]["step"],
+            )
+        return self.params, self.buffers, opt, X, Y, self.lr
+
+    def _sync_steps(self) -> None:
+        for s in self.state[1:]:  # AdamW keeps a step count per parameter: all equal
+            s["step"].copy_(self.state[0]["step"])
+
+    def _timed(self, variant: str, fn, *args):
+        if variant not in self._first:
+            return fn(*args)
+        self._first.discard(variant)
+        t0 = time.perf_counter()
+        out = fn(*args)
+        if self.compiled:
+            self.compile_seconds += time.perf_counter() - t0
+        return out
+
+    def __call__(self, X: Tensor, Y: Tensor, lr: float) -> tuple[Tensor, Tensor]:
+        loss, ok = self._timed("step", self._step, *self._args(X, Y, lr))
+        self._sync_steps()
+        return loss, ok
+
+    def record(
+        self,
+        X: Tensor,
+        Y: Tensor,
+        lr: float,
+        *,
+        bins: int = 64,
+        saturation_layer: str | None = None,
+        histograms: bool = False,
+    ) -> tuple[Tensor, Tensor, Measured]:
+        """The step, measured: (loss, ok, the probes' ``Measured`` for ``Probes.step``;
+        with ``histograms``, the stacked values that histograms are counted from)."""
+        if self._prepared != (X.shape[0], bins, saturation_layer):
+            self._prepare(X.shape[0], bins, saturation_layer)
+        variant = ("hist", self._record_hist) if histograms else ("record", self._record)
+        loss, ok, values, masks, hist = self._timed(*variant, *self._args(X, Y, lr))
+        self._sync_steps()
+        stats = RowStats(
+            list(self.plan.keys), values, list(zip(self._unit_rows, masks, strict=True))
+        )
+        measured = Measured(self.plan, [stats], [], **self._static)
+        if hist:
+            measured.counts, measured.ranges, measured.smap = hist
+            measured.hist_keys = list(self._hist_keys)
+        return loss, ok, measured

@@ -1,0 +1,232 @@
+"""The fused engine: the hand-written backward against autograd, its updates against the
+optimizers', the compiled step against the eager engine, its probes against the hooks'."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import plumb
+from plumb.fused import FusedStep, build_spec, forward_backward, supports
+from plumb.models import MLP, ModelConfig, preset_config
+from plumb.optim import SGD
+from plumb.probes import Probes
+from plumb.train import TrainConfig, select_engine, train
+
+
+def _batch(cfg: ModelConfig, B: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randint(0, cfg.vocab_size, (B, cfg.block_size), generator=g).to(torch.uint8)
+    Y = torch.randint(0, cfg.vocab_size, (B,), generator=g)
+    return X, Y
+
+
+configs = st.builds(
+    dict,
+    n_layers=st.integers(0, 3),
+    n_hidden=st.integers(2, 24),
+    n_embd=st.integers(1, 6),
+    block_size=st.integers(1, 4),
+    vocab_size=st.integers(2, 30),
+    norm=st.sampled_from(["none", "batch", "layer", "lecture-batch"]),
+    activation=st.sampled_from(["tanh", "relu", "leaky_relu", "sigmoid", "linear"]),
+    out_norm=st.booleans(),
+    bias=st.sampled_from(["auto", "always", "never"]),
+    bn_variance=st.sampled_from(["torch", "lecture"]),
+    gain=st.floats(0.3, 3.0),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(c=configs, B=st.integers(2, 48), seed=st.integers(0, 10_000))
+def test_backward_matches_autograd(c, B, seed):
+    """Every gradient of the hand-written backward within 1e-5 relative of autograd's
+    (float64, so that the comparison is of the math, not of rounding), the loss and the
+    running buffers equal."""
+    if c["out_norm"] and c["norm"] == "none":
+        c["out_norm"] = False
+    cfg = ModelConfig(**c)
+    model = MLP(cfg, torch.Generator().manual_seed(seed)).double()
+    twin = copy.deepcopy(model)
+    X, Y = _batch(cfg, B, seed)
+    loss = F.cross_entropy(model(X), Y)
+    loss.backward()
+    specs, params, buffers, names = build_spec(twin)
+    with torch.no_grad():
+        mine, grads, _ = forward_backward(specs, params, buffers, X, Y)
+    assert mine.item() == pytest.approx(loss.item(), rel=1e-12)
+    ref = dict(model.named_parameters())
+    scale = max(p.grad.norm().item() for p in model.parameters())
+    for name, g in zip(names, grads, strict=True):
+        want = ref[name].grad
+        err = (g - want).norm().item()
+        # 1e-5 relative; a gradient that is 0 in exact math (a bias before a norm) is
+        # compared against the largest gradient's scale
+        assert err <= 1e-5 * want.norm().item() + 1e-10 * scale, (name, err, want.norm().item())
+    for a, b in zip(model.buffers(), twin.buffers(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_lecture_deep_float32_gradients_and_first_loss(names):
+    g = torch.Generator().manual_seed(2147483647)
+    model = MLP(preset_config("lecture-deep", vocab_size=names.vocab.size), g)
+    twin = copy.deepcopy(model)
+    ix = torch.randint(0, names.train.X.shape[0], (32,), generator=g)
+    X, Y = names.train.X[ix], names.train.Y[ix].long()
+    loss = F.cross_entropy(model(X), Y)
+    loss.backward()
+    specs, params, buffers, pnames = build_spec(twin)
+    with torch.no_grad():
+        mine, grads, _ = forward_backward(specs, params, buffers, X, Y)
+    assert mine.item() == pytest.approx(3.2870, abs=5e-5)  # the notebook's step-0 loss
+    ref = dict(model.named_parameters())
+    for name, gr in zip(pnames, grads, strict=True):
+        want = ref[name].grad
+        if name.endswith("bias") and "output" not in name:
+            continue
+        assert (gr - want).norm() <= 1e-5 * want.norm(), name
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_updates_match_the_optimizers(optimizer):
+    """Three fused steps (run eagerly) against autograd + plumb's SGD / torch's AdamW:
+    parameters, optimizer state and buffers within float32 rounding."""
+    cfg = ModelConfig(
+        n_layers=2, n_hidden=16, n_embd=4, norm="batch", activation="tanh", out_norm=True
+    )
+    a = MLP(cfg, torch.Generator().manual_seed(0))
+    b = copy.deepcopy(a)
+
+    def make(m):
+        if optimizer == "sgd":
+            return SGD(m.parameters(), lr=0.1)
+        return torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
+
+    oa, ob = make(a), make(b)
+    fused = FusedStep(b, ob, compile=False)
+    for k in range(3):
+        X, Y = _batch(cfg, 16, k)
+        loss = F.cross_entropy(a(X), Y)
+        oa.zero_grad()
+        loss.backward()
+        oa.step()
+        mine, ok = fused(X, Y, oa.param_groups[0]["lr"])
+        assert bool(ok) and mine.item() == pytest.approx(loss.item(), abs=1e-6)
+    for (n, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+    for x, y in zip(a.buffers(), b.buffers(), strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    if optimizer == "adamw":
+        for p, q in zip(a.parameters(), b.parameters(), strict=True):
+            sa, sb = oa.state[p], ob.state[q]
+            assert float(sa["step"]) == float(sb["step"]) == 3
+            torch.testing.assert_close(sa["exp_avg_sq"], sb["exp_avg_sq"], rtol=1e-4, atol=1e-9)
+
+
+def test_a_non_finite_step_updates_nothing():
+    cfg = ModelConfig(n_layers=1, n_hidden=8, n_embd=2, norm="none")
+    model = MLP(cfg, torch.Generator().manual_seed(0))
+    opt = SGD(model.parameters(), lr=0.1)
+    fused = FusedStep(model, opt, compile=False)
+    with torch.no_grad():
+        model.layers.output.weight[0, 0] = float("inf")
+    before = [p.clone() for p in model.parameters()]
+    X, Y = _batch(cfg, 8, 0)
+    _, ok = fused(X, Y, 0.1)
+    assert not bool(ok)
+    for p, q in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, q)
+
+
+def test_engine_selection_and_fallback():
+    cfg = ModelConfig(n_layers=1, n_hidden=8, n_embd=2)
+    model = MLP(cfg, torch.Generator().manual_seed(0))
+    sgd = SGD(model.parameters(), lr=0.1)
+    long = TrainConfig(steps=50_000)
+    assert select_engine("auto", model, sgd, long)[0].name == "fused"
+    engine, why = select_engine("auto", model, sgd, TrainConfig(steps=500))
+    assert engine.name == "eager" and "500 steps" in why
+    engine, why = select_engine("fused", model, torch.optim.Adam(model.parameters()), long)
+    assert engine.name == "eager" and "Adam" in why
+    engine, why = select_engine("fused", torch.nn.Linear(2, 2), sgd, long)
+    assert engine.name == "eager" and "not plumb's MLP" in why
+    assert select_engine("eager", model, sgd, long)[0].name == "eager"
+    assert supports(model, torch.optim.AdamW(model.parameters())) is None
+    with pytest.raises(plumb.PlumbError, match="engine must be one of"):
+        TrainConfig(engine="turbo")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer, lr", [("sgd", 0.1), ("adamw", 3e-3)])
+def test_compiled_loss_curve_matches_eager(names, optimizer, lr):
+    """1,000 steps of lecture-deep, compiled fused engine against the eager engine:
+    every step's loss within 1e-4, the final weights close, the eval losses equal to
+    four decimals."""
+
+    def run(engine):
+        g = torch.Generator().manual_seed(2147483647)
+        model = MLP(preset_config("lecture-deep", vocab_size=names.vocab.size), g)
+        cfg = TrainConfig(
+            steps=1000, lr=lr, optimizer=optimizer, lr_decay_step=None, engine=engine, threads=1
+        )
+        result = train(model, names, cfg, g, progress=False)
+        assert result.engine == engine
+        return model, result
+
+    me, re_ = run("eager")
+    mf, rf = run("fused")
+    diff = (re_.losses - rf.losses).abs()
+    assert diff.max().item() < 1e-4, diff.max().item()
+    assert rf.compile_seconds > 0
+    assert plumb.split_loss(me, names.val) == pytest.approx(
+        plumb.split_loss(mf, names.val), abs=1e-4
+    )
+
+
+@pytest.mark.slow
+def test_fused_record_steps_measure_what_the_hooks_measure(names):
+    """The same model state and batch measured by the compiled fused record step and by
+    the hook probes: every statistic within 1e-4 (float32 rounding of different kernels),
+    the same keys in the same forward order."""
+
+    def measure(engine):
+        g = torch.Generator().manual_seed(2147483647)
+        model = MLP(preset_config("lecture-deep", vocab_size=names.vocab.size), g)
+        cfg = TrainConfig(steps=21, lr_decay_step=None, engine=engine, threads=1)
+        with Probes(model, every=10, hist_every=20) as p:
+            result = train(model, names, cfg, g, progress=False, monitor=p)
+        assert result.engine == engine
+        return p.history
+
+    hooks, fused = measure("eager"), measure("fused")
+    assert [r["step"] for r in fused.rows] == [0, 10, 20]
+    for a, b in zip(hooks.rows, fused.rows, strict=True):
+        assert list(a["layer"]) == list(b["layer"])
+        for section in ("layer", "param"):
+            for name, stats in a[section].items():
+                for stat, v in stats.items():
+                    if stat == "grad_carry":
+                        continue
+                    w = b[section][name][stat]
+                    if stat == "update_data" and name.endswith("bias") and "output" not in name:
+                        continue  # biases before a norm: updates at rounding level
+                    if stat in ("grad_mean", "mean") and abs(v) < 1e-6:
+                        continue  # at rounding level (a mean of ~0)
+                    assert w == pytest.approx(v, rel=1e-3, abs=1e-6), (
+                        a["step"],
+                        section,
+                        name,
+                        stat,
+                    )
+    assert set(hooks.hists) == set(fused.hists)
+    for key in hooks.hists:
+        ca, cb = hooks.hists[key]["counts"][-1], fused.hists[key]["counts"][-1]
+        assert abs(int(ca.sum()) - int(cb.sum())) == 0 and (
+            abs(ca - cb).sum() <= 0.01 * ca.sum() + 2
+        )
+    assert len(fused.satmaps) == 2
