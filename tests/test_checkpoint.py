@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from plumb import runs
+from plumb import io as plumb_io
 from plumb.checkpoint import CHECKPOINT, read_checkpoint, save_checkpoint
 from plumb.cli import main
 from plumb.data import load_dataset
@@ -445,12 +445,12 @@ def test_read_only_run_directory(tmp_path, good_checkpoint, capsys):
 
 def test_atomic_write_failure_leaves_old_file(tmp_path, monkeypatch):
     path = tmp_path / "f.json"
-    runs.write_json(path, {"a": 1})
+    plumb_io.write_json(path, {"a": 1})
     monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError(errno.EIO, "io")))
     with pytest.raises(OSError):
-        runs.write_json(path, {"a": 2})
+        plumb_io.write_json(path, {"a": 2})
     monkeypatch.undo()
-    assert runs.read_json(path) == {"a": 1}
+    assert plumb_io.read_json(path) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
 
 

@@ -4,8 +4,7 @@ A character-level MLP language model built from from-scratch layers with princip
 initialisation, trained on a names dataset; see the README for the CLI.
 """
 
-__version__ = "0.1.0"
-
+from plumb._version import __version__
 from plumb.data import Dataset, Vocab, load_dataset
 from plumb.doctor import Diagnosis, Finding, diagnose
 from plumb.errors import PlumbError
@@ -15,16 +14,9 @@ from plumb.monitor import Monitor
 from plumb.pipeline import eval_run, sample_run, train_run
 from plumb.probes import Probes
 from plumb.record import Record, load_run
+from plumb.report import write_report
 from plumb.runs import Run
 from plumb.train import TrainConfig, split_loss, train
-
-
-def write_report(run_dir):
-    """(Re)build ``RUN_DIR/report.html`` and ``RUN_DIR/figures/`` from the probe record."""
-    from plumb.report import write_report as _write
-
-    return _write(run_dir)
-
 
 __all__ = [
     "MLP",

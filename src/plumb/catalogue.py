@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from plumb import zoo
+from plumb.data import load_dataset
 from plumb.doctor import Diagnosis, diagnose
 from plumb.init import kaiming_normal_
 from plumb.models import MLP, ModelConfig, preset_config
@@ -67,8 +68,6 @@ class Outcome:
 # --- data -------------------------------------------------------------------------------
 @lru_cache(maxsize=1)
 def _names():
-    from plumb.data import load_dataset
-
     return load_dataset(None, block_size=3)
 
 

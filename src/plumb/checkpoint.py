@@ -12,7 +12,7 @@
               digest  sha256 over every tensor's name, dtype, shape and bytes
 
 Never pickle: loading cannot run code. The file is written atomically (temp file, fsync,
-rename, fsync of the directory: ``runs.atomic_write_bytes``), so the previous checkpoint stays whole until the new one
+rename, fsync of the directory: ``io.atomic_write_bytes``), so the previous checkpoint stays whole until the new one
 is complete; a reader sees one or the other. ``load_checkpoint`` checks the header, the
 digest and every field, and turns anything wrong into one ``PlumbError`` line.
 """
@@ -35,7 +35,8 @@ from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
 from plumb.errors import PlumbError
-from plumb.runs import atomic_write_bytes, load_state
+from plumb.io import atomic_write_bytes
+from plumb.runs import load_state
 
 CHECKPOINT = "checkpoint.safetensors"
 FORMAT = 1

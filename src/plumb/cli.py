@@ -466,7 +466,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from plumb import __version__
+    from plumb._version import __version__
 
     parser = Parser(
         prog="plumb",

@@ -22,7 +22,9 @@ from plumb import nn as pnn
 from plumb.errors import PlumbError
 
 LINEARS = (pnn.Linear, nn.Linear)
-NORMS = (pnn.BatchNorm1d, nn.BatchNorm1d, pnn.LectureBatchNorm1d)
+NORMS = tuple(
+    t for t in pnn.BATCHNORMS if t not in (nn.BatchNorm2d, nn.BatchNorm3d)
+)  # after a Linear
 
 
 def _scale_shift(bn: nn.Module) -> tuple[Tensor, Tensor, Tensor]:

@@ -379,8 +379,11 @@ class FusedStep:
             self.state = [optimizer.state[p] for p in self.params]
         self.kinds = {n: layer_kind(m) for n, m in model.named_modules()}
         self._prepared: tuple | None = None  # (batch, bins, saturation layer) of self.plan
+        # CPU: the graph's wrapper in C++; CUDA: CUDA graphs (one launch per step), as
+        # torch.compile's mode "reduce-overhead" does (mode and options are exclusive).
+        how = {"mode": "reduce-overhead"} if device.type == "cuda" else {"options": COMPILE_OPTIONS}
         wrap = (
-            (lambda f: torch.compile(f, fullgraph=True, dynamic=False, options=COMPILE_OPTIONS))
+            (lambda f: torch.compile(f, fullgraph=True, dynamic=False, **how))
             if compile
             else (lambda f: f)
         )

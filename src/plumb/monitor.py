@@ -23,8 +23,8 @@ from torch import nn
 
 from plumb import report as views
 from plumb.doctor import Diagnosis, Doctor, Finding
+from plumb.io import write_json
 from plumb.probes import Probes
-from plumb.runs import write_json
 
 
 class Monitor(Probes):

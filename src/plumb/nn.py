@@ -284,3 +284,14 @@ class LectureBatchNorm1d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.dim}, momentum={self.momentum}"
+
+
+#: Every batch-normalisation layer plumb knows (its own and torch.nn's): the one tuple
+#: the probes, the training loop's calibration and the folding read.
+BATCHNORMS: tuple[type[nn.Module], ...] = (
+    BatchNorm1d,
+    LectureBatchNorm1d,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+)

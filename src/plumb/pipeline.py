@@ -12,17 +12,20 @@ from typing import Any
 
 import torch
 
-from plumb import __version__
+from plumb._version import __version__
 from plumb.checkpoint import CHECKPOINT, Checkpoint, read_checkpoint, restore, save_checkpoint
 from plumb.data import Dataset, load_dataset
 from plumb.doctor import Diagnosis, Finding, diagnose
 from plumb.doctor.rules import nonfinite_finding
 from plumb.errors import PlumbError
 from plumb.guard import RunLock, StopSignals
+from plumb.io import sha256_file, write_json
 from plumb.models import MLP, ModelConfig
 from plumb.monitor import Monitor
 from plumb.record import History
-from plumb.runs import Run, save_run, sha256_file, write_json
+from plumb.report import write_report
+from plumb.report.tensorboard import TensorBoardSink
+from plumb.runs import Run, save_run
 from plumb.sample import sample
 from plumb.train import (
     TrainConfig,
@@ -209,8 +212,6 @@ def train_run(
         run.exit_code = {"complete": 0, "diverged": 3}.get(status, signals.exit_code)
         run.resumed_from = ckpt.step if ckpt is not None else 0
         if report and monitor is not None:
-            from plumb.report import write_report
-
             write_report(out)
     return run
 
@@ -221,8 +222,6 @@ def _monitor(out, model, optimizer, data, train_cfg, tensorboard, on_finding) ->
         return None
     sinks = []
     if tensorboard is not None:
-        from plumb.report.tensorboard import TensorBoardSink
-
         sinks.append(TensorBoardSink(tensorboard))
     every, hist_every = train_cfg.cadence()
     return Monitor(

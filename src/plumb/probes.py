@@ -64,6 +64,7 @@ from torch.overrides import TorchFunctionMode
 
 from plumb import nn as pnn
 from plumb.errors import PlumbError
+from plumb.record import History, RecordWriter
 from plumb.stats import (
     HISTOGRAMS,
     NORMS,
@@ -84,10 +85,7 @@ _KINDS: list[tuple[tuple[type, ...], str]] = [
     ((nn.Linear, pnn.Linear), "linear"),
     ((nn.Conv1d, nn.Conv2d, nn.Conv3d), "conv"),
     ((nn.Embedding, pnn.Embedding), "embedding"),
-    (
-        (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, pnn.BatchNorm1d, pnn.LectureBatchNorm1d),
-        "batchnorm",
-    ),
+    (pnn.BATCHNORMS, "batchnorm"),
     ((nn.LayerNorm, nn.RMSNorm, pnn.LayerNorm), "layernorm"),
     ((nn.GroupNorm,), "groupnorm"),
     ((nn.Tanh, pnn.Tanh), "tanh"),
@@ -519,8 +517,6 @@ class Probes:
         _ACTIVE.add(self.model)
         self._attached = True
         if self.out is not None:
-            from plumb.record import RecordWriter
-
             self.writer = RecordWriter(self.out, self.meta())
             if self.history is not None:  # resumed: the record so far, then onwards
                 self.writer.rewrite(self.history)
@@ -1012,8 +1008,6 @@ class Probes:
     def flush(self) -> None:
         """Copy losses and snapshots to the host (one synchronisation) and hand them to
         the record writer and sinks."""
-        from plumb.record import History
-
         if self.history is None:
             self.history = History(self.meta())
         start = self.step_count - len(self._losses)

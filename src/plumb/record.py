@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from plumb.errors import PlumbError
-from plumb.runs import atomic_write_bytes, read_json, read_tensors, write_json, write_tensors
+from plumb.io import atomic_write_bytes, read_json, read_tensors, write_json, write_tensors
 from plumb.stats import N_STATS, summarize
 
 RECORD_FORMAT = 2

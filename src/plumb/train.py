@@ -179,11 +179,7 @@ def split_loss(
 
 @contextmanager
 def _momentum_one(model: nn.Module):
-    bns = [
-        m
-        for m in model.modules()
-        if isinstance(m, pnn.BatchNorm1d | pnn.LectureBatchNorm1d | nn.BatchNorm1d)
-    ]
+    bns = [m for m in model.modules() if isinstance(m, pnn.BATCHNORMS)]
     saved = [m.momentum for m in bns]
     try:
         for m in bns:

@@ -35,8 +35,8 @@ from plumb.doctor.evidence import Evidence, LrTest, gather, weight_symmetry
 from plumb.doctor.rules import CODES, Finding, apply_rules, sort_findings, suggested_lr
 from plumb.errors import PlumbError
 from plumb.init import expected_initial_loss
+from plumb.io import jsonable
 from plumb.probes import Probes
-from plumb.runs import jsonable
 from plumb.train import EagerEngine, loop
 
 __all__ = ["CODES", "Diagnosis", "Doctor", "Finding", "LrTest", "diagnose"]

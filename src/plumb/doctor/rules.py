@@ -47,8 +47,8 @@ import torch
 
 from plumb.doctor.evidence import Evidence, finite, median
 from plumb.init import expected_initial_loss
+from plumb.io import jsonable
 from plumb.probes import first_nonfinite
-from plumb.runs import jsonable
 
 SEVERITIES = ("error", "warning", "info")
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from plumb.errors import PlumbError
 from plumb.experiments.base import Context, Options, Result
+from plumb.experiments.page import machine, write_experiment, write_index
 
 #: name -> module (in plumb.experiments), in the order of the suite.
 MODULES: dict[str, str] = {
@@ -97,8 +98,6 @@ def run_experiment(
 
 def _run(name: str, root: str | Path, options: Options) -> tuple[Path, dict[str, Any]]:
     """Run and write one experiment: (its page, its index entry)."""
-    from plumb.experiments.page import machine, write_experiment
-
     options.validate()
     check_sweeps([name], options)
     mod = spec(name)
@@ -129,8 +128,6 @@ def run_all(
     on_done: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> Path:
     """Run ``names`` (default: all twelve) in order and write ``root/index.html``."""
-    from plumb.experiments.page import write_index
-
     options = options or Options()
     options.validate()
     names = list(NAMES) if names is None else names

@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-from plumb import __version__
+from plumb._version import __version__
+from plumb.io import atomic_write_bytes, jsonable, write_json
 from plumb.report.figures import png
-from plumb.report.html import CSP, STYLE, e
-from plumb.runs import atomic_write_bytes, jsonable, write_json
+from plumb.report.html import e, page
 
 
 def machine() -> str:
@@ -111,13 +111,7 @@ def write_experiment(out: Path, name: str, spec: Any, result: Any, meta: dict[st
         for t, rows in result.tables.items()
     )
     timing = "".join(f"<li>{e(n)}</li>" for n in meta.get("parallel", []))
-    page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="{CSP}">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>plumb experiment: {e(name)}</title><style>{STYLE}</style></head>
-<body>
-<p class="muted"><a href="../index.html">all experiments</a></p>
+    body = f"""<p class="muted"><a href="../index.html">all experiments</a></p>
 <h1>{e(spec.TITLE)} <span class="muted">({e(name)})</span></h1>
 <h2>Question</h2><p>{e(spec.QUESTION)}</p>
 <h2>Method</h2><p>{e(result.method)}</p>
@@ -132,11 +126,9 @@ def write_experiment(out: Path, name: str, spec: Any, result: Any, meta: dict[st
 <p>{e(meta["seconds"])} s in all; steps {e(meta["steps"])}, seed {e(meta["seed"])},
 device {e(meta["device"])}{", quick mode" if meta["quick"] else ""}; {e(meta["machine"])};
 written {e(meta["written"])}.</p>
-<ul>{timing}</ul>
-</body></html>
-"""
+<ul>{timing}</ul>"""
     path = out / "index.html"
-    atomic_write_bytes(path, page.encode())
+    atomic_write_bytes(path, page(f"plumb experiment: {name}", body).encode())
     return path
 
 
@@ -149,22 +141,14 @@ def write_index(root: Path, entries: list[dict[str, Any]]) -> Path:
         for x in entries
     )
     total = sum(float(x["seconds"]) for x in entries)
-    page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="{CSP}">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>plumb experiments</title><style>{STYLE}</style></head>
-<body>
-<h1>plumb experiments</h1>
+    body = f"""<h1>plumb experiments</h1>
 <p>The lecture's experiments, rerun. Each page states its question, its method and the
 answer its own numbers give.</p>
 <table><tr><th class="l">experiment</th><th class="l">topic</th><th class="l">answer (headline)</th>
 <th>time</th></tr>{rows}</table>
 <p class="muted">{len(entries)} experiment(s), {total:.0f} s in all; {e(machine())};
-written {e(time.strftime("%Y-%m-%d %H:%M:%S"))}.</p>
-</body></html>
-"""
+written {e(time.strftime("%Y-%m-%d %H:%M:%S"))}.</p>"""
     path = root / "index.html"
-    atomic_write_bytes(path, page.encode())
+    atomic_write_bytes(path, page("plumb experiments", body).encode())
     write_json(root / "index.json", jsonable(entries))
     return path

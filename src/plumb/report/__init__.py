@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from plumb.io import atomic_write_bytes
 from plumb.record import load_run
 from plumb.report.figures import render_all
 from plumb.report.html import build_html
-from plumb.runs import atomic_write_bytes
 
 
 def write_report(run_dir: str | Path, *, figures_dir: bool = True) -> Path:

@@ -56,6 +56,22 @@ def e(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
+def page(title: str, body: str) -> str:
+    """The one page shell of everything plumb writes as HTML (the report, the experiment
+    pages and their index): self-contained, the Content-Security-Policy that forbids
+    scripts and every fetch, the shared style. ``body`` is trusted HTML (escape what
+    goes into it with ``e``)."""
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{CSP}">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{e(title)}</title><style>{STYLE}</style></head>
+<body>
+{body}
+</body></html>
+"""
+
+
 def sparkline(values: list[float], width: int = 90, height: int = 18) -> str:
     """An inline SVG polyline of ``values`` (finite ones), scaled to the box."""
     pts = [(i, v) for i, v in enumerate(values) if v is not None and math.isfinite(v)]
@@ -220,13 +236,7 @@ def build_html(rec: Record, pngs: dict[str, bytes]) -> str:
         for name, data in pngs.items()
         if name in FIGURES
     )
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="{CSP}">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{e(title)}</title><style>{STYLE}</style></head>
-<body>
-<h1>{e(title)}</h1>
+    body = f"""<h1>{e(title)}</h1>
 <p class="muted">{e(str(rec.path))} · {len(rec.rows)} record steps (every {e(rec.meta.get("every"))},
 histograms every {e(rec.meta.get("hist_every"))}) · written {e(time.strftime("%Y-%m-%d %H:%M:%S"))}</p>
 <h2>Summary</h2>
@@ -236,6 +246,5 @@ histograms every {e(rec.meta.get("hist_every"))}) · written {e(time.strftime("%
 <h2>Layers</h2>
 {_layer_table(rec)}
 <h2>Figures</h2>
-{figs or '<p class="muted">Nothing to plot yet.</p>'}
-</body></html>
-"""
+{figs or '<p class="muted">Nothing to plot yet.</p>'}"""
+    return page(title, body)

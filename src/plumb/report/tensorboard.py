@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from plumb.errors import PlumbError
+from plumb.record import History, load_run
 
 
 def _writer(logdir: str | Path):
@@ -76,8 +77,6 @@ def add_histogram(w, tag: str, counts: np.ndarray, rng: np.ndarray, step: int) -
 
 def export_tensorboard(run_dir: str | Path, logdir: str | Path | None = None) -> Path:
     """Write a saved record as TensorBoard event files (default ``RUN_DIR/tensorboard``)."""
-    from plumb.record import History, load_run
-
     rec = load_run(run_dir)
     logdir = Path(logdir) if logdir is not None else Path(run_dir) / "tensorboard"
     sink = TensorBoardSink(logdir)
