@@ -329,3 +329,28 @@ def test_diverging_run_suggests_a_lower_lr():
     t = diag.lr_test
     lower = [i for i, lr in enumerate(t.lrs) if lr < 100.0]
     assert diag.suggested_lr == t.lrs[min(lower, key=lambda i: t.losses[i])] < 100.0
+
+
+def test_saturation_behind_a_norm_points_at_the_norm_gain():
+    """tanh behind a BatchNorm saturates when the norm's gain is large: the advice names
+    the norm and its gain (measured), not "add a BatchNorm", which is already there."""
+    m = plumb_model(preset="lecture-deep")
+    with torch.no_grad():
+        m.layers.norm2.weight.fill_(3.0)  # pre-activations ~N(0, 9): P(|z| > atanh(.97)/3) = 49%
+    diag = diagnose(
+        m, *_names_draw(), F.cross_entropy, torch.optim.SGD(m.parameters(), 0.1), steps=20
+    )
+    sat = {f.where: f for f in diag.findings if f.code == "saturated-activations"}
+    assert set(sat) == {"layers.tanh2"}
+    f = sat["layers.tanh2"]
+    assert f.evidence["norm"] == "layers.norm2"
+    assert f.evidence["norm_gain_rms_init"] == pytest.approx(3.0, rel=1e-3)
+    assert f.evidence["saturated_at_init"] > 0.4
+    assert "layers.norm2" in f.message and "put a BatchNorm" not in f.message
+    # a tanh fed by a Linear directly keeps the weight advice
+    m = plumb_model(preset="lecture-mlp:original")
+    diag = diagnose(
+        m, *_names_draw(), F.cross_entropy, torch.optim.SGD(m.parameters(), 0.1), steps=20
+    )
+    f = next(f for f in diag.findings if f.code == "saturated-activations")
+    assert "norm" not in f.evidence and "scale down the weights of 'layers.linear1'" in f.message

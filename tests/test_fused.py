@@ -4,6 +4,7 @@ optimizers', the compiled step against the eager engine, its probes against the 
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -230,3 +231,19 @@ def test_fused_record_steps_measure_what_the_hooks_measure(names):
             abs(ca - cb).sum() <= 0.01 * ca.sum() + 2
         )
     assert len(fused.satmaps) == 2
+
+
+def test_many_models_in_one_process_each_compile_once(monkeypatch):
+    """Dynamo allows ``recompile_limit`` compilations per code object, then fails under
+    fullgraph: FusedSteps of different shapes must not share one (limit lowered to 1
+    here, so the second shape would already fail)."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    for h in (6, 7, 8):
+        m = MLP(
+            preset_config("lecture-deep", vocab_size=11, n_hidden=h, n_layers=1),
+            torch.Generator().manual_seed(0),
+        )
+        step = FusedStep(m, SGD(m.parameters(), lr=0.1))
+        X, Y = torch.randint(0, 11, (4, 3)), torch.randint(0, 11, (4,))
+        loss, ok = step(X, Y, 0.1)
+        assert bool(ok) and math.isfinite(float(loss))

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from plumb import nn as pnn
 from plumb.errors import PlumbError
-from plumb.models import LECTURE_SEED, MLP, PRESETS, ModelConfig, preset_config
+from plumb.models import LECTURE_SEED, MLP, PRESET_TRAIN, PRESETS, ModelConfig, preset_config
 
 
 def test_parameter_counts_match_lecture():
@@ -109,7 +109,10 @@ def test_bad_config(bad):
 
 
 def test_presets_and_unknown_preset():
-    assert {"lecture-deep", "lecture-mlp", "lecture-mlp:batchnorm"} <= set(PRESETS)
+    assert {"lecture-deep", "lecture-mlp", "lecture-mlp:batchnorm", "best-10min"} <= set(PRESETS)
+    best = MLP(preset_config("best-10min", vocab_size=27))  # the README's 85,302 parameters
+    assert best.num_parameters() == 85302 and best.config.block_size == 8
+    assert PRESET_TRAIN["best-10min"]["lr_decay_step"] == 100_000
     with pytest.raises(PlumbError, match="unknown preset"):
         preset_config("gpt-5")
     cfg = ModelConfig.from_dict(preset_config("lecture-deep").to_dict())

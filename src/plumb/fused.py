@@ -31,6 +31,7 @@ resume work unchanged.
 from __future__ import annotations
 
 import time
+import types
 from dataclasses import dataclass
 from typing import Any
 
@@ -342,6 +343,20 @@ def adamw_update(
         p.copy_(torch.where(ok, p_new, p))
 
 
+def _own_code(method: Any) -> Any:
+    """``method`` bound to a copy of its function with a code object of its own. Dynamo
+    counts recompilations per code object (at most ``recompile_limit``, 8, and a hard
+    error under ``fullgraph``): every FusedStep of another shape would recompile the
+    one ``_run`` until a process that builds a ninth model fails; with its own code
+    object each FusedStep compiles once."""
+    fn = method.__func__
+    twin = types.FunctionType(
+        fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
+    )
+    twin.__qualname__, twin.__doc__ = fn.__qualname__, fn.__doc__
+    return types.MethodType(twin, method.__self__)
+
+
 class FusedStep:
     """``step(X, Y, lr) -> (loss, ok)`` for ``model`` and ``optimizer``: the forward, the
     hand-written backward, the running statistics and the update, compiled as one graph
@@ -383,7 +398,7 @@ class FusedStep:
         # torch.compile's mode "reduce-overhead" does (mode and options are exclusive).
         how = {"mode": "reduce-overhead"} if device.type == "cuda" else {"options": COMPILE_OPTIONS}
         wrap = (
-            (lambda f: torch.compile(f, fullgraph=True, dynamic=False, **how))
+            (lambda f: torch.compile(_own_code(f), fullgraph=True, dynamic=False, **how))
             if compile
             else (lambda f: f)
         )

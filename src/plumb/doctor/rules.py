@@ -187,6 +187,10 @@ def _logit_std(ev: Evidence) -> float:
     return y.float().std(dim=-1).mean().item()
 
 
+def _param_rms(ev: Evidence, row: dict[str, Any] | None, name: str) -> float:
+    return row["param"].get(name, {}).get("rms", math.nan) if row else math.nan
+
+
 def saturated_activations(ev: Evidence) -> list[Finding]:
     """tanh/sigmoid outputs in the flat tails (|t| > 0.97: local gradient < 6% of its
     maximum). A unit-variance Gaussian pre-activation, what Kaiming's gain aims at, puts
@@ -203,20 +207,40 @@ def saturated_activations(ev: Evidence) -> list[Finding]:
         worst = max((v for v in (at0, later) if finite(v)), default=math.nan)
         if not (finite(worst) and worst > SATURATED_FRACTION):
             continue
-        feed = ev.prev_weight_layer(k) or "the layer before it"
+        i = ev.order.index(k)
+        before = ev.order[i - 1] if i > 0 else None
+        evidence = {
+            "saturated_at_init": _r(at0),
+            "saturated_late_median": _r(later),
+            "threshold": SATURATED_FRACTION,
+        }
+        if before is not None and ev.is_norm(before):
+            # A norm layer sets the pre-activation scale: its gain, not the weights before
+            # it, has grown (a norm there already, so "add a BatchNorm" would be no advice).
+            gain = ev.param(f"{before}.weight")
+            g0 = _param_rms(ev, init, f"{before}.weight") if gain else math.nan
+            g1 = ev.late_median("param", f"{before}.weight", "rms") if gain else math.nan
+            evidence.update(norm=before, norm_gain_rms_init=_r(g0), norm_gain_rms_late=_r(g1))
+            fix = (
+                f"the norm '{before}' before it sets their scale through its gain "
+                f"(rms {g0:.2g} at init, {g1:.2g} late): the gain grew in training, so decay "
+                "the learning rate earlier, or stop where validation loss stops improving"
+                if finite(g1)
+                else f"the norm '{before}' before it sets their scale: lower its gain"
+            )
+        else:
+            feed = ev.prev_weight_layer(k) or "the layer before it"
+            fix = (
+                f"scale down the weights of '{feed}' (Kaiming: std gain/sqrt(fan_in), tanh "
+                "gain 5/3) or put a BatchNorm before the nonlinearity"
+            )
         out.append(
             Finding(
                 "saturated-activations",
                 "warning",
                 k,
-                f"{worst:.0%} of '{k}' outputs sit in the flat tails: scale down the weights "
-                f"of '{feed}' (Kaiming: std gain/sqrt(fan_in), tanh gain 5/3) or put a "
-                "BatchNorm before the nonlinearity",
-                {
-                    "saturated_at_init": _r(at0),
-                    "saturated_late_median": _r(later),
-                    "threshold": SATURATED_FRACTION,
-                },
+                f"{worst:.0%} of '{k}' outputs sit in the flat tails: {fix}",
+                evidence,
             )
         )
     return out
