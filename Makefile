@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 DEMO_STEPS ?= 40000
 
-.PHONY: demo test test-fast bench experiments lint format clean
+.PHONY: demo test test-fast bench bench-gpu experiments lint format clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -30,6 +30,10 @@ bench: $(STAMP)
 	$(PY) bench/bench_probes.py
 	$(PY) bench/bench_doctor.py
 	$(PY) bench/bench_checkpoint.py
+	$(PY) bench/bench_dist.py
+
+bench-gpu: $(STAMP)
+	$(PY) bench/bench_gpu.py
 
 lint: $(STAMP)
 	.venv/bin/ruff check src tests bench

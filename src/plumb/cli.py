@@ -173,7 +173,16 @@ def build_configs(args: argparse.Namespace):
 
 
 #: train flags that --resume allows (everything else would change the run's config)
-RESUME_FLAGS = {"resume", "steps", "data", "samples", "no_progress", "no_report", "tensorboard"}
+RESUME_FLAGS = {
+    "resume",
+    "steps",
+    "data",
+    "samples",
+    "no_progress",
+    "no_report",
+    "tensorboard",
+    "nproc",
+}
 
 
 def _resume_conflicts(args: argparse.Namespace) -> list[str]:
@@ -185,7 +194,11 @@ def _resume_conflicts(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from plumb.pipeline import resume_configs, train_run
+    import torch.distributed as dist
+
+    from plumb.dist import from_rank0, init_from_env
+    from plumb.launch import LOST_PEERS, launch
+    from plumb.pipeline import resume_configs
 
     if args.resume is not None:
         if args.out is not None and Path(args.out) != Path(args.resume):
@@ -194,14 +207,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         if conflicts:
             raise PlumbError(
                 f"--resume keeps the run's own config: drop {', '.join(conflicts)} "
-                "(only --steps, --data, --samples, --no-progress, --no-report, --tensorboard)"
+                "(only --steps, --data, --samples, --no-progress, --no-report, --tensorboard, --nproc)"
             )
         out = Path(args.resume)
         ckpt, model_cfg, train_cfg, _ = resume_configs(out, args.steps, args.data)
-        print(
-            f"plumb: resuming {out} at step {ckpt.step:,} of {train_cfg.steps:,} "
-            f"(batch {train_cfg.batch_size}, {train_cfg.optimizer}, device {train_cfg.device})"
-        )
+        args._resume_step = ckpt.step
     else:
         model_cfg, train_cfg = build_configs(args)
         out = Path(
@@ -209,7 +219,57 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     if args.samples < 0:
         raise PlumbError(f"--samples must be >= 0, got {args.samples}")
-    if args.resume is None:
+    if args.nproc is not None and args.nproc < 1:
+        raise PlumbError(f"--nproc must be an integer >= 1, got {args.nproc}")
+    if args.nproc and args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        if train_cfg.batch_size % args.nproc:
+            raise PlumbError(
+                f"--batch-size {train_cfg.batch_size} must be a multiple of --nproc {args.nproc}"
+            )
+        return launch(args.nproc, _launch_argv(args._argv, out), str(out))
+    rank, size = init_from_env(train_cfg.device)
+    if size > 1:
+        out = Path(from_rank0(str(out)))  # one run directory, whatever each rank's clock said
+        if rank != 0:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - rank 0 prints, for the process
+    try:
+        return _train(args, model_cfg, train_cfg, out, rank)
+    except (RuntimeError, dist.DistError) as e:
+        if size == 1:
+            raise
+        if os.environ.get("PLUMB_LAUNCHED"):
+            return LOST_PEERS  # the launcher says what happened, once
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PlumbError(f"rank {rank} of {size} lost its peers ({first})") from None
+    finally:
+        if size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _launch_argv(argv: list[str], out: Path) -> list[str]:
+    """``argv`` without ``--nproc N``, with ``--out`` pinned (one directory for all ranks)."""
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    if not any(a in ("--out", "--resume") or a.startswith(("--out=", "--resume=")) for a in rest):
+        rest += ["--out", str(out)]
+    return rest
+
+
+def _train(args: argparse.Namespace, model_cfg, train_cfg, out: Path, rank: int) -> int:
+    from plumb.pipeline import train_run
+
+    if args.resume is not None:
+        print(
+            f"plumb: resuming {out} at step {args._resume_step:,} of {train_cfg.steps:,} "
+            f"(batch {train_cfg.batch_size}, {train_cfg.optimizer}, device {train_cfg.device})"
+        )
+    else:
         print(
             f"plumb: training {args.preset} for {train_cfg.steps:,} steps "
             f"(batch {train_cfg.batch_size}, {train_cfg.optimizer} lr {train_cfg.lr:g}"
@@ -256,6 +316,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         resume=args.resume is not None,
         steps=args.steps,
     )
+    if rank != 0:  # rank 0 reports
+        return run.exit_code
     m = run.metrics
     print(
         f"parameters {m['num_parameters']:,}  step-0 loss {m['step0_loss']:.4f}  "
@@ -485,6 +547,14 @@ def make_parser() -> argparse.ArgumentParser:
     )
     _add_model_flags(p)
     _add_train_flags(p)
+    p.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="train on N processes of this machine with DistributedDataParallel (gloo on "
+        "the CPU, nccl on CUDA), as `torchrun --nproc-per-node N -m plumb train ...` does; "
+        "each rank takes batch/N examples of every batch (1)",
+    )
     p.set_defaults(func=cmd_train, _defaults={a.dest: a.default for a in p._actions})
 
     p = sub.add_parser(
@@ -601,9 +671,12 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
+    args._argv = list(argv) if argv is not None else sys.argv[1:]
     try:
         return args.func(args)
     except PlumbError as e:
+        if os.environ.get("PLUMB_LAUNCHED") and os.environ.get("RANK", "0") != "0":
+            return 2  # every rank found the same bad input: rank 0 says it
         print(f"plumb: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

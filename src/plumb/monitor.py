@@ -92,7 +92,7 @@ class Monitor(Probes):
         if self.doctor is not None and check and self.step_count:
             self.doctor.check()
         super().close()
-        if self.out is None:
+        if self.out is None or self.rank != 0:  # under torch.distributed rank 0 writes
             return
         if self.diagnosis is not None:
             write_json(Path(self.out) / "findings.json", self.diagnosis.to_dict())

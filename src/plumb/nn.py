@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 Variance = Literal["torch", "lecture"]
@@ -95,6 +96,12 @@ class BatchNorm1d(nn.Module):
     (torch.nn always tracks the unbiased variance; so does the lecture). Eval mode (or
     ``track_running_stats=False`` off) normalises with the running buffers instead, so
     the output of one example no longer depends on the rest of its batch.
+
+    ``sync=True`` (under ``torch.distributed``): the batch is the global one, every
+    rank's share of it: n, sum(x) and then sum((x - mean)^2) are summed over the ranks
+    (differentiable all-reduces, two per training forward), so N ranks with B/N
+    examples each normalise exactly as one process with B (``torch.nn.SyncBatchNorm``'s
+    role for plumb's layer).
     """
 
     def __init__(
@@ -105,8 +112,10 @@ class BatchNorm1d(nn.Module):
         affine: bool = True,
         track_running_stats: bool = True,
         variance: Variance = "torch",
+        sync: bool = False,
     ):
         super().__init__()
+        self.sync = sync
         if variance not in ("torch", "lecture"):
             raise ValueError(f"variance must be 'torch' or 'lecture', got {variance!r}")
         self.dim, self.eps, self.momentum, self.variance = dim, eps, momentum, variance
@@ -142,8 +151,11 @@ class BatchNorm1d(nn.Module):
                     f"got input size {tuple(x.shape)}"
                 )
             correction = 1 if self.variance == "lecture" else 0
-            mean = x.mean(dims, keepdim=True)
-            var = x.var(dims, keepdim=True, correction=correction)
+            if self.sync and self.training and _distributed():
+                mean, var, n = _global_moments(x, dims, correction)
+            else:
+                mean = x.mean(dims, keepdim=True)
+                var = x.var(dims, keepdim=True, correction=correction)
         else:
             mean, var = self.running_mean, self.running_var
             if not two_d:
@@ -177,7 +189,45 @@ class BatchNorm1d(nn.Module):
         return (
             f"{self.dim}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
             f"track_running_stats={self.track_running_stats}, variance={self.variance!r}"
+            + (", sync=True" if self.sync else "")
         )
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """y = sum over ranks of x; its gradient is the sum over ranks of dL/dy (every rank's
+    loss depends on y)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        y = x.clone()
+        dist.all_reduce(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _global_moments(
+    x: Tensor, dims: tuple[int, ...], correction: int
+) -> tuple[Tensor, Tensor, int]:
+    """Mean and variance over every rank's share of the batch (two-pass: no
+    cancellation), differentiable: the all-reduce's backward sums the gradients."""
+    n_local = x.numel() // x.shape[1]
+    sums = torch.cat([x.sum(dims), x.new_full((1,), float(n_local))])
+    sums = _SumOverRanks.apply(sums)
+    n = int(sums[-1].item())
+    shape = (1, -1) if x.dim() == 2 else (1, -1, 1)
+    mean = (sums[:-1] / n).view(shape)
+    sq = _SumOverRanks.apply((x - mean).square().sum(dims))
+    var = (sq / (n - correction)).view(shape)
+    return mean, var, n
 
 
 class LayerNorm(nn.Module):

@@ -15,6 +15,7 @@ import torch
 from plumb._version import __version__
 from plumb.checkpoint import CHECKPOINT, Checkpoint, read_checkpoint, restore, save_checkpoint
 from plumb.data import Dataset, load_dataset
+from plumb.dist import world
 from plumb.doctor import Diagnosis, Finding, diagnose
 from plumb.doctor.rules import nonfinite_finding
 from plumb.errors import PlumbError
@@ -144,10 +145,16 @@ def train_run(
     current step with a checkpoint and the report (``exit_code`` 130/143); a non-finite
     loss or gradient stops it (``exit_code`` 3) keeping the last good checkpoint.
 
-    Everything is validated before ``out`` is created, so bad input writes nothing."""
+    Everything is validated before ``out`` is created, so bad input writes nothing.
+
+    Under ``torch.distributed`` (``torchrun``, ``plumb train --nproc``) every rank calls
+    this: DDP trains on each rank's share of every batch, and rank 0 alone locks,
+    checkpoints, evaluates and writes; the other ranks return the run's status."""
     out = Path(out)
+    rank, _ = world()
     check_out_dir(out)
-    RunLock(out).check_free()  # a live run there: say so before anything else
+    if rank == 0:
+        RunLock(out).check_free()  # a live run there: say so before anything else
     ckpt = None
     if resume:
         ckpt, model_cfg, train_cfg, data_path = resume_configs(out, steps, data_path)
@@ -164,8 +171,9 @@ def train_run(
         restore(ckpt, model, optimizer, g)
     data_info = _data_info(data)
     config = {"model": model.config.to_dict(), "train": train_cfg.to_dict(), "data": data_info}
-    with RunLock(out), StopSignals() as signals:
-        for tmp in out.glob(".*.tmp"):  # left by a run killed mid-write; ours to clear now
+    lock = RunLock(out) if rank == 0 else contextlib.nullcontext()
+    with lock, StopSignals() as signals:
+        for tmp in out.glob(".*.tmp") if rank == 0 else ():  # left by a run killed mid-write
             tmp.unlink(missing_ok=True)
         monitor = _monitor(out, model, optimizer, data, train_cfg, tensorboard, on_finding)
         if monitor is not None and ckpt is not None:
@@ -173,7 +181,9 @@ def train_run(
 
         def checkpoint(step: int, losses: torch.Tensor, status: str = "running") -> None:
             if monitor is not None and monitor._attached:
-                monitor.flush()  # the record on disk covers the checkpoint
+                monitor.flush()  # the record on disk covers the checkpoint (every rank)
+            if rank != 0:
+                return
             save_checkpoint(
                 out,
                 model=model,
@@ -207,11 +217,18 @@ def train_run(
         if result.stopped != "nonfinite":  # a diverged run keeps its last good checkpoint
             checkpoint(result.steps_done, result.losses, status)
         diagnosis = monitor.diagnosis if monitor is not None else None
-        run = _finish(out, model, data, device, train_cfg, data_info, result, diagnosis, samples)
+        if rank == 0:
+            run = _finish(
+                out, model, data, device, train_cfg, data_info, result, diagnosis, samples
+            )
+        else:
+            run = TrainedRun(out, model, data, result, {}, [])
         run.status = status
-        run.exit_code = {"complete": 0, "diverged": 3}.get(status, signals.exit_code)
+        # interrupted: by this process's signal, or (another rank's) agreed stop: 143
+        stop_code = signals.exit_code if signals.requested() else 143
+        run.exit_code = {"complete": 0, "diverged": 3}.get(status, stop_code)
         run.resumed_from = ckpt.step if ckpt is not None else 0
-        if report and monitor is not None:
+        if report and monitor is not None and rank == 0:
             write_report(out)
     return run
 

@@ -63,6 +63,16 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from plumb import nn as pnn
+from plumb.dist import (
+    clean_name,
+    is_sharded,
+    local,
+    mean_over_ranks,
+    merge_ranks,
+    sum_counts,
+    unwrap,
+    world,
+)
 from plumb.errors import PlumbError
 from plumb.record import History, RecordWriter
 from plumb.stats import (
@@ -282,6 +292,9 @@ class Measured:
     hist_keys: list[tuple[str, str]] | None = None
 
 
+PARAM_SECTIONS = ("param", "param_grad", "param_update")
+
+
 @dataclass
 class Snapshot:
     """What one record step measured, still on the device (see ``Probes.flush``)."""
@@ -292,6 +305,7 @@ class Snapshot:
     hist: Tensor | None = None  # (len(hist_keys), bins) counts
     hist_range: Tensor | None = None  # (len(hist_keys), 2) [min, max]
     satmap: Tensor | None = None  # (examples, units) fraction saturated/zero
+    skipped: bool = False  # the GradScaler skipped this step's update (inf/NaN gradients)
 
 
 class _FunctionalCapture(TorchFunctionMode):
@@ -325,7 +339,13 @@ class Probes:
     statistics; histograms then cover the calls still held). ``keep``: keep the last
     record step's tensors (``tensors[key] = (output, gradient)``, the first call, on the
     CPU) for code that plots them. ``watch_modes``: check every forward for a BatchNorm in
-    the wrong mode (``bn_events``).
+    the wrong mode (``bn_events``). ``scaler``: the ``torch.amp.GradScaler`` of a
+    mixed-precision loop (gradients are recorded unscaled; a step the scaler skips is
+    recorded as ``skipped``).
+
+    Under ``torch.distributed`` (a DDP-wrapped model, or one sharded with FSDP2's
+    ``fully_shard``) every rank must run the probes; record steps hold the statistics of
+    the global step (``plumb.dist``) and only rank 0 writes.
 
     Call ``step(loss)`` once per training step, after ``optimizer.step()`` and before the
     next ``zero_grad`` (it reads ``p.grad``).
@@ -348,6 +368,7 @@ class Probes:
         hold_bytes: int = 8 << 20,
         keep: bool = False,
         watch_modes: bool = False,
+        scaler: Any = None,
     ):
         if not isinstance(model, nn.Module):
             raise PlumbError(f"Monitor needs a torch.nn.Module, got {type(model).__name__}")
@@ -364,18 +385,30 @@ class Probes:
             raise PlumbError(
                 f"hist_every must be a positive multiple of every={every}, got {hist_every!r}"
             )
-        compiled = hasattr(model, "_orig_mod")
-        self.model = getattr(model, "_orig_mod", model)  # a torch.compile'd module: its original
+        compiled = hasattr(model, "_orig_mod") or hasattr(
+            getattr(model, "module", None), "_orig_mod"
+        )
+        # the user's module inside DDP / torch.compile: names without their prefixes
+        self.model = unwrap(model)
+        self.rank, self.world = world()
+        self.scaler = scaler
         self.every, self.hist_every, self.bins = every, hist_every, bins
         self.flush_every, self.hold_bytes = flush_every, hold_bytes
         self.per_call, self.keep, self.watch_modes = per_call, keep, watch_modes
         self.functional = functional and not compiled
-        self.params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.params = [
+            (clean_name(n), p) for n, p in self.model.named_parameters() if p.requires_grad
+        ]
+        # statistics of these are this rank's alone (the same on every rank: DDP's
+        # replicas); the others (a sharded parameter's pieces, activations) are merged
+        self._replicated = {
+            (sec, n) for n, p in self.params if not is_sharded(p) for sec in PARAM_SECTIONS
+        }
         if not self.params:
             raise PlumbError(
                 f"{type(self.model).__name__} has no trainable parameters: nothing to monitor"
             )
-        self._named = dict(self.model.named_modules())
+        self._named = {clean_name(n): m for n, m in self.model.named_modules()}
         self._kind_of = {n: layer_kind(m) for n, m in self._named.items()}
         self._filter = layers if callable(layers) else None
         self.layers = self._select_layers(layers)
@@ -395,7 +428,7 @@ class Probes:
         self._prev: dict[int, Tensor] = {}  # numel -> stacked parameters before the update
         self._param_groups: dict[int, list[Tensor]] = defaultdict(list)
         for _, p in self.params:
-            self._param_groups[p.numel()].append(p)
+            self._param_groups[local(p).numel()].append(p)
         # hooks: (handles on record steps, handles always on)
         self._handles: list[Any] = []
         self._mode_handles: list[Any] = []
@@ -516,7 +549,7 @@ class Probes:
             )
         _ACTIVE.add(self.model)
         self._attached = True
-        if self.out is not None:
+        if self.out is not None and self.rank == 0:  # one writer: rank 0
             self.writer = RecordWriter(self.out, self.meta())
             if self.history is not None:  # resumed: the record so far, then onwards
                 self.writer.rewrite(self.history)
@@ -554,6 +587,9 @@ class Probes:
         self._mode: _FunctionalCapture | None = None
         self._nodes: dict[int, tuple[str, str, Any]] = {}  # id(grad_fn) -> (key, kind, node)
         self._carried: dict[int, Tensor] = {}  # param index -> |p.grad|^2 before backward
+        self._factor: Tensor | float | None = None  # activation-gradient factor, this step
+        self._began = False  # the step's backward has begun
+        self._scale: Tensor | None = None  # the GradScaler's scale during this backward
         self._passes = 0
 
     def _arm(self) -> None:
@@ -571,7 +607,9 @@ class Probes:
             self._handles.append(p.register_hook(functools.partial(self._param_grad_in, i)))
         with torch.no_grad():
             for numel, group in self._param_groups.items():
-                self._prev[numel] = torch.stack([p.detach().reshape(-1) for p in group]).float()
+                self._prev[numel] = torch.stack(
+                    [local(p.detach()).reshape(-1) for p in group]
+                ).float()
 
     def _disarm(self) -> None:
         for h in self._handles:
@@ -688,7 +726,14 @@ class Probes:
         if call.done or not self._armed:
             return  # a second backward through the same graph, or after the step
         call.done = True
-        self._hold(call, grad.detach())
+        if not self._began:  # the step's backward begins: what FSDP's grads hold now
+            self._began = True
+            for i, (_, p) in enumerate(self.params):
+                if i not in self._carried and is_sharded(p):  # no autograd hook fires
+                    self._param_grad_in(i, None)
+        factor = self._grad_factor()
+        grad = grad.detach() if factor is None else grad.detach().float() * factor
+        self._hold(call, grad)
         p = call.pass_
         if p is not None and not p.committed:
             p.committed = True
@@ -707,16 +752,39 @@ class Probes:
         if call.preds is not None:
             self.links[call.key].add(call.preds)
 
-    def _param_grad_in(self, i: int, grad: Tensor) -> None:
+    def _grad_factor(self) -> Tensor | float | None:
+        """What turns the gradient a hook sees into the global step's unscaled one:
+        1/scale under a GradScaler (read at the step's first gradient: the scale of
+        this backward, no host sync), times 1/world under DDP/FSDP (they average the
+        ranks' gradients). None when it is 1."""
+        if self._factor is not None:
+            return self._factor
+        factor: Tensor | float = 1.0 / self.world
+        scaler = self.scaler
+        if scaler is not None and scaler.is_enabled() and scaler._scale is not None:
+            self._scale = scaler._scale.detach().clone()
+            factor = self._scale.double().reciprocal().float() * factor
+        self._factor = factor
+        return None if isinstance(factor, float) and factor == 1.0 else factor
+
+    def _skipped(self) -> bool:
+        """True when the GradScaler skipped this step (it backs its scale off after a
+        step with inf/NaN gradients): one host read, on record steps only."""
+        if self.scaler is None or self._scale is None or not self.scaler.is_enabled():
+            return False
+        return bool((self.scaler._scale < self._scale).item())
+
+    def _param_grad_in(self, i: int, grad: Tensor | None) -> None:
         """A parameter's gradient arrives: what ``p.grad`` held before it (first arrival of
         the step) is what was not cleared."""
         if i in self._carried or not self._armed:
             return
-        g = self.params[i][1].grad
+        p = self.params[i][1]
+        g = local(p.grad) if p.grad is not None else None
         self._carried[i] = (
             g.detach().float().square().sum()
             if g is not None
-            else grad.new_zeros((), dtype=torch.float32)
+            else torch.zeros((), dtype=torch.float32, device=local(p).device)
         )
 
     def _bn_hook(self, name: str):
@@ -826,7 +894,10 @@ class Probes:
         if measured is not None and self._is_record(self.step_count):
             self.snapshots.append(self._snapshot(self.step_count, measured))
         elif self._armed:
-            self.snapshots.append(self._measure(self.step_count))
+            skipped = self._skipped()
+            snap = self._measure(self.step_count)
+            snap.skipped = skipped
+            self.snapshots.append(snap)
             self._disarm()
         self.step_count += 1
         if self.step_count % self.flush_every == 0:
@@ -840,11 +911,12 @@ class Probes:
         carry: list[str] = []
         carried: list[Tensor] = []
         for i, (name, p) in enumerate(self.params):
-            rows.append(Row("param", name, tuple(p.shape)))
-            tensors.append(p.detach())
+            data = local(p.detach())
+            rows.append(Row("param", name, tuple(data.shape)))
+            tensors.append(data)
             if p.grad is not None:
-                rows.append(Row("param_grad", name, tuple(p.shape)))
-                tensors.append(p.grad)
+                rows.append(Row("param_grad", name, tuple(data.shape)))
+                tensors.append(local(p.grad))
                 if i in self._carried:
                     carry.append(name)
                     carried.append(self._carried[i])
@@ -877,17 +949,25 @@ class Probes:
         """Merge a record step's statistics per key and lay them out for the host."""
         hist = step % self.hist_every == 0
         merged = merge(m.stats, self._merge_cache)
+        carried = torch.stack(m.carried).double() if m.carried else None
+        if self.world > 1:  # the global step: one all_gather of the statistics
+            sharded = [("param", n) not in self._replicated for n in m.carry]
+            merged, carried = merge_ranks(merged, self._replicated, carried, sharded)
         dead_keys = [
             k for (s, k) in merged.keys if s == "layer" and ("layer", k) in merged.unit_off
         ]
         dead_vals = [merged.unit_off[("layer", k)].mean() for k in dead_keys]
-        self._update_window(merged, dead_keys, m.positions)
+        positions = {k: v * self.world for k, v in m.positions.items()}  # equal shares
+        self._update_window(merged, dead_keys, positions)
         hist_keys = [k for k in merged.keys if k[0] in HISTOGRAMS] if hist else []
         counts = ranges = None
         if hist and m.counts is not None:
             hist_keys, counts, ranges = list(m.hist_keys), m.counts, m.ranges
         elif hist and hist_keys:
             counts = m.plan.histograms(m.stacks, merged, hist_keys)
+            if self.world > 1:  # counted on the global edges, summed over ranks
+                once = [i for i, k in enumerate(hist_keys) if k in self._replicated]
+                counts = sum_counts(counts, once)
             at = merged.index()
             idx = torch.tensor([at[k] for k in hist_keys], device=merged.values.device)
             ranges = merged.values[idx][:, 3:5].float()
@@ -908,7 +988,7 @@ class Probes:
         )
         parts = [merged.values.reshape(-1)]
         parts += [torch.stack(dead_vals).reshape(-1).double()] if dead_vals else []
-        parts += [torch.stack(m.carried).double().to(merged.values.device)] if m.carried else []
+        parts += [carried.to(merged.values.device)] if carried is not None else []
         values = torch.cat(parts) if len(parts) > 1 else parts[0]
         self.order, self.shapes = m.order, m.shapes
         if self.chains is None and m.chains is not None:
@@ -1011,7 +1091,10 @@ class Probes:
         if self.history is None:
             self.history = History(self.meta())
         start = self.step_count - len(self._losses)
-        losses = torch.stack(self._losses).float().cpu() if self._losses else torch.empty(0)
+        losses = torch.stack(self._losses).float() if self._losses else torch.empty(0)
+        if self.world > 1 and self._losses:  # the global loss: the ranks' mean
+            losses = mean_over_ranks(losses)
+        losses = losses.cpu()
         snaps = self.snapshots
         self._losses, self.snapshots = [], []
         rows, hists = self.history.add(start, losses, snaps)

@@ -122,6 +122,8 @@ class History:
                     "loss": float(loss[i]),
                     **{k: v for k, v in row.items() if k != "step"},
                 }
+            if getattr(s, "skipped", False):
+                row["skipped"] = True  # the GradScaler skipped the update (inf/NaN grads)
             rows.append(row)
             if s.hist is not None:
                 for j, (section, name) in enumerate(s.layout.hist_keys):

@@ -30,6 +30,7 @@ from torch import nn
 
 from plumb import nn as pnn
 from plumb.data import Dataset, Split
+from plumb.dist import GlobalStep, sync_batchnorm, world
 from plumb.errors import PlumbError
 from plumb.fused import FusedStep, supports
 from plumb.models import LECTURE_SEED
@@ -339,11 +340,17 @@ def select_engine(
     family, not under ``--compile``)."""
     if name not in ENGINES:
         raise PlumbError(f"engine must be one of {', '.join(ENGINES)}; got {name!r}")
-    forward = torch.compile(model) if cfg.compile else model
+    _, size = world()
+    # DistributedDataParallel (one device per process): gradients averaged in backward
+    forward = nn.parallel.DistributedDataParallel(model) if size > 1 else model
+    forward = torch.compile(forward) if cfg.compile else forward
     eager = EagerEngine(model, optimizer, forward=forward, guard=cfg.on_nonfinite != "continue")
+    ddp = f" under DDP, {size} processes" if size > 1 else ""
     if name == "eager":
-        return eager, "eager engine (autograd)"
+        return eager, f"eager engine (autograd){ddp}"
     reason = supports(model, optimizer)
+    if reason is None and size > 1:
+        reason = f"a distributed run ({size} processes: DDP runs the eager engine)"
     if reason is None and cfg.on_nonfinite == "continue":
         reason = "the run updates through non-finite steps (on_nonfinite=continue)"
     if reason is None and name == "auto" and cfg.compile:
@@ -351,7 +358,7 @@ def select_engine(
     if reason is None and name == "auto" and cfg.steps < AUTO_FUSED_MIN_STEPS:
         reason = f"a run of {cfg.steps:,} steps (auto compiles from {AUTO_FUSED_MIN_STEPS:,})"
     if reason is not None:
-        return eager, f"eager engine (autograd): the fused engine does not apply: {reason}"
+        return eager, f"eager engine (autograd){ddp}: the fused engine does not apply: {reason}"
     return FusedEngine(
         model, optimizer
     ), "fused engine (compiled forward, hand-written backward and update)"
@@ -480,16 +487,30 @@ def train(
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     opt = optimizer or make_optimizer(model, cfg)
+    rank, size = world()
+    if size > 1:  # N ranks x batch B/N train as one process with batch B
+        if cfg.batch_size % size:
+            raise PlumbError(
+                f"--batch-size {cfg.batch_size} must be a multiple of the {size} processes"
+            )
+        sync_batchnorm(model)
     engine, why = select_engine(cfg.engine, model, opt, cfg)
     if on_engine is not None:
         on_engine(why)
+    if size > 1:
+        engine = GlobalStep(engine, should_stop)
+        should_stop = engine.stopped
+        share = cfg.batch_size // size
     if monitor is not None:
         monitor.external = engine.name == "fused"
     X, Y = data.train.X.to(device), data.train.Y.to(device)
     n = X.shape[0]
 
     def next_batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ix = torch.randint(0, n, (cfg.batch_size,), generator=generator).to(device)
+        ix = torch.randint(0, n, (cfg.batch_size,), generator=generator)
+        if size > 1:  # every rank draws the global batch; this rank takes its share
+            ix = ix[rank * share : (rank + 1) * share]
+        ix = ix.to(device)
         return X[ix], Y[ix].long()
 
     model.train()
@@ -503,9 +524,9 @@ def train(
         device=device,
         monitor=monitor,
         on_step=on_step,
-        on_print=on_print,
+        on_print=on_print if rank == 0 else None,
         print_every=cfg.print_every,
-        progress=Progress(cfg.steps, enabled=progress),
+        progress=Progress(cfg.steps, enabled=progress and rank == 0),
         on_checkpoint=on_checkpoint,
         checkpoint_every=cfg.checkpoint_every,
         should_stop=should_stop,

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from plumb.dist import from_rank0, is_sharded, unwrap, world
 from plumb.doctor.evidence import Evidence, LrTest, gather, weight_symmetry
 from plumb.doctor.rules import CODES, Finding, apply_rules, sort_findings, suggested_lr
 from plumb.errors import PlumbError
@@ -357,10 +358,15 @@ def diagnose(
     classes, class_dim = found.get("classes"), found.get("class_dim", 1)
     test = None
     healthy = crash is None and len(probes.history.loss) and np.isfinite(probes.history.loss[-1])
-    if test_lr and healthy:
+    rank, size = world()
+    # Under torch.distributed rank 0 runs the lr test on copies of the unwrapped module
+    # with its own batches (no collectives; not for sharded parameters), and every rank
+    # ends with rank 0's findings (the statistics they rest on are global already).
+    sharded = size > 1 and any(is_sharded(p) for p in model.parameters())
+    if test_lr and healthy and rank == 0 and not sharded:
         train = [next(stream) for _ in range(LR_TEST_STEPS)]
         held = [next(stream) for _ in range(LR_TEST_EVAL)]
-        test = lr_test(model, optimizer, loss_fn, train, held, start=probes.step_count)
+        test = lr_test(unwrap(model), optimizer, loss_fn, train, held, start=probes.step_count)
     ev = gather(
         probes,
         classes=classes,
@@ -373,7 +379,7 @@ def diagnose(
     findings = apply_rules(ev)
     if crash is not None:
         findings.insert(0, crash)
-    return _summary(ev, findings, time.perf_counter() - t0)
+    return from_rank0(_summary(ev, findings, time.perf_counter() - t0))
 
 
 def _check_loss(loss: Any) -> None:
@@ -453,7 +459,7 @@ class Doctor:
             symmetry_start=self.symmetry,
         )
         self.probes.reset_window()
-        findings = apply_rules(ev)
+        findings = from_rank0(apply_rules(ev))  # the same findings on every rank
         for f in findings:
             key = (f.code, f.where)
             if key not in self.reported and self.on_finding is not None:

@@ -158,6 +158,8 @@ class Evidence:
         for row in self.rows:
             if first is not None and row["step"] >= first:
                 break
+            if row.get("skipped"):  # a GradScaler step skipped for inf/NaN: not a fault
+                continue
             if not _row_finite(row):
                 first = row["step"]
                 break
@@ -168,7 +170,10 @@ class Evidence:
         """Rows before the first non-finite value (statistics after it are meaningless)."""
         stop = self.first_nonfinite_step()
         return self.cached(
-            "clean", lambda: [r for r in self.rows if stop is None or r["step"] < stop]
+            "clean",
+            lambda: [
+                r for r in self.rows if (stop is None or r["step"] < stop) and not r.get("skipped")
+            ],
         )
 
     def init_row(self) -> dict[str, Any] | None:
