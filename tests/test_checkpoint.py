@@ -4,6 +4,7 @@ checkpoints and data (fuzzed), the run-directory lock, and failing disks."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import signal
@@ -499,3 +500,45 @@ def test_finite_check_sees_any_bad_gradient_and_changes_nothing():
         assert not _finite(loss, params)
         params[3].grad.view(-1)[0] = 0.0
     assert not _finite(torch.tensor(float("nan")), params)
+
+
+def test_every_file_gets_the_mode_a_plain_open_gives(tmp_path):
+    """0666 minus the umask for everything plumb writes (the atomic writer's temp file
+    is 0600), so a report on a web server or a run on a shared disk can be read. The
+    umask 002 makes the expected 0664 differ from both 0600 and 0644."""
+    old = os.umask(0o002)
+    try:
+        out = tmp_path / "run"
+        args = ["train", "--steps", "60", "--out", str(out), "--samples", "2", "--no-progress"]
+        assert main([*args, "--tensorboard", "--probe-every", "10"]) == 0
+        files = [p for p in out.rglob("*") if p.is_file()]
+        assert len(files) > 10 and any(p.suffix == ".html" for p in files)
+        modes = {str(p.relative_to(out)): oct(p.stat().st_mode & 0o777) for p in files}
+        assert set(modes.values()) == {oct(0o664)}, modes
+    finally:
+        os.umask(old)
+
+
+def test_validation_during_training_survives_resume(tmp_path):
+    """--eval-every: the val loss in eval mode at every N steps and at the end, in
+    metrics.json (curve and best), val.json and the report; a resumed run continues
+    the same curve, bit for bit."""
+    flags = ["--samples", "0", "--no-progress", "--threads", "1", "--eval-every", "50"]
+    full, half = tmp_path / "full", tmp_path / "half"
+    assert main(["train", "--steps", "200", "--out", str(full), *flags]) == 0
+    assert main(["train", "--steps", "100", "--out", str(half), *flags]) == 0
+    assert main(["train", "--resume", str(half), "--steps", "200", "--samples", "0"]) == 0
+    m = json.loads((full / "metrics.json").read_text())
+    curve = m["val_curve"]
+    assert curve["steps"] == [50, 100, 150, 200]
+    assert curve["loss"][-1] == m["loss"]["val"]  # the last evaluation is the final model's
+    assert curve["loss"][0] > curve["loss"][-1]  # it learns
+    best = min(range(4), key=lambda i: curve["loss"][i])
+    assert m["best_val"] == {"step": curve["steps"][best], "loss": curve["loss"][best]}
+    assert json.loads((full / "val.json").read_text())["val"] == [
+        list(p) for p in zip(curve["steps"], curve["loss"], strict=True)
+    ]
+    assert json.loads((half / "metrics.json").read_text())["val_curve"] == curve
+    assert "best validation loss during training" in (full / "report.html").read_text()
+    with pytest.raises(PlumbError, match="--eval-every"):
+        TrainConfig(eval_every=0)

@@ -81,11 +81,12 @@ def save_checkpoint(
     losses: Tensor,
     config: dict[str, Any],
     status: str = "running",
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``run_dir/checkpoint.safetensors`` for a run that has done ``step`` steps.
 
     ``config`` is the run's JSON config (model, train, data); ``losses`` the first
-    ``step`` per-step losses. A write that fails (full disk, read-only directory) raises
+    ``step`` per-step losses; ``extra`` more JSON state (the validation curve). A write that fails (full disk, read-only directory) raises
     a ``PlumbError`` and leaves the previous checkpoint as it was."""
     tensors: dict[str, Tensor] = {
         f"model/{k}": v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()
@@ -106,6 +107,7 @@ def save_checkpoint(
         "step": step,
         "status": status,
         "config": config,
+        "extra": extra or {},
         "optimizer": {
             "class": type(optimizer).__name__,
             "param_groups": opt["param_groups"],

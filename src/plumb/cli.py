@@ -111,6 +111,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--print-every", type=int)
     g.add_argument(
+        "--eval-every",
+        type=int,
+        metavar="N",
+        help="validation loss (eval mode) every N steps and at the end (default: steps/20)",
+    )
+    g.add_argument(
         "--checkpoint-every",
         type=int,
         help="write RUN_DIR/checkpoint.safetensors every N steps (1000) and at the end",

@@ -55,7 +55,7 @@ class RunLock:
         me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
         for _ in range(3):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
             except FileExistsError:
                 if self.owner() is not None:
                     self.check_free()

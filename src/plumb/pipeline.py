@@ -38,6 +38,8 @@ from plumb.train import (
     train,
 )
 
+VAL_FILE = "val.json"  # the validation curve so far (step, loss), while the run trains
+
 
 @dataclass
 class TrainedRun:
@@ -179,6 +181,21 @@ def train_run(
         if monitor is not None and ckpt is not None:
             monitor.restore(History.restore(out, monitor.meta(), ckpt.losses), ckpt.step)
 
+        # the validation loss in eval mode every eval_cadence() steps and at the end, kept
+        # in the checkpoint (a resumed run continues the curve) and in val.json (readable
+        # while the run trains)
+        val: list[list[float]] = list(ckpt.state.get("extra", {}).get("val", []) if ckpt else [])
+        every = train_cfg.eval_cadence()
+
+        def on_step(i: int, loss: torch.Tensor) -> None:
+            done = i + 1
+            if rank == 0 and (done % every == 0 or done == train_cfg.steps):
+                val.append([done, split_loss(model, data.val, device)])
+                write_json(out / VAL_FILE, {"every": every, "val": val})
+                for sink in monitor.sinks if monitor is not None else ():
+                    if hasattr(sink, "val"):
+                        sink.val(done, val[-1][1])
+
         def checkpoint(step: int, losses: torch.Tensor, status: str = "running") -> None:
             if monitor is not None and monitor._attached:
                 monitor.flush()  # the record on disk covers the checkpoint (every rank)
@@ -193,6 +210,7 @@ def train_run(
                 losses=losses,
                 config=config,
                 status=status,
+                extra={"val": [p for p in val if p[0] <= step]},
             )
 
         with monitor if monitor is not None else contextlib.nullcontext():
@@ -210,6 +228,7 @@ def train_run(
                 on_checkpoint=checkpoint,
                 should_stop=signals.requested,
                 on_engine=on_engine,
+                on_step=on_step,
             )
         status = {None: "complete", "signal": "interrupted", "nonfinite": "diverged"}[
             result.stopped
@@ -219,7 +238,7 @@ def train_run(
         diagnosis = monitor.diagnosis if monitor is not None else None
         if rank == 0:
             run = _finish(
-                out, model, data, device, train_cfg, data_info, result, diagnosis, samples
+                out, model, data, device, train_cfg, data_info, result, diagnosis, samples, val
             )
         else:
             run = TrainedRun(out, model, data, result, {}, [])
@@ -257,7 +276,7 @@ def _monitor(out, model, optimizer, data, train_cfg, tensorboard, on_finding) ->
 
 
 def _finish(
-    out, model, data, device, train_cfg, data_info, result, diagnosis, samples
+    out, model, data, device, train_cfg, data_info, result, diagnosis, samples, val=()
 ) -> TrainedRun:
     """Evaluate, and write config, weights, metrics, losses, findings and samples."""
     calibrated = train_cfg.calibrate_bn and calibrate_batchnorm(model, data.train, device) > 0
@@ -272,6 +291,11 @@ def _finish(
         "final_train_loss_1000_steps": result.last_mean(),
         "loss": losses,
         "bn_calibrated": bool(calibrated),
+        # the validation curve during training (eval mode) and its best point
+        "val_curve": {"steps": [int(s) for s, _ in val], "loss": [v for _, v in val]},
+        "best_val": (
+            dict(zip(("step", "loss"), min(val, key=lambda p: p[1]), strict=True)) if val else None
+        ),
         "num_parameters": model.num_parameters(),
         "train_seconds": result.seconds,
         "engine": result.engine,

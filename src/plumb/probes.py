@@ -570,7 +570,7 @@ class Probes:
         self._attached = False
         _ACTIVE.discard(self.model)
         self.flush()
-        for sink in self.sinks:
+        for sink in self.sinks if self.rank == 0 else ():
             sink.close()
 
     def _is_record(self, step: int) -> bool:
@@ -1106,7 +1106,7 @@ class Probes:
                 self.writer.write_meta(meta)
                 self._meta_written = signature
             self.writer.write(self.history, rows, hists)
-        for sink in self.sinks:
+        for sink in self.sinks if self.rank == 0 else ():  # one writer: rank 0
             sink.write(self.history, rows, hists)
 
 

@@ -329,6 +329,7 @@ class Record:
         self.config = _optional_json(self.path / "config.json")
         self.metrics = _optional_json(self.path / "metrics.json")
         self.extras = _optional_json(self.path / "samples.json") or {}
+        self.val = self._val_curve()
         self.samples = self.extras.get("samples", [])
         doctor = _optional_json(self.path / "findings.json")  # None: the doctor did not run
         if doctor is not None and not (
@@ -348,6 +349,15 @@ class Record:
     @property
     def params(self) -> list[dict[str, Any]]:
         return self.meta["params"]
+
+    def _val_curve(self) -> np.ndarray:
+        """The validation loss during training, (n, 2) rows of (step, loss): from
+        metrics.json of a finished run, else val.json of one still training."""
+        curve = (self.metrics or {}).get("val_curve")
+        if isinstance(curve, dict) and curve.get("steps"):
+            return _points(list(zip(curve["steps"], curve.get("loss", []), strict=False)))
+        live = _optional_json(self.path / "val.json")
+        return _points(live.get("val", [])) if isinstance(live, dict) else np.zeros((0, 2))
 
     def kind(self, layer: str) -> str:
         base = layer.partition("#")[0]
@@ -431,6 +441,15 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
             raise PlumbError(f"{path} line {n} is not a probe row: the probe record is damaged")
         rows.append(row)
     return rows
+
+
+def _points(pairs: Any) -> np.ndarray:
+    """(n, 2) float array of (step, loss) pairs; empty when the data is not that."""
+    try:
+        a = np.asarray(pairs, dtype=np.float64).reshape(-1, 2)
+    except (TypeError, ValueError):
+        return np.zeros((0, 2))
+    return a
 
 
 def load_run(path: str | Path) -> Record:

@@ -65,6 +65,7 @@ class TrainConfig:
     probe_every: int | None = None  # record-step cadence; None: max(50, steps // 500)
     hist_every: int | None = None  # histogram cadence; None: 10 * probe_every
     checkpoint_every: int = 1000  # steps between checkpoints (plumb train; and at the end)
+    eval_every: int | None = None  # validation loss (eval mode) cadence; None: ~20 per run
     on_nonfinite: str = "stop"  # stop (keep the last good checkpoint, exit 3) | skip the step
 
     def __post_init__(self) -> None:
@@ -101,6 +102,10 @@ class TrainConfig:
             raise PlumbError(
                 f"checkpoint_every must be an integer >= 1, got {self.checkpoint_every!r}"
             )
+        if self.eval_every is not None and (
+            not isinstance(self.eval_every, int) or self.eval_every < 1
+        ):
+            raise PlumbError(f"--eval-every must be an integer >= 1, got {self.eval_every!r}")
         if self.engine not in ENGINES:
             raise PlumbError(f"engine must be one of {', '.join(ENGINES)}; got {self.engine!r}")
         if self.on_nonfinite not in NONFINITE:
@@ -119,6 +124,10 @@ class TrainConfig:
         most one record every 50 steps (about 2% of the step time, see bench_probes)."""
         every = self.probe_every or max(50, self.steps // 500)
         return every, self.hist_every or 10 * every
+
+    def eval_cadence(self) -> int:
+        """Steps between validation evaluations: ``eval_every``, else ~20 per run."""
+        return self.eval_every or max(1, self.steps // 20)
 
     def lr_at(self, step: int) -> float:
         if self.lr_decay_step is not None and step >= self.lr_decay_step:
@@ -345,12 +354,12 @@ def select_engine(
     forward = nn.parallel.DistributedDataParallel(model) if size > 1 else model
     forward = torch.compile(forward) if cfg.compile else forward
     eager = EagerEngine(model, optimizer, forward=forward, guard=cfg.on_nonfinite != "continue")
-    ddp = f" under DDP, {size} processes" if size > 1 else ""
+    if size > 1:
+        single = "" if name == "eager" else " (the fused engine is single-process)"
+        return eager, f"eager engine (autograd) under DDP, {size} processes{single}"
     if name == "eager":
-        return eager, f"eager engine (autograd){ddp}"
+        return eager, "eager engine (autograd)"
     reason = supports(model, optimizer)
-    if reason is None and size > 1:
-        reason = f"a distributed run ({size} processes: DDP runs the eager engine)"
     if reason is None and cfg.on_nonfinite == "continue":
         reason = "the run updates through non-finite steps (on_nonfinite=continue)"
     if reason is None and name == "auto" and cfg.compile:
@@ -358,7 +367,7 @@ def select_engine(
     if reason is None and name == "auto" and cfg.steps < AUTO_FUSED_MIN_STEPS:
         reason = f"a run of {cfg.steps:,} steps (auto compiles from {AUTO_FUSED_MIN_STEPS:,})"
     if reason is not None:
-        return eager, f"eager engine (autograd){ddp}: the fused engine does not apply: {reason}"
+        return eager, f"eager engine (autograd): the fused engine does not apply: {reason}"
     return FusedEngine(
         model, optimizer
     ), "fused engine (compiled forward, hand-written backward and update)"

@@ -182,13 +182,31 @@ def loss_curve(rec: Record, window: int | None = None) -> Figure | None:
     window = window or max(1, len(loss) // 200)
     n = len(loss) // window * window
     fig, ax = _figure()
+    val = getattr(rec, "val", np.zeros((0, 2)))
     with np.errstate(divide="ignore", invalid="ignore"):
         if n >= window and window > 1:
             means = loss[:n].reshape(-1, window).mean(1)
-            ax.plot(np.arange(len(means)) * window + window / 2, np.log10(means))
+            ax.plot(
+                np.arange(len(means)) * window + window / 2,
+                np.log10(means),
+                label=f"train (training mode, mean of {window} steps)",
+            )
         else:
-            ax.plot(np.arange(len(loss)), np.log10(loss))
-    ax.set_title(f"training loss (log10, mean of {window} steps)")
+            ax.plot(np.arange(len(loss)), np.log10(loss), label="train (training mode)")
+        if len(val):
+            ax.plot(val[:, 0], np.log10(val[:, 1]), "o-", ms=3, label="val (eval mode)")
+            best = int(np.nanargmin(val[:, 1]))
+            ax.plot(
+                val[best, 0],
+                np.log10(val[best, 1]),
+                "*",
+                ms=12,
+                color="C3",
+                label=f"best val {val[best, 1]:.4f} at step {int(val[best, 0]):,}",
+            )
+    if len(val):
+        ax.legend(loc="upper right", fontsize=8)
+    ax.set_title("loss (log10)" if len(val) else f"training loss (log10, mean of {window} steps)")
     ax.set_xlabel("step")
     ax.set_ylabel("log10 loss")
     return fig

@@ -130,6 +130,13 @@ def _summary(rec: Record) -> str:
             cells = "".join(f"<th>{e(k)}</th>" for k in losses)
             vals = "".join(f"<td>{float(v):.4f}</td>" for v in losses.values())
             parts.append(f"<h3>Loss (eval mode)</h3><table><tr>{cells}</tr><tr>{vals}</tr></table>")
+        best = m.get("best_val")
+        if best:
+            parts.append(
+                f"<p>best validation loss during training: {float(best['loss']):.4f} at step "
+                f"{int(best['step']):,} (of {len(m.get('val_curve', {}).get('steps', []))} "
+                "evaluations in eval mode)</p>"
+            )
         facts = {
             k: m[k]
             for k in ("steps", "step0_loss", "num_parameters", "train_seconds", "us_per_step")

@@ -49,6 +49,11 @@ class TensorBoardSink:
                 add_histogram(self.w, f"hist/{key}", counts, rng, step)
         self.w.flush()
 
+    def val(self, step: int, loss: float) -> None:
+        """The validation loss (eval mode) at ``step``: the scalar ``loss/val``."""
+        self.w.add_scalar("loss/val", float(loss), int(step))
+        self.w.flush()
+
     def close(self) -> None:
         self.w.close()
 
@@ -88,5 +93,7 @@ def export_tensorboard(run_dir: str | Path, logdir: str | Path | None = None) ->
         steps, counts, ranges = rec.histogram(section, name)
         hists[series] = list(zip(steps.tolist(), counts, ranges, strict=True))
     sink.write(history, rec.rows, hists)
+    for step, loss in rec.val:
+        sink.val(int(step), float(loss))
     sink.close()
     return logdir
