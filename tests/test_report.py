@@ -148,7 +148,14 @@ def test_report_renders_in_headless_chromium(hostile_run, tmp_path):
             """(async () => {
                 const imgs = [...document.images];
                 await Promise.all(imgs.map(i => i.decode().catch(() => null)));
+                const heads = [...document.querySelectorAll('h2')].map(h => h.innerText);
+                const folded = document.querySelector('details') !== null
+                  && !document.querySelector('details').open;
+                document.querySelectorAll('details').forEach(d => { d.open = true; });
                 return {
+                  heads: heads,
+                  folded: folded,
+                  firstImage: imgs.length ? imgs[0].alt : null,
                   images: imgs.map(i => [i.alt, i.complete, i.naturalWidth, i.naturalHeight]),
                   scripts: document.scripts.length,
                   xssShownAsText: document.body.innerText.includes('<script>alert(1)</script>'),
@@ -165,6 +172,10 @@ def test_report_renders_in_headless_chromium(hostile_run, tmp_path):
     assert problems == []  # no console errors, no exceptions, no alert() dialog
     assert info["scripts"] == 0
     assert info["xssShownAsText"] is True
+    # the report leads with the picture: verdict, loss, the lecture's figures, the table;
+    # the run's details folded away
+    assert info["heads"][:4] == ["Verdict", "Loss", "Inside the network", "Layers"]
+    assert info["folded"] is True and info["firstImage"] == "loss"
     assert len(info["images"]) == 7
     assert all(c and w > 100 and h > 100 for _, c, w, h in info["images"]), info["images"]
     assert info["height"] > 2000

@@ -15,6 +15,7 @@ import math
 import time
 from typing import Any
 
+from plumb.doctor.rules import CODES
 from plumb.record import Record
 from plumb.report.figures import FIGURES
 from plumb.report.tables import COLUMNS, HEADERS, fmt, layer_rows
@@ -44,7 +45,8 @@ CAPTIONS = {
     "weight_gradients": "Distribution of each weight's gradient, with grad:data = std(grad)/std(W).",
     "update_ratio": "log10(std(update)/std(W)) per weight over training; the dashed line is "
     "the lecture's ~1e-3 guide.",
-    "loss": "Training loss, log10, averaged over windows of steps.",
+    "loss": "Training loss (training mode, log10, averaged over windows of steps) and, when "
+    "evaluated during training, the validation loss in eval mode with its best point.",
     "saturation": "Saturation map of one layer for one batch: white = the unit passes "
     "(almost) no gradient for that example; an all-white column is a dead unit.",
     "histograms_over_time": "Histogram of each activation layer at every histogram step "
@@ -115,28 +117,47 @@ STOPPED = {
 }
 
 
-def _summary(rec: Record) -> str:
+def _ended_early(rec: Record) -> str:
+    m = rec.metrics or {}
+    if m.get("stopped") not in STOPPED:
+        return ""
+    text = STOPPED[m["stopped"]].format(
+        steps=int(m.get("steps", 0)), total=int(m.get("steps_configured", 0))
+    )
+    return f'<div class="finding error"><b>This run ended early:</b> {e(text)}</div>'
+
+
+def _losses(rec: Record) -> str:
+    """The eval-mode losses of the splits, the best validation point, the training loss."""
     parts = []
     m = rec.metrics or {}
-    if m.get("stopped") in STOPPED:
-        text = STOPPED[m["stopped"]].format(
-            steps=int(m.get("steps", 0)), total=int(m.get("steps_configured", 0))
+    losses = m.get("loss", {})
+    if losses:
+        cells = "".join(f"<th>{e(k)}</th>" for k in losses)
+        vals = "".join(f"<td>{float(v):.4f}</td>" for v in losses.values())
+        parts.append(f"<table><tr><th>eval mode</th>{cells}</tr><tr><td></td>{vals}</tr></table>")
+    best = m.get("best_val")
+    if best:
+        parts.append(
+            f"<p>best validation loss during training: {float(best['loss']):.4f} at step "
+            f"{int(best['step']):,} (of {len(m.get('val_curve', {}).get('steps', []))} "
+            "evaluations in eval mode)</p>"
         )
-        parts.append(f'<div class="finding error"><b>This run ended early:</b> {e(text)}</div>')
+    if len(rec.loss):
+        tail = rec.loss[-min(len(rec.loss), 100) :]
+        parts.append(
+            f"<p>training loss: first step {float(rec.loss[0]):.4f}, "
+            f"mean of the last {len(tail)} steps {float(tail.mean()):.4f}</p>"
+        )
+    return "\n".join(parts)
+
+
+def _summary(rec: Record) -> str:
+    """The run's details: facts, configuration, data, samples (folded in the report)."""
+    parts = []
+    m = rec.metrics or {}
     if rec.config:
         cfg = rec.config
-        losses = m.get("loss", {})
-        if losses:
-            cells = "".join(f"<th>{e(k)}</th>" for k in losses)
-            vals = "".join(f"<td>{float(v):.4f}</td>" for v in losses.values())
-            parts.append(f"<h3>Loss (eval mode)</h3><table><tr>{cells}</tr><tr>{vals}</tr></table>")
-        best = m.get("best_val")
-        if best:
-            parts.append(
-                f"<p>best validation loss during training: {float(best['loss']):.4f} at step "
-                f"{int(best['step']):,} (of {len(m.get('val_curve', {}).get('steps', []))} "
-                "evaluations in eval mode)</p>"
-            )
         facts = {
             k: m[k]
             for k in ("steps", "step0_loss", "num_parameters", "train_seconds", "us_per_step")
@@ -161,12 +182,6 @@ def _summary(rec: Record) -> str:
             f'<p class="muted">A Monitor record ({e(rec.meta.get("model", "model"))}, '
             f"{len(rec.loss):,} steps) without a plumb run config.</p>"
         )
-    if len(rec.loss):
-        tail = rec.loss[-min(len(rec.loss), 100) :]
-        parts.append(
-            f"<p>training loss: first step {float(rec.loss[0]):.4f}, "
-            f"mean of the last {len(tail)} steps {float(tail.mean()):.4f}</p>"
-        )
     preview = (rec.extras or {}).get("data_preview", {})
     if preview:
         items = "".join(
@@ -187,7 +202,11 @@ def _summary(rec: Record) -> str:
 
 def _findings(rec: Record) -> str:
     if rec.doctor is not None and not rec.findings:
-        return '<p class="muted">The doctor checked this run and found nothing to flag.</p>'
+        checked = ", ".join(c for c in CODES if c != "step-failed")
+        return (
+            '<div class="finding info"><b>healthy</b>: the doctor checked this run and found '
+            f"nothing to flag. Checked: {e(checked)} (docs/doctor.md).</div>"
+        )
     if not rec.findings:
         return '<p class="muted">No findings recorded for this run.</p>'
     out = []
@@ -234,24 +253,41 @@ def _layer_table(rec: Record) -> str:
     )
 
 
+#: The report's order: the verdict, the loss, the lecture's four figures, the layer
+#: table, then the rest; run and data details folded away.
+LECTURE_FIGURES = ("activations", "gradients", "weight_gradients", "update_ratio")
+MORE_FIGURES = ("saturation", "histograms_over_time")
+
+
+def _figures(pngs: dict[str, bytes], names: tuple[str, ...]) -> str:
+    return "".join(
+        f'<figure><img alt="{e(name)}" src="data:image/png;base64,'
+        f'{base64.b64encode(pngs[name]).decode("ascii")}"><figcaption>'
+        f"{e(CAPTIONS.get(name, name))}</figcaption></figure>"
+        for name in names
+        if name in pngs and name in FIGURES
+    )
+
+
 def build_html(rec: Record, pngs: dict[str, bytes]) -> str:
     title = f"plumb report: {rec.path.name}"
-    figs = "".join(
-        f'<figure><img alt="{e(name)}" src="data:image/png;base64,'
-        f'{base64.b64encode(data).decode("ascii")}"><figcaption>{e(CAPTIONS.get(name, name))}'
-        "</figcaption></figure>"
-        for name, data in pngs.items()
-        if name in FIGURES
-    )
+    lecture = _figures(pngs, LECTURE_FIGURES)
+    more = _figures(pngs, MORE_FIGURES)
     body = f"""<h1>{e(title)}</h1>
 <p class="muted">{e(str(rec.path))} · {len(rec.rows)} record steps (every {e(rec.meta.get("every"))},
 histograms every {e(rec.meta.get("hist_every"))}) · written {e(time.strftime("%Y-%m-%d %H:%M:%S"))}</p>
-<h2>Summary</h2>
-{_summary(rec)}
-<h2>Findings</h2>
+{_ended_early(rec)}
+<h2>Verdict</h2>
 {_findings(rec)}
+<h2>Loss</h2>
+{_losses(rec)}
+{_figures(pngs, ("loss",)) or '<p class="muted">No losses yet.</p>'}
+<h2>Inside the network</h2>
+{lecture or '<p class="muted">Nothing to plot yet.</p>'}
 <h2>Layers</h2>
 {_layer_table(rec)}
-<h2>Figures</h2>
-{figs or '<p class="muted">Nothing to plot yet.</p>'}"""
+{"<h2>More figures</h2>" + more if more else ""}
+<details><summary>Run, model, training, data and samples</summary>
+{_summary(rec)}
+</details>"""
     return page(title, body)
