@@ -190,3 +190,43 @@ def test_samples_json(hostile_run):
     extras = json.loads((hostile_run.out / "samples.json").read_text())
     assert len(extras["samples"]) == 10
     assert extras["data_preview"]["first items of the file"][0] == XSS
+
+
+def test_notebook_views(hostile_run):
+    """What Jupyter shows: a run (verdict, losses, loss figure, layer table with
+    sparklines), each figure as one call, a diagnosis, a Monitor with and without out."""
+    import matplotlib.pyplot as plt
+    import torch
+    import torch.nn.functional as F
+    from matplotlib.figure import Figure
+
+    import plumb
+    from plumb.report.figures import FIGURES
+
+    rec = load_run(hostile_run.out)
+    html = rec._repr_html_()
+    assert "Verdict" in html and 'alt="loss"' in html and html.count("<svg") > 10
+    assert "<script>alert(1)</script>" not in html
+    for name in FIGURES:
+        fig = rec.plot(name)
+        assert isinstance(fig, Figure) and fig.axes and fig.axes[0].has_data(), name
+        plt.close(fig)
+    with pytest.raises(PlumbError, match="unknown figure 'nope'"):
+        rec.plot("nope")
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    x, y = torch.randn(64, 4) * 30, torch.randint(0, 3, (64,))  # saturates the tanh
+    diag = plumb.diagnose(
+        model, (x, y), F.cross_entropy, torch.optim.SGD(model.parameters(), 0.1), steps=10
+    )
+    d = diag._repr_html_()
+    assert all(f"<code>{c}</code>" in d for c in diag.codes) and diag.codes
+    opt = torch.optim.SGD(model.parameters(), 0.1)
+    with plumb.Monitor(model, every=1, doctor=True, report=False) as mon:
+        for _ in range(3):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(loss)
+        live = mon._repr_html_()
+    assert "3 steps" in live and f"{float(mon.history.loss[-1]):.4f}" in live

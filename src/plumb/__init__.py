@@ -13,8 +13,8 @@ from plumb.models import MLP, PRESETS, ModelConfig, preset_config
 from plumb.monitor import Monitor
 from plumb.pipeline import eval_run, sample_run, train_run
 from plumb.probes import Probes
-from plumb.record import Record, load_run
-from plumb.report import write_report
+from plumb.record import Record
+from plumb.report import RunView, load_run, write_report
 from plumb.runs import Run
 from plumb.train import TrainConfig, split_loss, train
 
@@ -30,6 +30,7 @@ __all__ = [
     "Probes",
     "Record",
     "Run",
+    "RunView",
     "TrainConfig",
     "Vocab",
     "__version__",

@@ -81,6 +81,21 @@ class Monitor(Probes):
         if self.doctor is not None:
             self.doctor.observe(loss)
 
+    def _repr_html_(self) -> str:
+        """Jupyter: the record so far (flushed first) as ``plumb.load_run`` shows it when
+        the Monitor writes to ``out``, else the steps, the latest loss and the diagnosis."""
+        if self._attached:
+            self.flush()
+        if self.out is not None and (Path(self.out) / "probes" / "meta.json").is_file():
+            return views.load_run(self.out)._repr_html_()
+        loss = self.history.loss if self.history is not None else []
+        head = f"<div><b>plumb Monitor</b> · {self.step_count:,} steps"
+        if len(loss):
+            head += f", last loss {float(loss[-1]):.4f}"
+        head += "</div>"
+        diag = self.diagnosis._repr_html_() if self.diagnosis is not None else ""
+        return head + diag
+
     def __exit__(self, *exc: object) -> None:
         self.close(write_report=exc[0] is None, check=exc[0] in (None, KeyboardInterrupt))
 

@@ -19,6 +19,7 @@ of the loop itself (a missing ``zero_grad``) can be seen.
 from __future__ import annotations
 
 import copy
+import html
 import itertools
 import json
 import math
@@ -102,6 +103,31 @@ class Diagnosis:
         for f in self.findings:
             lines.append(f"  [{f.severity}] {f.code} @ {f.where}: {f.message}")
         return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        """Jupyter: the verdict, the losses, the lr test, each finding with its evidence."""
+        esc = html.escape
+        color = {"error": "#b00020", "warning": "#b26a00", "info": "#2a6fb0"}
+        verdict = "healthy" if self.ok else "needs attention"
+        exp = f" (expected {self.expected_initial_loss:.3f})" if self.expected_initial_loss else ""
+        parts = [
+            f"<div><b>plumb doctor: {esc(verdict)}</b> · {len(self.findings)} finding(s) in "
+            f"{self.steps} steps · loss {self.initial_loss:.4g}{esc(exp)} &rarr; "
+            f"{self.final_loss:.4g}</div>"
+        ]
+        if self.lr_test is not None:
+            parts.append(f"<div>lr test (held-out loss): {esc(self.lr_test.table())}</div>")
+        if self.suggested_lr is not None:
+            parts.append(f"<div>suggested lr: {self.suggested_lr:g}</div>")
+        for f in self.findings:
+            ev = esc(json.dumps(jsonable(f.evidence), ensure_ascii=False))
+            parts.append(
+                f'<div style="border-left:4px solid {color.get(f.severity, "#888")};'
+                f'padding:2px 8px;margin:4px 0"><b>{esc(f.severity)}</b> '
+                f"<code>{esc(f.code)}</code> at <code>{esc(f.where)}</code>: "
+                f'{esc(f.message)}<div style="color:#666;font-size:85%">{ev}</div></div>'
+            )
+        return "".join(parts)
 
 
 # --- batches --------------------------------------------------------------------------

@@ -4,10 +4,46 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from matplotlib.figure import Figure
+
+from plumb.errors import PlumbError
 from plumb.io import atomic_write_bytes
-from plumb.record import load_run
-from plumb.report.figures import render_all
-from plumb.report.html import build_html
+from plumb.record import Record
+from plumb.report.figures import FIGURES, png, render_all
+from plumb.report.html import _figures, _findings, _layer_table, _losses, build_html, e
+
+
+class RunView(Record):
+    """A run directory read back for a notebook (``plumb.load_run``): the record, and its
+    views. ``rec.plot(NAME)`` returns one figure (a ``matplotlib.figure.Figure``):
+    ``activations``, ``gradients``, ``weight_gradients``, ``update_ratio`` (the lecture's
+    four), ``loss``, ``saturation``, ``histograms_over_time``. In Jupyter the object shows
+    itself (``_repr_html_``): the verdict, the losses with the loss figure, the per-layer
+    table with sparklines."""
+
+    def plot(self, name: str) -> Figure:
+        if name not in FIGURES:
+            raise PlumbError(f"unknown figure {name!r}: choose one of {', '.join(FIGURES)}")
+        fig = FIGURES[name](self)
+        if fig is None:
+            raise PlumbError(f"{self.path} has nothing to draw for {name!r} yet")
+        return fig
+
+    def _repr_html_(self) -> str:
+        fig = FIGURES["loss"](self)
+        pngs = {"loss": png(fig)} if fig is not None else {}
+        return (
+            f"<div><b>plumb run {e(self.path.name)}</b> · {len(self.loss):,} steps, "
+            f"{len(self.rows)} record steps<h4>Verdict</h4>{_findings(self)}"
+            f"<h4>Loss</h4>{_losses(self)}{_figures(pngs, ('loss',))}"
+            f"<h4>Layers</h4>{_layer_table(self)}</div>"
+        )
+
+
+def load_run(path: str | Path) -> RunView:
+    """Read a run directory (the probe record and, for a ``plumb train`` run, its config,
+    metrics, samples and findings) for a notebook: see :class:`RunView`."""
+    return RunView(path)
 
 
 def write_report(run_dir: str | Path, *, figures_dir: bool = True) -> Path:
@@ -22,4 +58,4 @@ def write_report(run_dir: str | Path, *, figures_dir: bool = True) -> Path:
     return path
 
 
-__all__ = ["build_html", "render_all", "write_report"]
+__all__ = ["RunView", "build_html", "load_run", "render_all", "write_report"]
