@@ -230,3 +230,44 @@ def test_notebook_views(hostile_run):
             mon.step(loss)
         live = mon._repr_html_()
     assert "3 steps" in live and f"{float(mon.history.loss[-1]):.4f}" in live
+
+
+def test_report_of_a_run_in_progress_and_watch(tmp_path):
+    """`plumb report RUN` while the run trains reads what was flushed and leaves the run
+    alone; `--watch` rebuilds with a meta refresh (no script: the CSP stays) until the
+    run ends, then once more without it."""
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "live"
+    train = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "plumb", "train", "--steps", "4000", "--out", str(out)),
+            *("--no-progress", "--samples", "0", "--threads", "1", "--engine", "eager"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    t0 = time.monotonic()
+    while not (out / "probes" / "scalars.jsonl").is_file():
+        assert train.poll() is None and time.monotonic() - t0 < 120
+        time.sleep(0.2)
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "plumb", "report", str(out), "--watch", "0.5"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    seen_live = False
+    while train.poll() is None:
+        page = (out / "report.html").read_text() if (out / "report.html").is_file() else ""
+        if 'http-equiv="refresh"' in page and (out / "checkpoint.safetensors").exists():
+            seen_live = "in progress" in page and "Content-Security-Policy" in page
+        time.sleep(0.2)
+    assert train.returncode == 0, train.stderr.read()
+    assert watch.wait(timeout=60) == 0 and "rebuilt" in watch.stdout.read()
+    assert seen_live
+    final = (out / "report.html").read_text()
+    assert 'http-equiv="refresh"' not in final and "<script" not in final
+    assert (out / "metrics.json").is_file()  # the run finished undisturbed

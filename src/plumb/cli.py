@@ -455,6 +455,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from plumb.report import write_report
     from plumb.report.tables import terminal_table
 
+    if args.watch is not None:
+        return _watch(args.run_dir, args.watch)
     path = write_report(args.run_dir)
     print(terminal_table(load_run(args.run_dir)))
     print(f"report: {path}")
@@ -463,6 +465,28 @@ def cmd_report(args: argparse.Namespace) -> int:
 
         logdir = export_tensorboard(args.run_dir, args.tensorboard or None)
         print(f"tensorboard: tensorboard --logdir {logdir}")
+    return 0
+
+
+def _watch(run_dir: str, every: float) -> int:
+    """Rebuild the report every ``every`` seconds while the run trains (its lock is
+    live), then once more without the reload; Ctrl-C stops watching."""
+    from plumb.guard import RunLock
+    from plumb.report import write_report
+
+    if not every > 0:
+        raise PlumbError(f"--watch needs a number of seconds > 0, got {every}")
+    lock = RunLock(run_dir)
+    refresh = max(1, round(every))
+    try:
+        while lock.owner() is not None:
+            path = write_report(run_dir, refresh=refresh)
+            print(f"report: {path} (rebuilt {time.strftime('%H:%M:%S')})", flush=True)
+            time.sleep(every)
+    except KeyboardInterrupt:
+        pass
+    path = write_report(run_dir)  # the run ended (or we stopped watching): no reload
+    print(f"report: {path}")
     return 0
 
 
@@ -602,6 +626,14 @@ def make_parser() -> argparse.ArgumentParser:
         const="",
         metavar="DIR",
         help="also export TensorBoard event files (default DIR: RUN_DIR/tensorboard)",
+    )
+    p.add_argument(
+        "--watch",
+        nargs="?",
+        const=5.0,
+        type=float,
+        metavar="SECONDS",
+        help="while the run trains, rebuild the report every SECONDS (5); the page reloads itself",
     )
     p.set_defaults(func=cmd_report)
 

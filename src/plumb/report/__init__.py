@@ -46,15 +46,19 @@ def load_run(path: str | Path) -> RunView:
     return RunView(path)
 
 
-def write_report(run_dir: str | Path, *, figures_dir: bool = True) -> Path:
-    """(Re)build ``RUN_DIR/report.html`` (and ``RUN_DIR/figures/*.png``) from the record."""
+def write_report(
+    run_dir: str | Path, *, figures_dir: bool = True, refresh: int | None = None
+) -> Path:
+    """(Re)build ``RUN_DIR/report.html`` (and ``RUN_DIR/figures/*.png``) from the record
+    (of a finished run, or what a run in progress has flushed: nothing of the run's is
+    locked or changed). ``refresh``: the page reloads itself every that many seconds."""
     rec = load_run(run_dir)
     pngs = render_all(rec)
     if figures_dir:
         for name, data in pngs.items():
             atomic_write_bytes(Path(run_dir) / "figures" / f"{name}.png", data)
     path = Path(run_dir) / "report.html"
-    atomic_write_bytes(path, build_html(rec, pngs).encode("utf-8"))
+    atomic_write_bytes(path, build_html(rec, pngs, refresh).encode("utf-8"))
     return path
 
 

@@ -58,14 +58,17 @@ def e(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def page(title: str, body: str) -> str:
+def page(title: str, body: str, refresh: int | None = None) -> str:
     """The one page shell of everything plumb writes as HTML (the report, the experiment
     pages and their index): self-contained, the Content-Security-Policy that forbids
     scripts and every fetch, the shared style. ``body`` is trusted HTML (escape what
-    goes into it with ``e``)."""
+    goes into it with ``e``). ``refresh``: seconds after which the browser reloads the
+    page (a meta refresh: no script, so the policy stays as it is)."""
+    again = f'<meta http-equiv="refresh" content="{int(refresh)}">\n' if refresh else ""
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="{CSP}">
+{again}
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{e(title)}</title><style>{STYLE}</style></head>
 <body>
@@ -269,7 +272,7 @@ def _figures(pngs: dict[str, bytes], names: tuple[str, ...]) -> str:
     )
 
 
-def build_html(rec: Record, pngs: dict[str, bytes]) -> str:
+def build_html(rec: Record, pngs: dict[str, bytes], refresh: int | None = None) -> str:
     title = f"plumb report: {rec.path.name}"
     lecture = _figures(pngs, LECTURE_FIGURES)
     more = _figures(pngs, MORE_FIGURES)
@@ -290,4 +293,9 @@ histograms every {e(rec.meta.get("hist_every"))}) · written {e(time.strftime("%
 <details><summary>Run, model, training, data and samples</summary>
 {_summary(rec)}
 </details>"""
-    return page(title, body)
+    if refresh:
+        body = (
+            f'<p class="muted">This run is in progress: the page reloads every {refresh} s '
+            "while `plumb report --watch` rebuilds it.</p>" + body
+        )
+    return page(title, body, refresh)
