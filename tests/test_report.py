@@ -271,3 +271,58 @@ def test_report_of_a_run_in_progress_and_watch(tmp_path):
     final = (out / "report.html").read_text()
     assert 'http-equiv="refresh"' not in final and "<script" not in final
     assert (out / "metrics.json").is_file()  # the run finished undisturbed
+
+
+@pytest.mark.skipif(
+    chromium() is None and not os.environ.get("CI"),
+    reason="chromium not installed (CI installs it: apt-get install -y chromium)",
+)
+def test_compare_original_against_kaiming(tmp_path, capsys):
+    """`plumb compare`: the lecture's original init against Kaiming's, on one page:
+    losses overlaid, the fields that differ, findings and layers side by side; it
+    renders in headless Chromium; a directory that is not a run is a one-line error."""
+    from PIL import Image
+
+    from plumb.cli import main
+
+    runs = []
+    for stage in ("original", "kaiming"):
+        out = tmp_path / stage
+        cfg = TrainConfig(steps=300, threads=1, engine="eager", eval_every=100)
+        train_run(preset_config(f"lecture-mlp:{stage}"), cfg, out, progress=False, samples=0)
+        runs.append(str(out))
+    page = tmp_path / "cmp.html"
+    assert main(["compare", *runs, "--out", str(page)]) == 0
+    text = page.read_text()
+    diff = text[text.index("What differs") : text.index("Findings")]
+    assert "model.init" in diff and ">normal<" in diff and ">kaiming<" in diff
+    assert "train.steps" not in diff  # the same in both: not listed
+    found = text[text.index("<h2>Findings") : text.index("<h2>Layers")]
+    assert found.count("overconfident-init") == 1  # the original's, and only there
+    assert found.index("overconfident-init") < found.index("healthy")
+    browser = Browser()
+    try:
+        session = browser.open(page)
+        info = browser.evaluate(
+            session,
+            """(async () => {
+                const imgs = [...document.images];
+                await Promise.all(imgs.map(i => i.decode().catch(() => null)));
+                const wide = [...document.querySelectorAll('body *')].filter(
+                  el => el.getBoundingClientRect().right > window.innerWidth + 1).length;
+                return {images: imgs.map(i => [i.complete, i.naturalWidth]), wide: wide,
+                        scripts: document.scripts.length};
+            })()""",
+        )
+        shot = browser.screenshot(session)
+        problems = browser.problems()
+    finally:
+        browser.close()
+    assert problems == [] and info["scripts"] == 0 and info["wide"] == 0, info
+    assert info["images"] and all(c and w > 100 for c, w in info["images"])
+    img = np.asarray(Image.open(io.BytesIO(shot)).convert("L"))
+    assert 0.001 < (img < 128).mean() < 0.5 and len(np.unique(img)) > 20
+    capsys.readouterr()
+    assert main(["compare", runs[0], str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a run directory" in err[0]

@@ -490,6 +490,23 @@ def _watch(run_dir: str, every: float) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from plumb.report.compare import write_compare
+
+    for d in args.runs:
+        if not (Path(d) / "probes" / "meta.json").is_file():
+            raise PlumbError(
+                f"{d} is not a run directory with a probe record (plumb train --out, or "
+                "Monitor(out=...)): give run directories"
+            )
+    out = Path(args.out or "compare.html")
+    if out.is_dir():
+        raise PlumbError(f"--out {out} is a directory: give a file name, e.g. {out}/compare.html")
+    path = write_compare(args.runs, out)
+    print(f"compare: {path}")
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     if args.catalogue is not None:
         from plumb.catalogue import SETUPS, confusion_table, run_catalogue
@@ -636,6 +653,16 @@ def make_parser() -> argparse.ArgumentParser:
         help="while the run trains, rebuild the report every SECONDS (5); the page reloads itself",
     )
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "compare",
+        help="one page setting runs side by side: losses, config diff, layers, findings",
+        epilog="example:\n  plumb compare runs/original runs/kaiming --out compare.html",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="two or more run directories")
+    p.add_argument("--out", help="the page to write (default: compare.html)")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser(
         "doctor",
