@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import re
@@ -326,3 +327,100 @@ def test_compare_original_against_kaiming(tmp_path, capsys):
     assert main(["compare", runs[0], str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is not a run directory" in err[0]
+
+
+def _overlapping_ticks(fig) -> list[str]:
+    """Axes whose visible x tick labels run into each other once drawn."""
+    fig.canvas.draw()
+    bad = []
+    for ax in fig.axes:
+        boxes = sorted(
+            (
+                t.get_window_extent()
+                for t in ax.get_xticklabels()
+                if t.get_visible() and t.get_text()
+            ),
+            key=lambda b: b.x0,
+        )
+        if any(a.x1 > b.x0 for a, b in itertools.pairwise(boxes)):
+            bad.append(ax.get_title())
+    return bad
+
+
+class _LongRecord:
+    """A record of a long run, just what the histograms-over-time figure reads: 6 tanh
+    layers with a histogram every ``every`` steps up to ``last``."""
+
+    def __init__(self, last: int, every: int):
+        self.steps = np.arange(0, last + 1, every)
+        rng = np.random.default_rng(0)
+        self.counts = rng.integers(0, 50, (len(self.steps), 64))
+        self.ranges = np.tile([-1.0, 1.0], (len(self.steps), 1))
+
+    def layer_names(self):
+        return [f"layers.tanh{i}" for i in range(1, 7)]
+
+    def kind(self, name):
+        return "tanh"
+
+    def histogram(self, section, name):
+        return self.steps, self.counts, self.ranges
+
+
+def test_histograms_over_time_keep_step_labels_apart_at_any_length():
+    """The issue's "5000 1000015000": panels of a long run with many histogram steps."""
+    import matplotlib.pyplot as plt
+
+    from plumb.report.figures import histogram_heatmaps
+
+    for last, every in ((300, 20), (15_000, 500), (200_000, 2_000), (3_000_000, 20_000)):
+        fig = histogram_heatmaps(_LongRecord(last, every))
+        assert _overlapping_ticks(fig) == [], last
+        plt.close(fig)
+
+
+def test_a_50_layer_model_gets_a_readable_report_under_1_mb(tmp_path):
+    """Every figure of a 51-layer model's report: drawn without a matplotlib warning
+    (an error here), no overlapping tick labels, legends beside the axes (never over the
+    data), and the whole report under 1 MB."""
+    import warnings
+
+    import matplotlib.pyplot as plt
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    import plumb
+    from plumb.report.figures import FIGURES
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        *[m for _ in range(25) for m in (nn.Linear(16, 16), nn.Tanh())], nn.Linear(16, 5)
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = torch.randn(32, 16), torch.randint(0, 5, (32,))
+    with plumb.Monitor(model, every=10, hist_every=20, out=tmp_path / "deep", report=False) as mon:
+        for _ in range(200):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(loss)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        path = write_report(tmp_path / "deep")
+        rec = load_run(tmp_path / "deep")
+        assert len(rec.layer_names()) >= 50
+        for name, draw in FIGURES.items():
+            fig = draw(rec)
+            if fig is None:
+                continue
+            assert _overlapping_ticks(fig) == [], name
+            for ax in fig.axes:
+                legend = ax.get_legend()
+                if legend is not None:
+                    assert len(legend.get_texts()) <= 13, name
+                    box, frame = legend.get_window_extent(), ax.get_window_extent()
+                    assert box.x0 >= frame.x1 - 1 or box.y1 <= frame.y0 + 1 or name == "loss"
+            plt.close(fig)
+    assert path.stat().st_size < 1_000_000, path.stat().st_size

@@ -14,6 +14,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from plumb.record import Record
 from plumb.stats import RECTIFYING, SATURATING
@@ -71,6 +72,34 @@ def _legend(ax, n_lines: int) -> None:
     ax.legend(
         handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False
     )
+
+
+def _compact(v: float, _pos: int | None = None) -> str:
+    """A step count in few characters: 950, 15k, 1.2M (long labels run into each other)."""
+    a = abs(v)
+    if a >= 1e6:
+        return f"{v / 1e6:g}M"
+    if a >= 1e3:
+        return f"{v / 1e3:g}k"
+    return f"{v:g}"
+
+
+def step_axis(ax, bins: int = 6) -> None:
+    """An x axis of steps: at most ``bins`` integer ticks, labelled compactly."""
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=bins, integer=True))
+    ax.xaxis.set_major_formatter(FuncFormatter(_compact))
+    ax.set_xlabel("step", fontsize=ax.xaxis.label.get_fontsize())
+
+
+MAX_PANELS = 12  # histograms-over-time panels; deeper models show layers spread over depth
+
+
+def spread(names: list[str], k: int) -> list[str]:
+    """At most ``k`` of ``names``, evenly over the list, first and last included."""
+    if len(names) <= k:
+        return names
+    idx = np.unique(np.round(np.linspace(0, len(names) - 1, k)).astype(int))
+    return [names[i] for i in idx]
 
 
 def _figure(height: float = 4.0):
@@ -169,7 +198,7 @@ def update_ratio(rec: Record) -> Figure | None:
         return None
     ax.axhline(UPDATE_GUIDE, color="k", linestyle="--", linewidth=1, label="1e-3 (guide)")
     ax.set_title("update:data ratio, log10(rms(Δp) / rms(p))")
-    ax.set_xlabel("step")
+    step_axis(ax)
     ax.set_ylabel("log10 ratio")
     _legend(ax, len(names))
     return fig
@@ -207,7 +236,7 @@ def loss_curve(rec: Record, window: int | None = None) -> Figure | None:
     if len(val):
         ax.legend(loc="upper right", fontsize=8)
     ax.set_title("loss (log10)" if len(val) else f"training loss (log10, mean of {window} steps)")
-    ax.set_xlabel("step")
+    step_axis(ax)
     ax.set_ylabel("log10 loss")
     return fig
 
@@ -239,10 +268,11 @@ def saturation_map(rec: Record) -> Figure | None:
 def histogram_heatmaps(rec: Record, section: str = "layer") -> Figure | None:
     """fastai's "colorful dimension": per layer, the histogram of every record step as a
     column (log(1 + count)), on a common value grid per layer."""
-    names = [n for n in nonlinear_layers(rec) if len(rec.histogram(section, n)[0]) >= 2]
-    if not names:
+    every = [n for n in nonlinear_layers(rec) if len(rec.histogram(section, n)[0]) >= 2]
+    if not every:
         return None
-    short = short_names(names)
+    names = spread(every, MAX_PANELS)
+    short = short_names(every)
     cols = min(3, len(names))
     rows = (len(names) + cols - 1) // cols
     fig, axes = plt.subplots(
@@ -273,9 +303,16 @@ def histogram_heatmaps(rec: Record, section: str = "layer") -> Figure | None:
         )
         ax.set_title(short[name], fontsize=9)
         ax.set_xlabel("step", fontsize=8)
+        step_axis(ax, bins=4)
+        ax.tick_params(labelsize=8)
     for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
-    fig.suptitle("activation histograms over time (log(1 + count))")
+    shown = (
+        ""
+        if len(names) == len(every)
+        else f": {len(names)} of {len(every)} layers, spread over depth"
+    )
+    fig.suptitle(f"activation histograms over time (log(1 + count)){shown}")
     return fig
 
 
