@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
 from plumb.errors import PlumbError
@@ -27,6 +28,7 @@ class RunView(Record):
         fig = FIGURES[name](self)
         if fig is None:
             raise PlumbError(f"{self.path} has nothing to draw for {name!r} yet")
+        plt.close(fig)  # out of pyplot's list: Jupyter shows the returned figure once
         return fig
 
     def _repr_html_(self) -> str:

@@ -7,11 +7,13 @@ when the record has nothing to draw. ``render_all`` returns {name: PNG bytes}.
 from __future__ import annotations
 
 import io
+import sys
 
 import matplotlib
 import numpy as np
 
-matplotlib.use("Agg")
+if "ipykernel" not in sys.modules:  # headless PNGs; a notebook keeps its inline backend
+    matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator

@@ -1,0 +1,34 @@
+"""examples/lecture.ipynb runs top to bottom (nbclient, a local kernel, no network) and
+shows what it says it shows: figures, the runs' and the diagnosis' HTML."""
+
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+
+NOTEBOOK = Path(__file__).resolve().parent.parent / "examples" / "lecture.ipynb"
+
+
+@pytest.mark.slow
+def test_the_lecture_notebook_runs(tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # jupyter_client's own
+        client = nbclient.NotebookClient(
+            nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+        )
+        client.execute()  # raises CellExecutionError on any cell's error
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    pngs = [o for o in outputs if "image/png" in o.get("data", {})]
+    htmls = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {})]
+    assert len(pngs) >= 6  # the four lecture figures, the original's activations, histograms
+    assert any("plumb run nb-original" in h for h in htmls)
+    doctor = next(h for h in htmls if "plumb doctor" in h)
+    assert "overconfident-init" in doctor and "saturated-activations" in doctor
+    text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+    assert re.search(r"original: initial loss 2\d\.", text) and "kaiming: initial loss 3.3" in text
+    assert (tmp_path / "runs" / "nb-deep" / "report.html").is_file()
