@@ -282,3 +282,35 @@ def test_fold_lecture_deep_and_refuse_batch_only_norm():
     seq = pnn.Sequential(pnn.Linear(4, 4), pnn.BatchNorm1d(4, track_running_stats=False))
     with pytest.raises(PlumbError, match="running statistics"):
         fold_batchnorm(seq)
+
+
+def test_every_page_renders_in_headless_chromium(suite):
+    """The index and each experiment's page: no console error, every image decoded, no
+    script, a screenshot that is not blank."""
+    import numpy as np
+    from browser import Browser
+
+    root, _ = suite
+    pages = [root / "index.html"] + [root / name / "index.html" for name in NAMES]
+    browser = Browser()
+    try:
+        for path in pages:
+            session = browser.open(path)
+            info = browser.evaluate(
+                session,
+                """(async () => {
+                    const imgs = [...document.images];
+                    await Promise.all(imgs.map(i => i.decode().catch(() => null)));
+                    return {images: imgs.map(i => [i.complete, i.naturalWidth]),
+                            scripts: document.scripts.length};
+                })()""",
+            )
+            shot = np.asarray(Image.open(io.BytesIO(browser.screenshot(session))).convert("L"))
+            assert info["scripts"] == 0, path
+            assert all(c and w > 50 for c, w in info["images"]), (path, info["images"])
+            assert path.name != "index.html" or path.parent == root or info["images"], path
+            assert 0.001 < (shot < 128).mean() < 0.5 and len(np.unique(shot)) > 10, path
+        problems = browser.problems()
+    finally:
+        browser.close()
+    assert problems == []
