@@ -32,3 +32,42 @@ def test_the_lecture_notebook_runs(tmp_path):
     text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
     assert re.search(r"original: initial loss 2\d\.", text) and "kaiming: initial loss 3.3" in text
     assert (tmp_path / "runs" / "nb-deep" / "report.html").is_file()
+    _exported_page_renders(nb, tmp_path)
+
+
+def _exported_page_renders(nb, tmp_path: Path) -> None:
+    """The executed notebook exported to HTML (nbconvert, the self-contained "basic"
+    template: no CDN scripts) opens in headless Chromium without a console error, its
+    figures decoded and the page not blank."""
+    nbconvert = pytest.importorskip("nbconvert")
+    import io
+
+    import numpy as np
+    from browser import Browser, chromium
+    from PIL import Image
+
+    if chromium() is None:
+        pytest.skip("chromium not installed")
+    body, _ = nbconvert.HTMLExporter(template_name="basic").from_notebook_node(nb)
+    page = tmp_path / "lecture.html"
+    page.write_text(
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'></head><body>{body}</body></html>"
+    )
+    browser = Browser()
+    try:
+        session = browser.open(page)
+        info = browser.evaluate(
+            session,
+            """(async () => {
+                const imgs = [...document.images];
+                await Promise.all(imgs.map(i => i.decode().catch(() => null)));
+                return imgs.map(i => [i.complete, i.naturalWidth]);
+            })()""",
+        )
+        shot = np.asarray(Image.open(io.BytesIO(browser.screenshot(session))).convert("L"))
+        problems = browser.problems()
+    finally:
+        browser.close()
+    assert problems == []
+    assert len(info) >= 6 and all(c and w > 100 for c, w in info)
+    assert 0.001 < (shot < 128).mean() < 0.5 and len(np.unique(shot)) > 10
