@@ -299,11 +299,16 @@ def test_every_page_renders_in_headless_chromium(suite):
             info = browser.evaluate(
                 session,
                 """(async () => {
+                    // this page, loaded (a late load event of the previous page is no proof)
+                    for (let i = 0; i < 200; i++) {
+                      if (location.href === 'HREF' && document.readyState === 'complete') break;
+                      await new Promise(r => setTimeout(r, 25));
+                    }
                     const imgs = [...document.images];
                     await Promise.all(imgs.map(i => i.decode().catch(() => null)));
                     return {images: imgs.map(i => [i.complete, i.naturalWidth]),
                             scripts: document.scripts.length};
-                })()""",
+                })()""".replace("HREF", path.resolve().as_uri()),
             )
             shot = np.asarray(Image.open(io.BytesIO(browser.screenshot(session))).convert("L"))
             assert info["scripts"] == 0, path
