@@ -70,7 +70,7 @@ def test_lecture_command_short(capsys):
 
 BAD = [
     (["train", "--data", "/nonexistent/names.txt"], "does not exist"),
-    (["train", "--block-size", "0"], "block_size must be a positive integer"),
+    (["train", "--block-size", "0"], "--block-size must be a positive integer"),
     (["train", "--steps", "-1"], "steps must be an integer >= 0"),
     (["train", "--lr", "0"], "lr must be a finite number > 0"),
     (["train", "--lr", "nan"], "lr must be a finite number > 0"),
@@ -143,7 +143,7 @@ def test_train_writes_probes_report_and_layer_table(run_dir, capsys, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["train", "--probe-every", "0"], "probe_every must be an integer >= 1"),
+        (["train", "--probe-every", "0"], "--probe-every must be an integer >= 1"),
         (["train", "--probe-every", "10", "--hist-every", "15"], "must be a multiple"),
         (["train", "--no-probes", "--tensorboard"], "--tensorboard needs the probes"),
         (["report", "/nonexistent/run"], "does not exist"),
@@ -175,3 +175,56 @@ def test_report_on_damaged_record(run_dir, tmp_path):
     )
     assert proc.returncode == 2 and "not a readable safetensors file" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# --- a command line without surprises (issue 16) -------------------------------------------
+def _code(argv) -> int:
+    try:
+        return main(argv)
+    except SystemExit as e:  # argparse's usage errors
+        return e.code
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["train", "--step", "10"], "unrecognized arguments: --step 10: did you mean --steps?"),
+        (["train", "--stpes", "10"], "did you mean --steps?"),
+        (["trian"], "invalid choice: 'trian'"),
+        (["train", "--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
+        (["train", "--lr-final", "-1"], "--lr-final must be a finite number > 0"),
+        (["train", "--norm", "none", "--out-norm"], "(--norm), or no output norm (--no-out-norm)"),
+    ],
+)
+def test_usage_errors_name_flags_and_suggest(argv, expected, capsys, tmp_path):
+    assert _code([*argv, "--out", str(tmp_path / "r")] if argv[0] == "train" else argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+    assert "batch_size" not in err[0] and "lr_final" not in err[0]
+    if argv == ["trian"]:
+        assert "did you mean train?" in err[0]
+    assert not (tmp_path / "r").exists()
+
+
+def test_norm_none_needs_no_more_flags_and_the_banner_names_the_changes(tmp_path, capsys):
+    out = tmp_path / "plain"
+    argv = ["train", "--norm", "none", "--n-layers", "2", "--steps", "30", "--out", str(out)]
+    assert main([*argv, "--samples", "0", "--no-progress"]) == 0
+    banner = capsys.readouterr().out.splitlines()[0]
+    assert banner.startswith(
+        "plumb: training lecture-deep with --n-layers 2 --norm none --no-out-norm for 30 steps"
+    )
+    cfg = json.loads((out / "config.json").read_text())["model"]
+    assert cfg["norm"] == "none" and cfg["out_norm"] is False and cfg["n_layers"] == 2
+
+
+def test_a_finished_run_is_refused_silently_and_resume_says_complete(run_dir, capsys):
+    before = (run_dir / "metrics.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["train", "--steps", "30", "--out", str(run_dir)]) == 2
+    cap = capsys.readouterr()
+    assert cap.out == "" and len(cap.err.strip().splitlines()) == 1 and "--resume" in cap.err
+    assert main(["train", "--resume", str(run_dir)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "is complete" in out[0] and "nothing to resume" in out[0]
+    assert (run_dir / "metrics.json").stat().st_mtime_ns == before  # nothing retrained

@@ -24,10 +24,49 @@ EPILOG_TRAIN = """examples:
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (and exit code 2, as argparse uses)."""
+    """argparse, but a usage error is one line (and exit code 2, as argparse uses), with
+    "did you mean" for a misspelt flag or command, and no abbreviations (``--step 10``
+    is not silently ``--steps 10``)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"plumb: error: {message} (see `{self.prog} --help`)\n")
+        self.exit(
+            2, f"plumb: error: {message}{self._suggest(message)} (see `{self.prog} --help`)\n"
+        )
+
+    def _suggest(self, message: str) -> str:
+        import difflib
+        import re
+
+        parsers = [self]
+        for a in self._actions:  # the command's own flags, for the top-level parser
+            if isinstance(a, argparse._SubParsersAction):
+                words = getattr(self, "_argv", None) or sys.argv[1:]
+                parsers = [p for name, p in a.choices.items() if name in words] or parsers
+        flags = [o for p in parsers for a in p._actions for o in a.option_strings]
+        flags = [f for f in flags if f.startswith("--")]
+        m = re.match(r"unrecognized arguments: (.*)", message)
+        if m:
+            for word in m.group(1).split():
+                flag = word.split("=")[0]
+                if flag.startswith("--"):
+                    close = difflib.get_close_matches(flag, flags, n=1, cutoff=0.6)
+                    if close:
+                        return f": did you mean {close[0]}?"
+        m = re.match(r"argument \w+: invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if m:
+            choices = re.findall(r"[\w:-]+", m.group(2))
+            close = difflib.get_close_matches(m.group(1), choices, n=1, cutoff=0.6)
+            if close:
+                return f": did you mean {close[0]}?"
+        return ""
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -163,7 +202,23 @@ def build_configs(args: argparse.Namespace):
         for f in dataclasses.fields(ModelConfig)
         if getattr(args, f.name, None) is not None
     }
-    model_cfg = preset_config(args.preset, **model_over)
+    if model_over.get("norm") == "none" and "out_norm" not in model_over:
+        model_over["out_norm"] = False  # no norm type: no output norm either (not an error)
+    try:
+        model_cfg = preset_config(args.preset, **model_over)
+    except PlumbError as e:
+        raise PlumbError(_flag_names(str(e))) from None
+    # the flags that change the preset, for the banner ("lecture-deep with --n-layers 2")
+    base = preset_config(args.preset)
+    args._changed = []
+    for f in dataclasses.fields(ModelConfig):
+        v = getattr(model_cfg, f.name)
+        if f.name in model_over and v != getattr(base, f.name):
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(v, bool):
+                args._changed.append(flag if v else flag.replace("--", "--no-", 1))
+            else:
+                args._changed.append(f"{flag} {v:g}" if isinstance(v, float) else f"{flag} {v}")
     train_over = {
         f.name: getattr(args, f.name)
         for f in dataclasses.fields(TrainConfig)
@@ -174,8 +229,29 @@ def build_configs(args: argparse.Namespace):
         train_over["probes"] = False
     if getattr(args, "no_doctor", False):
         train_over["doctor"] = False
-    train_cfg = TrainConfig(**{**PRESET_TRAIN.get(args.preset, {}), **train_over})
+    try:
+        train_cfg = TrainConfig(**{**PRESET_TRAIN.get(args.preset, {}), **train_over})
+    except PlumbError as e:
+        raise PlumbError(_flag_names(str(e))) from None
     return model_cfg, train_cfg
+
+
+def _flag_names(message: str) -> str:
+    """A config error in the words of the command line: ``batch_size must be ...`` ->
+    ``--batch-size must be ...`` (the fields of ModelConfig and TrainConfig are flags)."""
+    import re
+
+    from plumb.models import ModelConfig
+    from plumb.train import TrainConfig
+
+    fields = {f.name for c in (ModelConfig, TrainConfig) for f in dataclasses.fields(c)}
+    fields.discard("device")  # the same word either way; keep messages about devices as they are
+
+    def flag(m: re.Match) -> str:
+        word = m.group(0)
+        return "--" + word.replace("_", "-") if word in fields and "_" in word else word
+
+    return re.sub(r"(?<![-\w])[a-z]+(?:_[a-z0-9]+)+(?![\w-])", flag, message)
 
 
 #: train flags that --resume allows (everything else would change the run's config)
@@ -218,6 +294,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         out = Path(args.resume)
         ckpt, model_cfg, train_cfg, _ = resume_configs(out, args.steps, args.data)
         args._resume_step = ckpt.step
+        if ckpt.state.get("status") == "complete" and train_cfg.steps <= ckpt.step:
+            print(
+                f"plumb: {out} is complete ({ckpt.step:,} steps): nothing to resume "
+                f"(give --steps N above {ckpt.step:,} to train it further)"
+            )
+            return 0
     else:
         model_cfg, train_cfg = build_configs(args)
         out = Path(
@@ -271,13 +353,16 @@ def _train(args: argparse.Namespace, model_cfg, train_cfg, out: Path, rank: int)
     from plumb.pipeline import train_run
 
     if args.resume is not None:
-        print(
+        banner = (
             f"plumb: resuming {out} at step {args._resume_step:,} of {train_cfg.steps:,} "
             f"(batch {train_cfg.batch_size}, {train_cfg.optimizer}, device {train_cfg.device})"
         )
     else:
-        print(
-            f"plumb: training {args.preset} for {train_cfg.steps:,} steps "
+        changed = getattr(args, "_changed", [])
+        banner = (
+            f"plumb: training {args.preset}"
+            + (f" with {' '.join(changed)}" if changed else "")
+            + f" for {train_cfg.steps:,} steps "
             f"(batch {train_cfg.batch_size}, {train_cfg.optimizer} lr {train_cfg.lr:g}"
             + (
                 f" -> {train_cfg.lr_final:g} at step {train_cfg.lr_decay_step:,}"
@@ -305,6 +390,8 @@ def _train(args: argparse.Namespace, model_cfg, train_cfg, out: Path, rank: int)
         )
 
     def on_engine(why: str) -> None:
+        # the banner comes once everything is validated: nothing is printed before a refusal
+        print(banner, flush=True)
         print(f"plumb: {why}", flush=True)
 
     run = train_run(

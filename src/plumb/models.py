@@ -89,7 +89,10 @@ class ModelConfig:
         if not 0 < self.bn_momentum <= 1:
             raise PlumbError(f"bn_momentum must be in (0, 1], got {self.bn_momentum!r}")
         if self.out_norm and self.norm == "none":
-            raise PlumbError("out_norm needs a norm layer type: set norm to batch or layer")
+            raise PlumbError(
+                "out_norm needs a norm layer type: use norm 'batch' or 'layer' (--norm), "
+                "or no output norm (--no-out-norm)"
+            )
 
     @property
     def effective_gain(self) -> float:
