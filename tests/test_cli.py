@@ -299,3 +299,30 @@ def test_every_help_example_runs(tmp_path, monkeypatch, capsys):
         assert code in ((0, 1) if cmd == "doctor" else (0,)), (argv, capsys.readouterr().err)
         ran += 1
     assert ran >= 14
+
+
+def test_every_flag_says_its_default():
+    """`plumb COMMAND --help`: every flag has a help text, and every flag that takes a
+    value shows its default (a value in parentheses, or 'default')."""
+    import argparse
+
+    from plumb.cli import make_parser
+
+    parser = make_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = []
+    for name, p in sub.choices.items():
+        for a in p._actions:
+            if not a.option_strings or isinstance(a, argparse._HelpAction):
+                continue
+            if a.help == argparse.SUPPRESS or a.required:
+                continue
+            flag = f"{name} {a.option_strings[-1]}"
+            if not a.help or (
+                a.nargs != 0
+                and not isinstance(a, argparse.BooleanOptionalAction)
+                and "(" not in a.help
+                and "default" not in a.help
+            ):
+                missing.append(flag)
+    assert missing == []

@@ -83,8 +83,6 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--n-embd", type=int, help="embedding dimension")
     g.add_argument("--n-hidden", type=int, help="hidden units per layer")
     g.add_argument("--n-layers", type=int, help="hidden [Linear, Norm, Act] blocks")
-    g.add_argument("--norm", choices=NORMS)
-    g.add_argument("--activation", choices=tuple(ACTIVATIONS))
     g.add_argument(
         "--out-norm",
         action=argparse.BooleanOptionalAction,
@@ -99,15 +97,28 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         "--out-scale", type=float, help="output calibration factor (0.1 for lecture-deep)"
     )
     g.add_argument("--bias", choices=BIAS_POLICIES, help="auto: no bias before a norm layer")
-    g.add_argument("--bias-scale", type=float)
-    g.add_argument("--out-bias-scale", type=float)
     g.add_argument(
         "--bn-variance",
         choices=("torch", "lecture"),
         help="torch: biased var to normalise; lecture: unbiased",
     )
-    g.add_argument("--bn-momentum", type=float)
-    g.add_argument("--bn-eps", type=float)
+    g.add_argument("--bn-momentum", type=float, help="running statistics' update rate")
+    g.add_argument("--bn-eps", type=float, help="added to the variance")
+    g.add_argument("--bias-scale", type=float, help="factor on the hidden biases' init")
+    g.add_argument("--out-bias-scale", type=float, help="factor on the output bias's init")
+    g.add_argument("--norm", choices=NORMS, help="norm layer after each hidden Linear")
+    g.add_argument("--activation", choices=tuple(ACTIVATIONS), help="nonlinearity")
+    # every model flag shows its default: lecture-deep's value (other presets set theirs)
+    from plumb.models import preset_config
+
+    base = preset_config("lecture-deep")
+    for a in g._group_actions:
+        field = a.dest
+        if hasattr(base, field) and a.help and "lecture-deep" not in a.help:
+            value = getattr(base, field)
+            shown = {True: "on", False: "off"}[value] if isinstance(value, bool) else value
+            shown = "unset" if shown is None else shown
+            a.help = f"{a.help} (lecture-deep: {shown})"
 
 
 def _add_step_flags(g) -> None:
@@ -115,21 +126,29 @@ def _add_step_flags(g) -> None:
     from plumb.train import OPTIMIZERS
 
     g.add_argument("--data", help="UTF-8 text file, one item per line (default: bundled names)")
-    g.add_argument("--batch-size", type=int)
-    g.add_argument("--lr", type=float)
-    g.add_argument("--optimizer", choices=OPTIMIZERS)
-    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--batch-size", type=int, help="examples per step (32)")
+    g.add_argument("--lr", type=float, help="learning rate (the preset's: 0.1)")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, help="sgd (default) or adamw")
+    g.add_argument("--weight-decay", type=float, help="AdamW's decoupled weight decay (0)")
     g.add_argument("--seed", type=int, help="generator seed for init and batches (2147483647)")
     g.add_argument("--device", help="cpu (default), cuda, cuda:N")
-    g.add_argument("--threads", type=int, help="torch threads; 1 for bit-exact lecture numbers")
+    g.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads; 1 for bit-exact lecture numbers (default: torch's, the cores)",
+    )
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training (defaults come from --preset)")
     g.add_argument("--out", help="run directory (default: runs/PRESET-TIMESTAMP)")
-    g.add_argument("--steps", type=int)
-    g.add_argument("--lr-decay-step", type=int, help="step from which lr becomes --lr-final")
-    g.add_argument("--lr-final", type=float)
+    g.add_argument("--steps", type=int, help="training steps (the preset's: 200,000)")
+    g.add_argument(
+        "--lr-decay-step",
+        type=int,
+        help="step from which lr becomes --lr-final (the preset's: 150,000 for lecture-deep)",
+    )
+    g.add_argument("--lr-final", type=float, help="learning rate after --lr-decay-step (0.01)")
     _add_step_flags(g)
     g.add_argument(
         "--calibrate-bn",
@@ -148,7 +167,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         "for runs of 20,000+ steps of plumb's MLP, else eager; eager: autograd, bit-exact "
         "with the notebook",
     )
-    g.add_argument("--print-every", type=int)
+    g.add_argument(
+        "--print-every", type=int, help="print the loss every N steps with --no-progress (10000)"
+    )
     g.add_argument(
         "--eval-every",
         type=int,
@@ -698,9 +719,11 @@ def make_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--run", required=True, help="run directory")
-    p.add_argument("--split", default="train,val,test", help="comma-separated splits")
+    p.add_argument(
+        "--split", default="train,val,test", help="comma-separated splits (train,val,test)"
+    )
     p.add_argument("--data", help="data file (default: the one the run was trained on)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
@@ -711,10 +734,10 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("-n", type=int, default=20, help="number of samples (20)")
-    p.add_argument("--seed", type=int, default=2147483647 + 10)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=2147483647 + 10, help="sampling seed (2147483657)")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature, > 0 (1.0)")
+    p.add_argument("--top-k", type=int, help="sample from the k likeliest characters (all)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser(
@@ -786,7 +809,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--stages",
         default="all",
-        help="comma-separated: original,fix-softmax,fix-tanh,kaiming,batchnorm",
+        help="comma-separated: original,fix-softmax,fix-tanh,kaiming,batchnorm (all five)",
     )
     p.add_argument("--threads", type=int, default=1, help="threads per stage (1: bit-exact)")
     p.add_argument("--jobs", type=int, help="stages run at once (default: cores)")
@@ -806,8 +829,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/experiments", help="root folder (runs/experiments)")
     p.add_argument("--quick", action="store_true", help="shrink every experiment to seconds")
     p.add_argument("--steps", type=int, help="training steps (default: each experiment's)")
-    p.add_argument("--seed", type=int, default=2147483647)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=2147483647, help="generator seed (2147483647)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
     p.add_argument("--jobs", type=int, help="configurations trained at once (default: cores)")
     p.add_argument("--data", help=argparse.SUPPRESS)
     g = p.add_argument_group("sweep values (comma-separated; fractions like 5/3 allowed)")
