@@ -105,7 +105,7 @@ def test_resume_cli_errors(tmp_path, capsys):
         (["train", "--resume", str(tmp_path / "r"), "--lr", "0.5"], "drop --lr"),
         (["train", "--resume", str(tmp_path / "nope")], "does not exist"),
         (["train", *SMALL, "--steps", "5", "--out", str(tmp_path / "r")], "already holds a run"),
-        (["train", "--checkpoint-every", "0", "--out", str(tmp_path / "x")], "checkpoint_every"),
+        (["train", "--checkpoint-every", "0", "--out", str(tmp_path / "x")], "--checkpoint-every"),
     ]
     before = (tmp_path / "r" / CHECKPOINT).read_bytes()
     for argv, message in cases:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,7 +191,8 @@ def train_run(
         def on_step(i: int, loss: torch.Tensor) -> None:
             done = i + 1
             if rank == 0 and (done % every == 0 or done == train_cfg.steps):
-                val.append([done, split_loss(model, data.val, device)])
+                v = split_loss(model, data.val, device)
+                val.append([done, v if math.isfinite(v) else None])  # JSON: null if diverged
                 write_json(out / VAL_FILE, {"every": every, "val": val})
                 for sink in monitor.sinks if monitor is not None else ():
                     if hasattr(sink, "val"):
@@ -294,7 +296,9 @@ def _finish(
         # the validation curve during training (eval mode) and its best point
         "val_curve": {"steps": [int(s) for s, _ in val], "loss": [v for _, v in val]},
         "best_val": (
-            dict(zip(("step", "loss"), min(val, key=lambda p: p[1]), strict=True)) if val else None
+            dict(zip(("step", "loss"), min(finite, key=lambda p: p[1]), strict=True))
+            if (finite := [p for p in val if p[1] is not None])
+            else None
         ),
         "num_parameters": model.num_parameters(),
         "train_seconds": result.seconds,

@@ -226,6 +226,7 @@ def loss_curve(rec: Record, window: int | None = None) -> Figure | None:
             ax.plot(np.arange(len(loss)), np.log10(loss), label="train (training mode)")
         if len(val):
             ax.plot(val[:, 0], np.log10(val[:, 1]), "o-", ms=3, label="val (eval mode)")
+        if np.isfinite(val[:, 1]).any():  # (a diverged run's evaluations are NaN)
             best = int(np.nanargmin(val[:, 1]))
             ax.plot(
                 val[best, 0],
