@@ -18,7 +18,7 @@ The math, per hidden layer (h: its input, B: batch, W stored (fan_in, fan_out)):
              dxhat = gamma dy
     layer norm: the same along the features of each example (c = 0)
     a = act(y)                       dy = da * act'(y): tanh 1 - a^2, sigmoid a (1 - a),
-                                     relu [y > 0], leaky_relu [y > 0] + slope [y <= 0]
+                                     relu [y >= 0], leaky_relu [y > 0] + slope [y <= 0]
     output: logits = h W + b [-> norm],  loss = mean(logsumexp(logits) - logits[target])
         dlogits = (softmax(logits) - onehot(target)) / B
     embedding: emb = C[ids],  dC = scatter-add of demb over ids
@@ -218,8 +218,8 @@ def _act_backward(s: LayerSpec, da: Tensor, y: Tensor, a: Tensor) -> Tensor:
         return da * (1 - a * a)
     if s.activation == "sigmoid":
         return da * a * (1 - a)
-    if s.activation == "relu":
-        return da * (y > 0)
+    if s.activation == "relu":  # clamp_min's subgradient, as autograd's: 1 at y == 0
+        return da * (y >= 0)
     if s.activation == "leaky_relu":
         return torch.where(y > 0, da, da * s.slope)
     return da
