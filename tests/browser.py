@@ -116,6 +116,17 @@ class Browser:
         )
         return result["result"].get("value")
 
+    def images(self, session: str) -> list[list]:
+        """[complete, naturalWidth] of every image of the page, once each is decoded."""
+        return self.evaluate(
+            session,
+            """(async () => {
+                const imgs = [...document.images];
+                await Promise.all(imgs.map(i => i.decode().catch(() => null)));
+                return imgs.map(i => [i.complete, i.naturalWidth]);
+            })()""",
+        )
+
     def screenshot(self, session: str) -> bytes:
         data = self.send("Page.captureScreenshot", {"format": "png"}, session=session)["data"]
         return base64.b64decode(data)

@@ -56,14 +56,7 @@ def _exported_page_renders(nb, tmp_path: Path) -> None:
     browser = Browser()
     try:
         session = browser.open(page)
-        info = browser.evaluate(
-            session,
-            """(async () => {
-                const imgs = [...document.images];
-                await Promise.all(imgs.map(i => i.decode().catch(() => null)));
-                return imgs.map(i => [i.complete, i.naturalWidth]);
-            })()""",
-        )
+        info = browser.images(session)
         shot = np.asarray(Image.open(io.BytesIO(browser.screenshot(session))).convert("L"))
         problems = browser.problems()
     finally:

@@ -258,23 +258,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 8-character context (makemore part 5's flat MLP), a wider embedding, two BatchNorm'd
     # tanh layers. Longer runs (300k steps) and batch 64 overfit more (val 2.018, 2.059);
     # one layer of 300 reaches 2.014.
-    "best-10min": dict(
-        block_size=8,
-        n_embd=24,
-        n_hidden=200,
-        n_layers=2,
-        norm="batch",
-        activation="tanh",
-        out_norm=True,
-        init="kaiming",
-        gain=1.0,
-        out_scale=0.1,
-        bias="auto",
-    ),
+    "best-10min": None,  # lecture-deep's recipe, resized: filled in below
     "lecture-mlp": LECTURE_STAGES["kaiming"],
     **{f"lecture-mlp:{stage}": cfg for stage, cfg in LECTURE_STAGES.items()},
 }
 
+PRESETS["best-10min"] = {
+    **PRESETS["lecture-deep"],
+    **dict(block_size=8, n_embd=24, n_hidden=200, n_layers=2, bn_variance="torch"),
+}
 
 #: Training defaults of each preset: the lecture's step schedule (lr 0.1, then 0.01).
 PRESET_TRAIN: dict[str, dict[str, Any]] = {
