@@ -175,7 +175,7 @@ class BatchNorm1d(nn.Module):
         return out
 
     @torch.no_grad()
-    def _update_running(self, mean: Tensor, var: Tensor, n: int) -> None:
+    def _update_running(self, mean: Tensor, var: Tensor, n: int | Tensor) -> None:
         # running <- (1 - m) * running + m * batch, with the lecture's two roundings, for
         # both buffers in three foreach calls (fewer dispatches than eight separate ops).
         if self.variance == "torch":
@@ -216,13 +216,14 @@ def _distributed() -> bool:
 
 def _global_moments(
     x: Tensor, dims: tuple[int, ...], correction: int
-) -> tuple[Tensor, Tensor, int]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """Mean and variance over every rank's share of the batch (two-pass: no
-    cancellation), differentiable: the all-reduce's backward sums the gradients."""
+    cancellation), differentiable: the all-reduce's backward sums the gradients. The
+    global count stays a tensor (no host sync in the step)."""
     n_local = x.numel() // x.shape[1]
     sums = torch.cat([x.sum(dims), x.new_full((1,), float(n_local))])
     sums = _SumOverRanks.apply(sums)
-    n = int(sums[-1].item())
+    n = sums[-1].detach()
     shape = (1, -1) if x.dim() == 2 else (1, -1, 1)
     mean = (sums[:-1] / n).view(shape)
     sq = _SumOverRanks.apply((x - mean).square().sum(dims))
