@@ -238,7 +238,8 @@ def loss_curve(rec: Record, window: int | None = None) -> Figure | None:
             )
     if len(val):
         ax.legend(loc="upper right", fontsize=8)
-    ax.set_title("loss (log10)" if len(val) else f"training loss (log10, mean of {window} steps)")
+    every = f", mean of {window} steps" if window > 1 else ""
+    ax.set_title("loss (log10)" if len(val) else f"training loss (log10{every})")
     step_axis(ax)
     ax.set_ylabel("log10 loss")
     return fig
