@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from plumb.cli import main
 from plumb.runs import Run
@@ -223,6 +224,26 @@ def test_a_finished_run_is_refused_silently_and_resume_says_complete(run_dir, ca
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and "is complete" in out[0] and "nothing to resume" in out[0]
     assert (run_dir / "metrics.json").stat().st_mtime_ns == before  # nothing retrained
+
+
+def test_resume_finishes_a_run_killed_after_its_last_checkpoint(run_dir, tmp_path, capsys):
+    """A kill between the final checkpoint (status complete) and the run's last output
+    (metrics.json) leaves outputs missing: --resume writes them, it does not say "complete"."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    out = tmp_path / "killed"
+    shutil.copytree(run_dir, out)
+    for name in ("metrics.json", "losses.safetensors", "samples.json"):
+        (out / name).unlink()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 0
+    assert "is complete" not in capsys.readouterr().out
+    want, got = (json.loads((d / "metrics.json").read_text()) for d in (run_dir, out))
+    assert got["steps"] == want["steps"] and got["loss"] == want["loss"]
+    a, b = (load_file(d / "losses.safetensors") for d in (run_dir, out))
+    assert torch.equal(a["loss"], b["loss"]) and (out / "samples.json").is_file()
 
 
 def _examples() -> list[tuple[str, list[str]]]:

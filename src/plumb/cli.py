@@ -302,6 +302,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from plumb.dist import from_rank0, init_from_env
     from plumb.launch import LOST_PEERS, launch
     from plumb.pipeline import resume_configs
+    from plumb.runs import finished_steps
 
     if args.resume is not None:
         if args.out is not None and Path(args.out) != Path(args.resume):
@@ -315,7 +316,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         out = Path(args.resume)
         ckpt, model_cfg, train_cfg, _ = resume_configs(out, args.steps, args.data)
         args._resume_step = ckpt.step
-        if ckpt.state.get("status") == "complete" and train_cfg.steps <= ckpt.step:
+        # complete, and its outputs written (a kill between the last checkpoint and the
+        # last output resumes as a zero-step run that writes them)
+        if (
+            ckpt.state.get("status") == "complete"
+            and train_cfg.steps <= ckpt.step
+            and finished_steps(out) == ckpt.step
+        ):
             print(
                 f"plumb: {out} is complete ({ckpt.step:,} steps): nothing to resume "
                 f"(give --steps N above {ckpt.step:,} to train it further)"

@@ -309,7 +309,7 @@ def _finish(
         "threads": torch.get_num_threads(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    save_run(out, model.cpu(), train_cfg, data_info, metrics, result.losses, result.lrs)
+    save_run(out, model.cpu(), train_cfg, data_info, None, result.losses, result.lrs)
     stop = result.nonfinite
     nonfinite = None
     if stop is not None:
@@ -337,6 +337,7 @@ def _finish(
             },
         },
     )
+    write_json(out / "metrics.json", metrics)  # last: the run is finished (runs.finished_steps)
     return TrainedRun(out, model, data, result, metrics, rows, nonfinite=nonfinite)
 
 

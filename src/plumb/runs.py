@@ -32,10 +32,15 @@ def save_run(
     model: MLP,
     train_cfg: TrainConfig,
     data_info: dict[str, Any],
-    metrics: dict[str, Any],
+    metrics: dict[str, Any] | None,
     losses: torch.Tensor | None = None,
     lrs: torch.Tensor | None = None,
 ) -> None:
+    """Write the run's files; ``metrics.json`` last (None: the caller writes it later).
+
+    ``metrics.json`` is the run's "finished" mark: ``plumb train --resume`` of a complete
+    checkpoint whose ``metrics.json`` is missing, or from another step, finishes the run
+    (evaluates and writes its outputs) instead of saying there is nothing to do."""
     config = {
         "format": FORMAT_VERSION,
         "model": model.config.to_dict(),
@@ -46,7 +51,16 @@ def save_run(
     write_tensors(out / "model.safetensors", model.state_dict())
     if losses is not None:
         write_tensors(out / "losses.safetensors", {"loss": losses.float(), "lr": lrs.float()})
-    write_json(out / "metrics.json", metrics)
+    if metrics is not None:
+        write_json(out / "metrics.json", metrics)
+
+
+def finished_steps(out: Path) -> int | None:
+    """The step count in ``out/metrics.json`` (the run's last write), None if absent."""
+    try:
+        return int(read_json(out / "metrics.json")["steps"])
+    except (PlumbError, KeyError, TypeError, ValueError):
+        return None
 
 
 class Run:
