@@ -76,6 +76,58 @@ def test_every_experiment_writes_figures_and_tables(suite):
         assert rows, name
 
 
+def test_pages_answer_first_plain_tables_and_quick_marked(suite):
+    """Each page opens with its answer (before the question), marks a quick run, shows
+    tables with plain headers and no raw nan, and asks about the sweep that ran."""
+    from html import unescape
+
+    root, index = suite
+    assert "ran with --quick" in index.read_text() and index.read_text().count("<br>quick") == len(NAMES)  # fmt: skip
+    for name in NAMES:
+        page = unescape((root / name / "index.html").read_text())
+        summary = results(suite, name)
+        assert page.index(summary["headline"]) < page.index("<h2>Question</h2>"), name
+        assert 'class="quick"' in page and "Quick run (--quick)" in page, name
+        heads = re.findall(r"<th[^>]*>(.*?)</th>", page)
+        assert heads and not any("_" in h for h in heads), (name, heads)
+        cells = re.findall(r"<td[^>]*>(.*?)</td>", page)
+        assert not {"nan", "inf", "None", ""} & set(cells), name
+        for cell in cells:  # numbers with at most 4 significant figures
+            digits = re.sub(r"e[-+]\d+$", "", cell.replace(",", "").rstrip("%").lstrip("-+"))
+            if re.fullmatch(r"\d*\.\d+", digits):
+                assert len(digits.replace(".", "").lstrip("0")) <= 4, (name, cell)
+        sweep = summary["settings"]["sweep"]
+        for v in sweep or []:  # the question names every value that ran
+            assert f"{v:.4g}" in summary["question"], (name, v, summary["question"])
+
+
+def test_page_cells_say_diverged_and_na():
+    from plumb.experiments.page import page_cell
+
+    assert page_cell(None) == "n/a" and page_cell(math.nan) == "diverged"
+    assert page_cell(math.inf) == "diverged" and page_cell(True) == "yes"
+    assert page_cell(2.3456789) == "2.346" and page_cell(0.4123, percent=True) == "41.2%"
+    assert page_cell(12345) == "12,345" and page_cell(1.2e-7) == "1.200e-07"
+
+
+def test_headlines_name_the_winner_from_the_numbers(suite):
+    """The headline's winner is the row its numbers make the winner, and its reason
+    carries the measured saturation (not a std spread alone)."""
+    r = results(suite, "init-comparison")
+    best = min(r["rows"], key=lambda x: x["val"])
+    assert r["headline"].startswith(f"{best['init']} wins")
+    normal = by(r["rows"], init="N(0,1)")
+    assert f"saturating {normal['saturation_mean']:.0%} of tanh outputs" in r["headline"]
+    g = results(suite, "gain-sweep")
+    tanh = by(g["rows"], activation="tanh", gain=round(g["extra"]["steadiest"]["tanh"], 4))
+    assert f"tanh gain {tanh['gain']:.3g}" in g["headline"]
+    assert f"{tanh['saturation_mean']:.0%} saturated" in g["headline"]
+    n = results(suite, "norm-alternatives")
+    best = min(n["tables"]["summary"], key=lambda x: x["best_val"])
+    label = {"none": "No normalisation", "batch": "BatchNorm", "layer": "LayerNorm", "group": "GroupNorm"}  # fmt: skip
+    assert n["headline"].startswith(f"{label[best['norm']]} wins on val loss")
+
+
 # --- each experiment's lesson, on its own numbers ----------------------------------
 
 
@@ -203,6 +255,7 @@ def test_steps_seed_and_sweep_flags(tmp_path, capsys):
     r = results((tmp_path,), "gain-sweep")
     assert r["settings"]["steps"] == 3 and r["settings"]["seed"] == 7
     assert [row["gain"] for row in r["rows"]] == [1.0, 1.6667, 1.0, 1.6667]
+    assert "among gains 1 and 1.667," in r["question"]  # the sweep that ran
     assert "page:" in capsys.readouterr().out
 
 
@@ -286,7 +339,7 @@ def test_fold_lecture_deep_and_refuse_batch_only_norm():
 
 def test_every_page_renders_in_headless_chromium(suite):
     """The index and each experiment's page: no console error, every image decoded, no
-    script, a screenshot that is not blank."""
+    script, no element wider than the 1280-px viewport, a screenshot that is not blank."""
     import numpy as np
     from browser import Browser
 
@@ -306,12 +359,20 @@ def test_every_page_renders_in_headless_chromium(suite):
                     }
                     const imgs = [...document.images];
                     await Promise.all(imgs.map(i => i.decode().catch(() => null)));
+                    // no element wider than the viewport, or reaching past its right edge
+                    const vw = document.documentElement.clientWidth;
+                    const wide = [...document.querySelectorAll('body *')]
+                      .map(el => [el.tagName, el.getBoundingClientRect()])
+                      .filter(([, r]) => r.width > vw || r.right > vw + 1)
+                      .map(([t, r]) => t + ' ' + Math.round(r.width));
                     return {images: imgs.map(i => [i.complete, i.naturalWidth]),
-                            scripts: document.scripts.length};
+                            scripts: document.scripts.length, wide: wide,
+                            scroll: document.documentElement.scrollWidth - vw};
                 })()""".replace("HREF", path.resolve().as_uri()),
             )
             shot = np.asarray(Image.open(io.BytesIO(browser.screenshot(session))).convert("L"))
             assert info["scripts"] == 0, path
+            assert info["wide"] == [] and info["scroll"] <= 0, (path, info["wide"])
             assert all(c and w > 50 for c, w in info["images"]), (path, info["images"])
             assert path.name != "index.html" or path.parent == root or info["images"], path
             assert 0.001 < (shot < 128).mean() < 0.5 and len(np.unique(shot)) > 10, path

@@ -89,6 +89,14 @@ def context(name: str, options: Options) -> Context:
     return Context(name, options, steps, sweep)
 
 
+def question(mod: ModuleType, ctx: Context) -> str:
+    """The experiment's question about the sweep that runs: ``{sweep}`` in ``QUESTION``
+    becomes the values (e.g. "0.01, 0.1 and 1"), ``{steps}`` the training steps."""
+    values = [f"{v:.4g}" for v in ctx.sweep or []]
+    listed = ", ".join(values[:-1]) + f" and {values[-1]}" if len(values) > 1 else "".join(values)
+    return mod.QUESTION.format(sweep=listed, steps=f"{ctx.steps:,}")
+
+
 def run_experiment(
     name: str, root: str | Path = "runs/experiments", options: Options | None = None
 ) -> Path:
@@ -106,6 +114,7 @@ def _run(name: str, root: str | Path, options: Options) -> tuple[Path, dict[str,
     result: Result = mod.run(ctx)
     seconds = round(time.perf_counter() - t0, 1)
     meta: dict[str, Any] = {
+        "question": question(mod, ctx),
         "steps": ctx.steps,
         "sweep": ctx.sweep,
         "seed": options.seed,
@@ -117,7 +126,13 @@ def _run(name: str, root: str | Path, options: Options) -> tuple[Path, dict[str,
         "written": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     page = write_experiment(Path(root) / name, name, mod, result, meta)
-    entry = {"name": name, "title": mod.TITLE, "headline": result.headline, "seconds": seconds}
+    entry = {
+        "name": name,
+        "title": mod.TITLE,
+        "headline": result.headline,
+        "seconds": seconds,
+        "quick": options.quick,
+    }
     return page, entry
 
 

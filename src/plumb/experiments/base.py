@@ -62,6 +62,11 @@ class Result:
     figures: dict[str, tuple[Figure, str]] = field(default_factory=dict)  # name: (fig, caption)
     tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # further tables
     extra: dict[str, Any] = field(default_factory=dict)  # anything else for results.json
+    # The page's view of ``rows``: {row key: header with its unit}, the deciding column
+    # first. results.csv keeps every key; None shows every key. A header ending "(%)"
+    # shows fractions as percentages. Cells: None is "n/a", NaN or inf is "diverged".
+    columns: dict[str, str] | None = None
+    table_columns: dict[str, dict[str, str]] = field(default_factory=dict)  # same, per table
 
 
 @dataclass
@@ -298,9 +303,12 @@ def replace_modules(
 
 
 def fmt(x: float, digits: int = 3) -> str:
-    """A number for prose: 3 significant digits, scientific when very small or large."""
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return str(x)
+    """A number for prose: 3 significant digits, scientific when very small or large;
+    None is "n/a" and a non-finite number "diverged" (the page's convention, see Result)."""
+    if x is None:
+        return "n/a"
+    if isinstance(x, float) and not math.isfinite(x):
+        return "diverged"
     if x != 0 and (abs(x) < 1e-3 or abs(x) >= 1e5):
         return f"{x:.{max(digits - 1, 0)}e}"
     return f"{x:.{digits}g}"
@@ -321,8 +329,13 @@ def spread(values: Sequence[float]) -> float:
     return max(vals) / min(vals)
 
 
-def density_panel(ax: Any, series: list[tuple[str, Tensor]], title: str, bins: int = 60) -> None:
-    """The lecture's plot: one density line per layer (``torch.histogram`` over [min, max])."""
+def density_panel(
+    ax: Any, series: list[tuple[str, Tensor]], title: str, bins: int = 60, xlabel: str = "value"
+) -> None:
+    """The lecture's plot: one density line per layer (``torch.histogram`` over [min, max]),
+    with at most 5 x ticks so that wide ranges stay readable."""
+    from matplotlib.ticker import MaxNLocator
+
     for label, t in series:
         t = t.flatten().double()
         t = t[torch.isfinite(t)]
@@ -333,6 +346,9 @@ def density_panel(ax: Any, series: list[tuple[str, Tensor]], title: str, bins: i
         ax.plot(centers.numpy(), hist.numpy(), label=label, lw=1)
     ax.set_title(title, fontsize=10)
     ax.tick_params(labelsize=8)
+    ax.xaxis.set_major_locator(MaxNLocator(5))
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel("density", fontsize=8)
 
 
 def smooth(losses: Tensor, window: int) -> tuple[list[int], list[float]]:

@@ -152,12 +152,16 @@ def run(ctx: Context) -> Result:
             ax.set_yscale("log")
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("step")
-    axes[0].legend(fontsize=8)
+    axes[0].set_ylabel("max |difference| (log scale; exact 0 drawn at 1e-12)")
+    axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     return Result(
         answer=answer,
-        headline=f"torch convention: max diff {fmt(max(same['max_logit_diff'], same['max_grad_diff']))} "
-        f"over {ctx.steps:,} steps; lecture convention scales xhat by {lec['first_bn_std_ratio']:.4f}",
+        headline=f"plumb's BatchNorm1d trains like torch's: with torch's variance convention "
+        f"logits and gradients differ by at most "
+        f"{fmt(max(same['max_logit_diff'], same['max_grad_diff']))} over {ctx.steps:,} steps "
+        f"(float32 round-off); the lecture's unbiased batch variance scales xhat by "
+        f"{lec['first_bn_std_ratio']:.4f}, a different network from the same start.",
         rows=rows,
         method=(
             "The lecture's deep net (5 x [Linear, BatchNorm1d, tanh] + Linear + BatchNorm1d) is "

@@ -22,7 +22,7 @@ from plumb.train import split_loss
 NAME = "bn-rescue"
 TITLE = "BatchNorm's rescue range for bad weight scales"
 QUESTION = (
-    "Multiply every hidden weight of a deep tanh net by a scale from 1e-3 to 1e3: after a "
+    "Multiply every hidden weight of a deep tanh net by a scale ({sweep}): after a "
     "fixed training budget, which scales still train, with and without BatchNorm, and "
     "where does each break?"
 )
@@ -82,7 +82,11 @@ def run(ctx: Context) -> Result:
         lo_break = [r["scale"] for r in mine if r["scale"] < rng[0]]
         hi_break = [r["scale"] for r in mine if r["scale"] > rng[1]]
         holes = [r["scale"] for r in mine if rng[0] < r["scale"] < rng[1] and not r["trains"]]
-        text = f"{norm}: trains from {fmt(rng[0])} to {fmt(rng[1])}"
+        text = (
+            f"{norm}: trains only at {fmt(rng[0])}"
+            if rng[0] == rng[1]
+            else f"{norm}: trains from {fmt(rng[0])} to {fmt(rng[1])}"
+        )
         if lo_break or hi_break:
             text += (
                 " (breaks at "
@@ -121,21 +125,39 @@ def run(ctx: Context) -> Result:
     fig, ax = plt.subplots(figsize=(9, 3.8))
     for norm in NORMS:
         mine = [r for r in rows if r["norm"] == norm]
-        ax.plot([r["scale"] for r in mine], [r["val"] for r in mine], "o-", label=f"norm={norm}")
-    ax.axhline(baseline, ls=":", c="gray", label="unigram baseline")
-    ax.axhline(best + (baseline - best) / 2, ls="--", c="k", lw=0.8, label="trains below")
+        ax.plot([r["scale"] for r in mine], [r["val"] for r in mine], "o-", label=f"norm {norm}")
+    ax.axhline(baseline, ls=":", c="gray", label="unigram baseline (no context)")
+    ax.axhline(best + (baseline - best) / 2, ls="--", c="k", lw=0.8, label="trains below this")
     ax.set_xscale("log")
+    ax.set_xticks(list(ctx.sweep), [fmt(s) for s in ctx.sweep])
+    ax.minorticks_off()
     ax.set_xlabel("hidden weight scale (x Kaiming 5/3)")
-    ax.set_ylabel(f"val loss after {ctx.steps:,} steps")
-    ax.legend(fontsize=8)
+    ax.set_ylabel(f"val loss after {ctx.steps:,} steps (nats)")
+    ax.set_title("diverged runs are missing")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
+    label = {"none": "No normalisation", "batch": "BatchNorm"}
+    winner = max(NORMS, key=lambda n: (width[n], ranges[n] is not None))
     return Result(
         answer=answer,
-        headline="working range of weight scale: "
-        + ", ".join(
-            f"{n} {fmt(ranges[n][0])}-{fmt(ranges[n][1])}" if ranges[n] else f"{n} none"
-            for n in NORMS
+        headline=(
+            f"{label[winner]} wins: "
+            + says(winner).split(": ", 1)[1]
+            + f" ({fmt(width[winner])} decades of weight scale); "
+            + "; ".join(
+                f"{label[n].lower()}: " + says(n).split(": ", 1)[1] for n in NORMS if n != winner
+            )
+            + "."
+            if ranges[winner]
+            else "No scale trains, with or without BatchNorm."
         ),
+        columns={
+            "norm": "norm",
+            "scale": "weight scale",
+            "trains": "trains",
+            "val": "val loss (nats)",
+            "train_loss_end": "train loss at the end (nats)",
+        },
         rows=rows,
         method=(
             "A 5-layer tanh MLP (100 units, Kaiming gain 5/3, output weights x0.1), with and "

@@ -14,8 +14,8 @@ NAME = "calibration"
 TITLE = "Calibrating the output layer: loss at initialisation"
 QUESTION = (
     "A net that knows nothing should predict uniformly and score ln(C). For 27 and 1,000 "
-    "classes, how far above ln(C) does the initial loss sit for a range of output-layer "
-    "scales, and what does an uncalibrated start cost in training?"
+    "classes, how far above ln(C) does the initial loss sit for output-layer scales "
+    "{sweep}, and what does an uncalibrated start cost in training?"
 )
 STEPS = (2000, 60)
 SWEEP = (
@@ -128,34 +128,54 @@ def run(ctx: Context) -> Result:
         )
         a1.axhline(mine[0]["expected_ln_C"], ls="--", c=line.get_color(), lw=0.8)
     a1.set_xscale("log")
-    a1.set_yscale("log")
-    a1.set_xlabel("output weight scale")
-    a1.set_ylabel("initial loss (dashed: ln C)")
-    a1.legend(fontsize=8)
+    a1.set_xlabel("output weight scale (log scale; scale 0 is not drawn)")
+    a1.set_ylabel("initial loss (nats; dashed: ln C)")
+    a1.set_title("initial loss against the output scale")
+    a1.legend(fontsize=8, loc="upper left")
     for r in runs:
         if r["curve"] is not None:
             x, y = smooth(r["curve"], max(ctx.steps // 50, 1))
             a2.plot(x, y, label=f"scale {fmt(r['out_scale'])}")
+    ln_c = expected_initial_loss(classes[0])
+    a2.axhline(ln_c, ls=":", c="k", lw=1)
+    a2.annotate(f"ln {classes[0]} = {ln_c:.3f}", (1, ln_c), xycoords=("axes fraction", "data"), xytext=(-4, 3), textcoords="offset points", ha="right", fontsize=8)  # fmt: skip
     a2.set_xlabel("step")
-    a2.set_ylabel(f"training loss, C = {classes[0]}")
-    a2.set_yscale("log")
-    a2.legend(fontsize=7)
+    a2.set_ylabel(f"training loss, C = {classes[0]} (nats)")
+    a2.set_title("training from each start")
+    a2.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
+    big = max(ctx.sweep)
+    start = {
+        c: next(r["initial_loss"] for r in rows if r["classes"] == c and r["out_scale"] == big)
+        for c in classes
+    }
     return Result(
         answer=answer,
-        headline=", ".join(
-            f"C={c}: ln C {fmt(expected_initial_loss(c), 4)}, measured "
-            + fmt(
-                next(
-                    r["initial_loss"]
-                    for r in rows
-                    if r["classes"] == c and r["out_scale"] == max(ctx.sweep)
-                ),
-                4,
+        headline=(
+            "Calibrated wins: an output scale up to "
+            + ", ".join(
+                f"{fmt(calibrated[c]) if calibrated[c] is not None else 'none'} (C={c})"
+                for c in classes
             )
-            + f" at scale {fmt(max(ctx.sweep))}"
-            for c in classes
+            + " starts within 1% of ln C, while scale "
+            + f"{fmt(big)} starts at "
+            + ", ".join(
+                f"{fmt(start[c], 4)} (ln {c} = {fmt(expected_initial_loss(c), 4)})" for c in classes
+            )
+            + f"; after {ctx.steps:,} steps scale {fmt(worst_end['out_scale'])} is still "
+            f"{fmt(worst_end['loss_last_10pct'] - best_end['loss_last_10pct'])} nats behind "
+            f"scale {fmt(best_end['out_scale'])}."
         ),
+        columns={
+            "classes": "classes C",
+            "out_scale": "output scale",
+            "excess": "initial loss - ln C (nats)",
+            "initial_loss": "initial loss (nats)",
+            "expected_ln_C": "ln C (nats)",
+            "logit_std": "logit std",
+            "loss_first_10pct": "train loss, first 10% (nats)",
+            "loss_last_10pct": "train loss, last 10% (nats)",
+        },
         rows=rows,
         method=(
             "The lecture's single-layer MLP (10-d embedding, 200 Kaiming tanh units) with "
@@ -168,7 +188,8 @@ def run(ctx: Context) -> Result:
         figures={
             "calibration": (
                 fig,
-                "Left: initial loss against the output scale. Right: the first steps of training.",
+                "Left: initial loss against the output scale, with ln C dashed. Right: "
+                "training from each output scale (C = 27), with ln C dotted.",
             )
         },
     )

@@ -27,7 +27,7 @@ TITLE = "The eval() bug: BatchNorm in training mode at validation"
 QUESTION = (
     "A BatchNorm net validated without model.eval() normalises each example with its "
     "batch's statistics: how much does an example's loss then depend on the batch size "
-    "and on which other examples share its batch, and what did the running statistics "
+    "({sweep}) and on which other examples share its batch, and what did the running statistics "
     "that eval() uses absorb?"
 )
 STEPS = (5000, 100)
@@ -140,24 +140,54 @@ def run(ctx: Context) -> Result:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 3.8))
     bs = [r["batch_size"] for r in rows]
     a1.plot(bs, [r["val_loss_forgot_eval"] for r in rows], "o-", label="train mode (forgot eval())")
-    a1.axhline(val_running, ls="--", c="k", label="eval mode")
+    a1.axhline(val_running, ls="--", c="k", lw=1.5, label="eval mode (any batch size)")
     a1.set_xscale("log", base=2)
+    a1.set_xticks(bs, [str(b) for b in bs])
+    a1.minorticks_off()
+    a1.margins(y=0.15)  # the eval-mode line off the frame
     a1.set_xlabel("validation batch size")
-    a1.set_ylabel("val loss")
-    a1.legend(fontsize=8)
+    a1.set_ylabel("val loss (nats)")
+    a1.set_title("validation loss with and without eval()")
+    a1.legend(fontsize=8, loc="best")
+    floor = 1e-12  # a log axis has no 0: an exact 0 is drawn at this floor, labelled
     a2.plot(bs, [r["probe_spread_train_mode"] for r in rows], "o-", label="train mode")
-    a2.plot(bs, [max(r["probe_spread_eval_mode"], 1e-12) for r in rows], "s-", label="eval mode")
+    a2.plot(bs, [max(r["probe_spread_eval_mode"], floor) for r in rows], "s-", label="eval mode")
+    a2.axhline(floor, ls=":", c="gray", lw=1)
+    a2.annotate("exactly 0 (drawn at 1e-12)", (0, floor), xycoords=("axes fraction", "data"), xytext=(4, 5), textcoords="offset points", fontsize=8)  # fmt: skip
     a2.set_xscale("log", base=2)
+    a2.set_xticks(bs, [str(b) for b in bs])
+    a2.minorticks_off()
     a2.set_yscale("log")
+    a2.set_ylim(floor / 30, None)
     a2.set_xlabel("batch size")
-    a2.set_ylabel("per-example loss std across batches")
-    a2.legend(fontsize=8)
+    a2.set_ylabel("per-example loss std across batches (nats)")
+    a2.set_title("how much one example's loss depends on its batch")
+    a2.legend(fontsize=8, loc="center right")
     fig.tight_layout()
     return Result(
         answer=answer,
-        headline=f"train-mode loss of one example moves {fmt(small['probe_spread_train_mode'])} nats "
-        f"with its batch (size {small['batch_size']}); eval: "
-        f"{fmt(max(r['probe_spread_eval_mode'] for r in rows))}",
+        headline=f"eval() wins: in eval mode an example's loss is the same in any batch "
+        f"(spread {fmt(max(r['probe_spread_eval_mode'] for r in rows))} nats); without it the "
+        f"loss moves {fmt(small['probe_spread_train_mode'])} nats with its batch at size "
+        f"{small['batch_size']} ({fmt(big['probe_spread_train_mode'])} at {big['batch_size']}), "
+        f"and val reads {fmt(small['val_loss_forgot_eval'], 4)} at batch {small['batch_size']} "
+        f"against {fmt(val_running, 4)}.",
+        columns={
+            "batch_size": "batch size",
+            "probe_spread_train_mode": "loss spread, train mode (nats)",
+            "probe_spread_eval_mode": "loss spread, eval mode (nats)",
+            "val_loss_forgot_eval": "val loss without eval() (nats)",
+            "probe_loss_train_mode": "probe loss, train mode (nats)",
+            "probe_loss_eval_mode": "probe loss, eval mode (nats)",
+        },
+        table_columns={
+            "running_stats": {
+                "layer": "layer",
+                "mean_error_in_stds": "running mean error (stds)",
+                "var_ratio_min": "running / true variance, min",
+                "var_ratio_max": "running / true variance, max",
+            }
+        },
         rows=rows,
         method=(
             "The lecture's deep BatchNorm net is trained for "
@@ -173,7 +203,8 @@ def run(ctx: Context) -> Result:
             "eval_mode": (
                 fig,
                 "Left: val loss with and without eval() by batch size. Right: how much one "
-                "example's loss depends on its batch (std across random batches).",
+                "example's loss depends on its batch (std across random batches, log scale; "
+                "eval mode's exact 0 sits on the dotted line).",
             )
         },
         tables={"running_stats": absorbed},

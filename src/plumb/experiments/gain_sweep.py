@@ -23,14 +23,15 @@ from plumb.experiments.base import (
     spread,
     tanh_saturation,
 )
+from plumb.stats import TANH_SATURATION
 from plumb.train import split_loss
 
 NAME = "gain-sweep"
 TITLE = "The gain: why 5/3 for tanh"
 QUESTION = (
     "In deep nets without normalisation, W ~ N(0, gain^2/fan_in): which gain keeps the "
-    "activations and gradients at a steady scale through depth, for a linear-only stack "
-    "and for a tanh stack?"
+    "activations and gradients at a steady scale through depth, among gains {sweep}, for a "
+    "linear-only stack and for a tanh stack?"
 )
 STEPS = (1000, 40)
 SWEEP = ("gains", [0.5, 1.0, 5 / 3, 3.0], positive("gains", 0.0, 100.0))
@@ -55,6 +56,7 @@ def _one(task: tuple[str, float, str | None, int, int, str]) -> dict:
         "grad_std": gstds,
         "saturation": [tanh_saturation(r["out"]) for r in layers] if act == "tanh" else None,
         "loss_step0": losses[0].item(),
+        "classes": data.vocab.size,
         "val": split_loss(model, data.val, device),
     }
 
@@ -77,7 +79,7 @@ def run(ctx: Context) -> Result:
                 f"act_std_layer{DEPTH}": r["act_std"][-1],
                 "act_std_ratio_last_first": r["act_std"][-1] / r["act_std"][0],
                 "grad_std_ratio_first_last": r["grad_std"][0] / r["grad_std"][-1],
-                "saturation_mean": sum(sat) / len(sat) if sat else math.nan,
+                "saturation_mean": sum(sat) / len(sat) if sat else None,
                 "loss_step0": r["loss_step0"],
                 "val": r["val"],
             }
@@ -89,7 +91,7 @@ def run(ctx: Context) -> Result:
         scored = [
             (math.log(spread(run_["act_std"])) + math.log(spread(run_["grad_std"])), i)
             for i, (r, run_) in enumerate(zip(rows, runs, strict=True))
-            if r["activation"] == act and not r["saturation_mean"] > SATURATED_FRACTION
+            if r["activation"] == act and not (r["saturation_mean"] or 0) > SATURATED_FRACTION
         ]
         if scored:
             steadiest[act] = rows[min(scored)[1]]
@@ -98,13 +100,34 @@ def run(ctx: Context) -> Result:
         r["grad_std_spread"] = spread(run_["grad_std"])
 
     def says(act: str) -> str:
+        """The winner of ``act``, its reason, and any steadier gain saturation rules out."""
         r = steadiest.get(act)
         if r is None:
-            return f"{act} none"
-        return (
-            f"{act} {fmt(r['gain'])} (activation std spread {fmt(r['act_std_spread'])}x, "
-            f"gradient {fmt(r['grad_std_spread'])}x)"
+            return (
+                f"{act}: none (every gain saturates over {SATURATED_FRACTION:.0%} of tanh outputs)"
+            )
+        sat = r["saturation_mean"]
+        out = (
+            f"{act} gain {fmt(r['gain'])} (std spread over depth {fmt(r['act_std_spread'])}x "
+            f"activations, {fmt(r['grad_std_spread'])}x gradients"
+            + (f", {sat:.0%} saturated" if sat is not None else "")
+            + ")"
         )
+        score = math.log(r["act_std_spread"]) + math.log(r["grad_std_spread"])
+        ruled = [
+            x
+            for x in rows
+            if x["activation"] == act
+            and (x["saturation_mean"] or 0) > SATURATED_FRACTION
+            and math.log(x["act_std_spread"]) + math.log(x["grad_std_spread"]) < score
+        ]
+        for x in ruled:
+            out += (
+                f"; gain {fmt(x['gain'])} holds the std flatter but saturates "
+                f"{x['saturation_mean']:.0%} of tanh outputs (over the doctor's "
+                f"{SATURATED_FRACTION:.0%}), which stalls learning"
+            )
+        return out
 
     parts = []
     for r in rows:
@@ -116,15 +139,16 @@ def run(ctx: Context) -> Result:
             if ratio < 1 / STABLE_FACTOR
             else "holds"
         )
-        sat = "" if math.isnan(r["saturation_mean"]) else f", {r['saturation_mean']:.0%} saturated"
+        sat = "" if r["saturation_mean"] is None else f", {r['saturation_mean']:.0%} saturated"
         parts.append(
             f"{r['activation']} gain {fmt(r['gain'])}: activation std {trend} "
             f"(x{fmt(ratio)} over {DEPTH} layers){sat}, val {fmt(r['val'], 4)}"
         )
     answer = (
-        f"The steadiest gain (least spread of activation and gradient std across {DEPTH} "
-        f"layers, with at most {SATURATED_FRACTION:.0%} of tanh outputs saturated): "
-        f"{says('linear')}; {says('tanh')}. "
+        f"The steadiest gain is the one with the least spread of activation and gradient "
+        f"std across {DEPTH} layers among those that keep at most {SATURATED_FRACTION:.0%} "
+        "of tanh outputs saturated (the doctor's threshold; a saturated unit passes almost "
+        "no gradient, so a flat std bought with saturation is no win). "
         + "; ".join(parts)
         + "."
         + (
@@ -138,8 +162,17 @@ def run(ctx: Context) -> Result:
     )
     return Result(
         answer=answer,
-        headline="steadiest gain: "
-        + ", ".join(f"{a} {fmt(steadiest[a]['gain'])}" for a in ACTIVATIONS if a in steadiest),
+        headline="Steadiest gain: " + "; ".join(says(a) for a in ACTIVATIONS) + ".",
+        columns={
+            "activation": "stack",
+            "gain": "gain",
+            "act_std_spread": "activation std spread over depth (x)",
+            "grad_std_spread": "gradient std spread over depth (x)",
+            "saturation_mean": "tanh outputs saturated (%)",
+            "act_std_ratio_last_first": f"activation std, layer {DEPTH} / layer 1",
+            "loss_step0": "step-0 loss (nats)",
+            "val": "val loss (nats)",
+        },
         rows=rows,
         method=(
             f"{DEPTH}-layer MLPs (100 units, no normalisation, output weights x0.1) with "
@@ -155,25 +188,57 @@ def run(ctx: Context) -> Result:
 
 
 def _figures(runs: list[dict]) -> dict:
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+    fig, axes = plt.subplots(3, 2, figsize=(11, 10))
     for r in runs:
         col = ACTIVATIONS.index(r["activation"])
         x = range(1, len(r["act_std"]) + 1)
         label = f"gain {fmt(r['gain'])}"
         axes[0][col].plot(x, r["act_std"], "o-", label=label)
         axes[1][col].plot(x, r["grad_std"], "o-", label=label)
+        if r["saturation"] is not None:
+            axes[2][1].plot(x, [100 * s for s in r["saturation"]], "o-", label=label)
     for col, act in enumerate(ACTIVATIONS):
         axes[0][col].set_title(f"{act}: activation std by depth")
         axes[1][col].set_title(f"{act}: gradient std by depth")
-        for row in (0, 1):
+        for row, what in ((0, "std of layer output"), (1, "std of dL/d(output)")):
             axes[row][col].set_yscale("log")
-            axes[row][col].legend(fontsize=8)
-        axes[1][col].set_xlabel("layer")
+            axes[row][col].set_ylabel(f"{what} (log scale)")
+    axes[0][1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    axes[2][1].axhline(100 * SATURATED_FRACTION, color="k", ls="--", lw=1)
+    axes[2][1].annotate(
+        f"doctor's threshold {SATURATED_FRACTION:.0%}",
+        (1, 100 * SATURATED_FRACTION),
+        xytext=(0, 4),
+        textcoords="offset points",
+        fontsize=8,
+    )
+    axes[2][1].set_ylim(0, 100)
+    axes[2][1].set_title(f"tanh: outputs saturated (|t| > {TANH_SATURATION}) by depth")
+    axes[2][1].set_ylabel("saturated (%)")
+    for act in ACTIVATIONS:  # the loss after training, diverged runs left out
+        pts = [(r["gain"], r["val"]) for r in runs if r["activation"] == act]
+        pts = [(g, v) for g, v in pts if math.isfinite(v)]
+        axes[2][0].plot(*zip(*pts, strict=True), "o-", label=act) if pts else None
+    ln_c = math.log(runs[0]["classes"])
+    axes[2][0].axhline(ln_c, color="k", ls=":", lw=1)
+    axes[2][0].annotate(f"ln {runs[0]['classes']} = {ln_c:.3f} (uniform)", (0, ln_c), xycoords=("axes fraction", "data"), xytext=(4, -10), textcoords="offset points", fontsize=8)  # fmt: skip
+    axes[2][0].set_xscale("log")
+    axes[2][0].set_xticks([r["gain"] for r in runs], [fmt(r["gain"]) for r in runs])
+    axes[2][0].minorticks_off()
+    axes[2][0].set_title("val loss after training (diverged runs left out)")
+    axes[2][0].set_xlabel("gain")
+    axes[2][0].set_ylabel("val loss (nats)")
+    axes[2][0].legend(fontsize=8)
+    for row in axes[:2]:
+        for ax in row:
+            ax.set_xlabel("layer")
+    axes[2][1].set_xlabel("layer")
     fig.tight_layout()
     return {
         "std_by_depth": (
             fig,
-            "Std of each layer's output (top) and of its gradient (bottom) before training, "
-            "log scale: flat lines are the goal.",
+            "Std of each layer's output (top) and of its gradient (middle) before training, "
+            "log scale: flat lines are the goal. Bottom: the share of saturated tanh outputs, "
+            "which rules out a gain that flattens the std by pinning units at +-1.",
         )
     }

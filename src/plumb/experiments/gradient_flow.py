@@ -111,9 +111,26 @@ def run(ctx: Context) -> Result:
     )
     return Result(
         answer=answer,
-        headline="profile change gain "
-        + f"{g0}->{g1}: "
-        + ", ".join(f"{n} {fmt(change[n])}x" for n in NORMS),
+        headline=(
+            f"Normalisation wins: with {' and '.join(same)} the gradient's depth profile keeps "
+            f"its shape when the init gain goes {g0} -> {g1} (change "
+            + ", ".join(f"{fmt(change[n])}x" for n in same)
+            + "); "
+            if same
+            else "No layer type keeps the gradient profile's shape when the init gain goes "
+            f"{g0} -> {g1}; "
+        )
+        + "; ".join(f"with {n} it changes {fmt(change[n])}x" for n in NORMS if n not in same)
+        + f". Best val: {best['norm']}, gain {fmt(best['gain'])} ({fmt(best['val'], 4)} nats).",
+        columns={
+            "norm": "norm",
+            "gain": "gain",
+            "grad_std_spread_start": "gradient std spread over depth, start (x)",
+            "grad_std_spread_end": "same, after training (x)",
+            "act_std_spread_start": "activation std spread, start (x)",
+            "val": "val loss (nats)",
+            "train_loss_end": "train loss at the end (nats)",
+        },
         rows=rows,
         method=(
             f"A {DEPTH}-layer tanh MLP (100 units, W ~ N(0, gain^2/fan_in), output weights "
@@ -135,8 +152,9 @@ def _figures(runs: list[dict], steps: int) -> dict:
             ax,
             [(f"tanh{i + 1}", t) for i, t in enumerate(r["grads_start"])],
             f"norm={r['norm']}, gain {fmt(r['gain'])}",
+            xlabel="dL/d(tanh output)",
         )
-    axes[0][0].legend(fontsize=6)
+    axes[0][-1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.suptitle("gradient dL/d(out) of each tanh layer, before training")
     fig.tight_layout()
     fig2, axes2 = plt.subplots(1, len(GAINS), figsize=(12, 3.8), sharey=True)
@@ -148,8 +166,8 @@ def _figures(runs: list[dict], steps: int) -> dict:
         ax.set_title(f"gain {fmt(r['gain'])}", fontsize=10)
         ax.set_yscale("log")
         ax.set_xlabel("tanh layer")
-    axes2[0].set_ylabel("std of dL/d(out)")
-    axes2[0].legend(fontsize=7)
+    axes2[0].set_ylabel("std of dL/d(out) (log scale)")
+    axes2[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig2.tight_layout()
     return {
         "gradient_histograms": (fig, "Per-layer gradient distributions side by side."),

@@ -23,6 +23,7 @@ from plumb.experiments.base import (
     spread,
     tanh_saturation,
 )
+from plumb.stats import TANH_SATURATION
 from plumb.train import split_loss
 
 NAME = "init-comparison"
@@ -60,6 +61,7 @@ def _one(task: tuple[str, str | None, int, int, str]) -> dict:
         "sat_last": [tanh_saturation(r["out"]) for r in last],
         "losses": losses,
         "val": split_loss(model, data.val, device),
+        "classes": data.vocab.size,
     }
 
 
@@ -96,25 +98,62 @@ def run(ctx: Context) -> Result:
     shrinking = [
         r["init"] for r in rows if r["act_std_layer10"] < r["act_std_layer1"] / STABLE_FACTOR
     ]
-    best = min(rows, key=lambda r: r["val"])
+    finite = [r for r in rows if math.isfinite(r["val"])]
+    best = min(finite, key=lambda r: r["val"]) if finite else None
+
+    def why(r: dict) -> str:
+        """A scheme's state at the first batch: saturation first (it rules out a flat
+        std), then the std's trend through depth."""
+        if r["saturation_mean"] > SATURATED_FRACTION:
+            return (
+                f"holds the std ({fmt(r['act_std_spread'])}x spread) only by saturating "
+                f"{r['saturation_mean']:.0%} of tanh outputs"
+            )
+        ratio = r["act_std_layer10"] / r["act_std_layer1"]
+        if ratio < 1 / STABLE_FACTOR:
+            return f"lets the std shrink {fmt(1 / ratio)}x from layer 1 to {DEPTH}"
+        if ratio > STABLE_FACTOR:
+            return f"lets the std grow {fmt(ratio)}x from layer 1 to {DEPTH}"
+        return (
+            f"keeps the std within {fmt(r['act_std_spread'])}x over depth with "
+            f"{r['saturation_mean']:.0%} saturated"
+        )
+
     answer = (
         f"At the first batch, per-layer activation std stays within a factor {STABLE_FACTOR:g} "
         f"across the 10 layers for: {', '.join(stable) or 'none'}. "
         f"More than {SATURATED_FRACTION:.0%} of tanh outputs are saturated (|t| > 0.97) for: "
-        f"{', '.join(saturated) or 'none'}. The std shrinks by more than {STABLE_FACTOR:g}x from "
+        f"{', '.join(saturated) or 'none'}; a saturated unit passes almost no gradient, so a "
+        "flat std there is no health. "
+        f"The std shrinks by more than {STABLE_FACTOR:g}x from "
         f"layer 1 to layer 10 for: {', '.join(shrinking) or 'none'}. "
         + "; ".join(
             f"{r['init']}: act std {fmt(r['act_std_layer1'])} -> {fmt(r['act_std_layer10'])}, "
             f"grad std spread {fmt(r['grad_std_spread'])}x, val {fmt(r['val'], 4)}"
             for r in rows
         )
-        + f". After {ctx.steps:,} steps the best val loss is {best['init']}'s ({fmt(best['val'], 4)})."
+        + "."
+    )
+    headline = (
+        "Every scheme diverged."
+        if best is None
+        else f"{best['init']} wins: the best val loss after {ctx.steps:,} steps "
+        f"({fmt(best['val'], 4)} nats), and it {why(best)}. "
+        + "; ".join(f"{r['init']} {why(r)} (val {fmt(r['val'], 4)})" for r in rows if r is not best)
+        + "."
     )
     return Result(
         answer=answer,
-        headline="std spread over depth: "
-        + ", ".join(f"{r['init']} {fmt(r['act_std_spread'])}x" for r in rows)
-        + f"; best val {best['init']} {fmt(best['val'], 4)}",
+        headline=headline,
+        columns={
+            "init": "init",
+            "val": "val loss (nats)",
+            "saturation_mean": "tanh outputs saturated at start (%)",
+            "act_std_spread": "activation std spread over depth (x)",
+            "grad_std_spread": "gradient std spread over depth (x)",
+            "saturation_after": "saturated after training (%)",
+            "loss_step0": "step-0 loss (nats)",
+        },
         rows=rows,
         method=(
             f"A {DEPTH}-layer MLP (10-d embedding, 100 tanh units per layer, no normalisation, "
@@ -135,32 +174,40 @@ def _figures(runs: list[dict], steps: int) -> dict:
         fig, axes = plt.subplots(1, len(runs), figsize=(4 * len(runs), 3.2))
         for ax, r in zip(axes, runs, strict=True):
             density_panel(
-                ax, [(f"tanh{i + 1}", x[key]) for i, x in enumerate(r["first"])], r["label"]
+                ax,
+                [(f"tanh{i + 1}", x[key]) for i, x in enumerate(r["first"])],
+                r["label"],
+                xlabel="tanh output" if key == "out" else "dL/d(tanh output)",
             )
-        axes[0].legend(fontsize=6)
+        axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
         fig.suptitle(f"{title} of each tanh layer at the first batch")
         fig.tight_layout()
         out[f"{title}_first_batch"] = (
             fig,
             f"Distribution of each tanh layer's {title} before any update, per scheme.",
         )
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.6))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
     for r in runs:
-        sats = [tanh_saturation(x["out"]) for x in r["first"]]
+        sats = [100 * tanh_saturation(x["out"]) for x in r["first"]]
         a1.plot(range(1, len(sats) + 1), sats, "o-", label=r["label"])
         x, y = smooth(r["losses"], max(steps // 50, 1))
-        a2.plot(x, [math.log10(v) for v in y], label=r["label"])
+        a2.plot(x, y, label=r["label"])
     a1.set_xlabel("layer")
-    a1.set_ylabel("saturated fraction (|t| > 0.97)")
-    a1.axhline(SATURATED_FRACTION, ls="--", c="gray", lw=0.8)
-    a1.legend(fontsize=8)
+    a1.set_ylabel(f"saturated tanh outputs (%, |t| > {TANH_SATURATION})")
+    a1.set_ylim(0, 100)
+    a1.axhline(100 * SATURATED_FRACTION, ls="--", c="gray", lw=0.8)
+    a1.annotate(f"doctor's threshold {SATURATED_FRACTION:.0%}", (1, 100 * SATURATED_FRACTION), xytext=(0, 3), textcoords="offset points", fontsize=8)  # fmt: skip
+    ln_c = math.log(runs[0]["classes"])
+    a2.axhline(ln_c, ls=":", c="k", lw=1)
+    a2.annotate(f"ln {runs[0]['classes']} = {ln_c:.3f} (uniform guess)", (0, ln_c), xycoords=("axes fraction", "data"), xytext=(4, 3), textcoords="offset points", fontsize=8)  # fmt: skip
     a2.set_xlabel("step")
-    a2.set_ylabel("log10 loss (window mean)")
-    a2.legend(fontsize=8)
+    a2.set_ylabel("training loss (nats, window mean)")
+    a2.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     out["saturation_and_loss"] = (
         fig,
-        "Left: saturated fraction per layer at the first batch (dashed: the doctor's 30% "
-        f"threshold). Right: training loss over the first {steps:,} steps.",
+        "Left: saturated share of each tanh layer's outputs at the first batch (dashed: the "
+        f"doctor's {SATURATED_FRACTION:.0%} threshold). Right (legend for both): training loss over the first "
+        f"{steps:,} steps, in nats; the dotted line is ln(C), the loss of a uniform guess.",
     )
     return out

@@ -69,15 +69,19 @@ def run(ctx: Context) -> Result:
     gains = [(rows[i - 1]["val"] - rows[i]["val"], rows[i]["stage"]) for i in range(1, len(rows))]
     best_gain, best_stage = max(gains)
     original = rows[0]
-    fig, ax = plt.subplots(figsize=(9, 3.6))
+    best = min(rows, key=lambda r: r["val"] if math.isfinite(r["val"]) else math.inf)
+    fig, ax = plt.subplots(figsize=(10, 3.8))
     x = range(len(rows))
     ax.plot(x, [r["val"] for r in rows], "o-", label="plumb val")
     ax.plot(x, [r["train"] for r in rows], "s-", label="plumb train")
     if full:
         ax.plot(x, [r["published_val"] for r in rows], "x--", label="published val")
     ax.set_xticks(list(x), [r["stage"] for r in rows])
-    ax.set_ylabel("loss")
-    ax.legend()
+    ax.axhline(ln_v, ls=":", c="k", lw=1)
+    ax.annotate(f"ln V = {ln_v:.3f} (uniform guess)", (0, ln_v), xycoords=("axes fraction", "data"), xytext=(4, 3), textcoords="offset points", fontsize=8)  # fmt: skip
+    ax.set_ylabel("loss (nats)")
+    ax.set_xlabel("stage (each adds one fix to the one before)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.set_title(f"loss log after {ctx.steps:,} steps")
     running = rows[-1].get("running_stats_train"), rows[-1].get("running_stats_val")
     compare = (
@@ -111,12 +115,26 @@ def run(ctx: Context) -> Result:
     )
     return Result(
         answer=answer,
-        headline=f"val {fmt(rows[0]['val'], 4)} (original) -> {fmt(min(r['val'] for r in rows), 4)} (best); "
+        headline=f"{best['stage']} is best (val {fmt(best['val'], 4)} nats, from "
+        f"{fmt(original['val'], 4)} for the original); the largest single step comes from "
+        f"{best_stage} ({fmt(best_gain)} nats). "
         + (
-            f"{len(matched)}/{len(rows)} stages match the published digits, max |diff| {fmt(worst)}"
+            f"{len(matched)}/{len(rows)} stages match the published digits (max |diff| "
+            f"{fmt(worst)})."
             if full
-            else f"{ctx.steps:,} steps"
+            else f"Not comparable with the published table at {ctx.steps:,} steps."
         ),
+        columns={
+            "stage": "stage",
+            "val": "val loss (nats)",
+            "train": "train loss (nats)",
+            "published_val": "published val",
+            "published_train": "published train",
+            "diff_val": "val - published",
+            "diff_train": "train - published",
+            "matches_published": "matches the printed digits",
+            "step0_loss": "step-0 loss (nats)",
+        },
         rows=rows,
         method=(
             "Each stage is a fresh model drawn from torch.Generator(seed 2147483647), trained "
@@ -126,6 +144,12 @@ def run(ctx: Context) -> Result:
             "Stages run in parallel processes of one thread each (one thread: bit-exact), on "
             "the CPU, where the reproduction is defined (--device does not apply here)."
         ),
-        figures={"loss_log": (fig, "Final train and val loss per stage.")},
-        extra={"ln_vocab": ln_v, "max_abs_diff_val": worst if full else math.nan},
+        figures={
+            "loss_log": (
+                fig,
+                "Final train and val loss per stage, in nats; the dotted line is ln V, the "
+                "loss of a uniform guess over the vocabulary.",
+            )
+        },
+        extra={"ln_vocab": ln_v, "max_abs_diff_val": worst if full else None},
     )

@@ -27,7 +27,7 @@ NAME = "norm-alternatives"
 TITLE = "BatchNorm, LayerNorm, GroupNorm or nothing"
 QUESTION = (
     "On the deep tanh MLP, how do no normalisation, BatchNorm, LayerNorm and GroupNorm "
-    "compare in val loss, in sensitivity to the training batch size (2 to 256), and in "
+    "compare in val loss, in sensitivity to the training batch size ({sweep}), and in "
     "the gap between training-mode and eval-mode outputs?"
 )
 STEPS = (3000, 80)
@@ -38,6 +38,12 @@ SWEEP = (
     [2, 32],
 )
 NORMS = ("none", "batch", "layer", "group")
+LABEL = {
+    "none": "No normalisation",
+    "batch": "BatchNorm",
+    "layer": "LayerNorm",
+    "group": "GroupNorm",
+}
 #: Mean losses summed in a different order differ by float32 round-off, not more.
 ROUNDOFF = 1e-5
 GROUPS = 10  # GroupNorm(10 groups of 10 features): between LayerNorm (1) and per-unit (100)
@@ -98,20 +104,21 @@ def run(ctx: Context) -> Result:
                 f"val_at_{sizes[0]}": vals[0],
                 "diverged_at": " ".join(
                     str(r["batch_size"]) for r in mine if not math.isfinite(r["val"])
-                ),
+                )
+                or "none",
             }
         )
-    by = {s["norm"]: s for s in summary}
     exact = [s["norm"] for s in summary if s["max_train_eval_gap"] < ROUNDOFF]
     differ = [s for s in summary if s["max_train_eval_gap"] >= ROUNDOFF]
-    diverged = [s for s in summary if s["diverged_at"]]
-    best = min(summary, key=lambda s: s["best_val"])
+    diverged = [s for s in summary if s["diverged_at"] != "none"]
+    trained = [s for s in summary if math.isfinite(s["best_val"])]
+    best = min(trained, key=lambda s: s["best_val"]) if trained else {}
     answer = (
         f"Best val loss after {ctx.steps:,} steps: "
         + ", ".join(
             f"{s['norm']} {fmt(s['best_val'], 4)} (batch {s['best_batch_size']})" for s in summary
         )
-        + f"; best overall {best['norm']}. Across training batch sizes {sizes[0]}-{sizes[-1]} "
+        + f"; best overall {best.get('norm', 'none (all diverged)')}. Across training batch sizes {sizes[0]}-{sizes[-1]} "
         "the finite val losses vary by "
         + ", ".join(f"{fmt(s['val_range_over_batch_sizes'])} ({s['norm']})" for s in summary)
         + f"; at batch size {sizes[0]} it is "
@@ -131,24 +138,71 @@ def run(ctx: Context) -> Result:
         + ". A layer that normalises across the batch computes something else in eval mode; "
         "one that normalises within each example does not."
     )
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 3.8))
+    floor = 1e-9  # a log axis has no 0: an exact 0 gap is drawn at this floor, labelled
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4))
     for norm in NORMS:
         mine = [r for r in rows if r["norm"] == norm]
         a1.plot(sizes, [r["val"] for r in mine], "o-", label=norm)
-        a2.plot(sizes, [max(r["train_eval_gap"], 1e-9) for r in mine], "o-", label=norm)
+        a2.plot(sizes, [max(r["train_eval_gap"], floor) for r in mine], "o-", label=norm)
     for ax in (a1, a2):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [str(b) for b in sizes])
+        ax.minorticks_off()
         ax.set_xlabel("training batch size")
-        ax.legend(fontsize=8)
-    a1.set_ylabel("val loss (eval mode)")
+    a2.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    a1.set_ylabel("val loss, eval mode (nats)")
+    a1.set_title("val loss (diverged runs are missing)")
     a2.set_yscale("log")
-    a2.set_ylabel("|val loss train mode - eval mode|")
+    a2.axhline(floor, ls=":", c="gray", lw=1)
+    a2.annotate("exactly 0 (drawn at 1e-9)", (0, floor), xycoords=("axes fraction", "data"), xytext=(4, 4), textcoords="offset points", fontsize=8)  # fmt: skip
+    a2.set_ylim(floor / 10, None)
+    a2.set_ylabel("|train-mode - eval-mode| val loss (nats)")
+    a2.set_title("train/eval-mode gap")
     fig.tight_layout()
+
+    def rest(s: dict) -> str:
+        return f"{LABEL[s['norm']]} {fmt(s['best_val'], 4)}"
+
     return Result(
         answer=answer,
-        headline=", ".join(f"{s['norm']} {fmt(s['best_val'], 4)}" for s in summary)
-        + f" (best val); BatchNorm train/eval gap up to {fmt(by['batch']['max_train_eval_gap'])}"
-        + "".join(f"; {s['norm']} diverged at batch {s['diverged_at']}" for s in diverged),
+        headline=(
+            f"{LABEL[best['norm']]} wins on val loss ({fmt(best.get('best_val'), 4)} nats at batch "
+            f"{best.get('best_batch_size')}; then "
+            + ", ".join(rest(s) for s in sorted(trained, key=lambda s: s["best_val"])[1:])
+            + "). "
+            if trained
+            else "Every configuration diverged. "
+        )
+        + (
+            "Mode matters for "
+            + ", ".join(
+                f"{LABEL[s['norm']]} (train/eval val gap up to {fmt(s['max_train_eval_gap'])} nats)"
+                for s in differ
+            )
+            if differ
+            else "No layer's output depends on the mode"
+        )
+        + (f"; {', '.join(LABEL[n] for n in exact)} agree to round-off." if exact else ".")
+        + "".join(f" {LABEL[s['norm']]} diverged at batch {s['diverged_at']}." for s in diverged),
+        columns={
+            "norm": "norm",
+            "batch_size": "batch size",
+            "val": "val loss, eval mode (nats)",
+            "train_eval_gap": "train/eval-mode gap (nats)",
+            "val_train_mode": "val loss, train mode (nats)",
+            "train_loss_end": "train loss, last 10% (nats)",
+        },
+        table_columns={
+            "summary": {
+                "norm": "norm",
+                "best_val": "best val loss (nats)",
+                "best_batch_size": "at batch size",
+                "val_range_over_batch_sizes": "val range over batch sizes (nats)",
+                "max_train_eval_gap": "largest train/eval gap (nats)",
+                f"val_at_{sizes[0]}": f"val loss at batch {sizes[0]} (nats)",
+                "diverged_at": "diverged at batch sizes",
+            }
+        },
         rows=rows,
         method=(
             "A 5-layer tanh MLP (100 units, Kaiming gain 5/3, output weights x0.1) with no "
@@ -162,7 +216,8 @@ def run(ctx: Context) -> Result:
             "norms": (
                 fig,
                 "Left: val loss against training batch size. Right: the gap between "
-                "training-mode and eval-mode val loss (drawn at 1e-9 when 0).",
+                "training-mode and eval-mode val loss, log scale (an exact 0 is drawn on the "
+                "dotted 1e-9 line).",
             )
         },
         tables={"summary": summary},

@@ -26,7 +26,7 @@ NAME = "update-ratio"
 TITLE = "The update:data ratio and the learning rate"
 QUESTION = (
     "How large is each SGD update relative to the weights it changes, "
-    "log10(std(lr * grad) / std(W)), across learning rates from 1e-3 to 1: which lr lands "
+    "log10(std(lr * grad) / std(W)), across learning rates {sweep}: which lr lands "
     "near the lecture's 1e-3, and is that the lr with the best loss?"
 )
 STEPS = (3000, 60)
@@ -72,22 +72,25 @@ def run(ctx: Context) -> Result:
     rows = []
     for r in runs:
         late = r["ratio"][len(r["ratio"]) // 2 :]
-        median = float(np.median(late)) if late.size else math.nan
+        # no finite ratio: the run diverged (NaN, "diverged"), or it is too short (None)
+        none = math.nan if not math.isfinite(r["val"]) else None
+        median = float(np.median(late)) if late.size else none
         rows.append(
             {
                 "lr": r["lr"],
                 "update_data_log10_median": median,
-                "update_data_log10_min_weight": float(late.mean(0).min())
-                if late.size
-                else math.nan,
-                "update_data_log10_max_weight": float(late.mean(0).max())
-                if late.size
-                else math.nan,
+                "update_data_log10_min_weight": float(late.mean(0).min()) if late.size else none,
+                "update_data_log10_max_weight": float(late.mean(0).max()) if late.size else none,
                 "train_loss_end": r["loss_end"],
                 "val": r["val"],
             }
         )
-    finite = [r for r in rows if math.isfinite(r["update_data_log10_median"])]
+    finite = [
+        r
+        for r in rows
+        if r["update_data_log10_median"] is not None
+        and math.isfinite(r["update_data_log10_median"])
+    ]
     near = min(finite, key=lambda r: abs(r["update_data_log10_median"] - UPDATE_TARGET))
     trained = [r for r in rows if math.isfinite(r["val"])]
     best = min(trained, key=lambda r: r["val"]) if trained else None
@@ -101,9 +104,9 @@ def run(ctx: Context) -> Result:
             )[0]
         )
         if len(finite) > 1
-        else math.nan
+        else None
     )
-    monotone = all(b > a for a, b in itertools.pairwise(meds))
+    monotone = None not in meds and all(b > a for a, b in itertools.pairwise(meds))
     answer = (
         f"Median log10 update:data over the second half of {ctx.steps:,} steps: "
         + ", ".join(f"lr {fmt(r['lr'])} -> {fmt(r['update_data_log10_median'])}" for r in rows)
@@ -127,8 +130,22 @@ def run(ctx: Context) -> Result:
     )
     return Result(
         answer=answer,
-        headline=f"lr {fmt(near['lr'])} lands nearest 1e-3 ({fmt(near['update_data_log10_median'])}); "
-        + (f"best val at lr {fmt(best['lr'])} ({fmt(best['val'], 4)})" if best else "all diverged"),
+        headline=(
+            f"lr {fmt(best['lr'])} wins on val loss ({fmt(best['val'], 4)} nats) with updates "
+            f"at 10^{fmt(best['update_data_log10_median'])} of the weights; "
+            if best
+            else "Every lr diverged; "
+        )
+        + f"lr {fmt(near['lr'])} sits nearest the lecture's 10^-3 "
+        f"({fmt(near['update_data_log10_median'])})" + (", the same lr." if best is near else "."),
+        columns={
+            "lr": "lr",
+            "val": "val loss (nats)",
+            "update_data_log10_median": "log10 update:data (median)",
+            "update_data_log10_min_weight": "lowest weight's log10 update:data",
+            "update_data_log10_max_weight": "highest weight's log10 update:data",
+            "train_loss_end": "train loss, last 10% (nats)",
+        },
         rows=rows,
         method=(
             "The lecture's deep net (5 x [Linear, BatchNorm1d, tanh] + Linear + BatchNorm1d, "
@@ -139,11 +156,11 @@ def run(ctx: Context) -> Result:
             "hidden and the output weights); the table gives the median over weights and over "
             "the second half of training, and val loss in eval mode."
         ),
-        figures=_figures(runs, rows),
+        figures=_figures(runs, rows, finite),
     )
 
 
-def _figures(runs: list[dict], rows: list[dict]) -> dict:
+def _figures(runs: list[dict], rows: list[dict], finite: list[dict]) -> dict:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4))
     cmap = plt.get_cmap("viridis")
     for k, r in enumerate(runs):
@@ -155,18 +172,18 @@ def _figures(runs: list[dict], rows: list[dict]) -> dict:
                 label=f"lr {fmt(r['lr'])}",
             )
     a1.axhline(UPDATE_TARGET, ls="--", c="k", lw=0.8)
+    a1.annotate(f"lecture's {UPDATE_TARGET:g}", (0, UPDATE_TARGET), xycoords=("axes fraction", "data"), xytext=(4, 3), textcoords="offset points", fontsize=8)  # fmt: skip
     a1.set_xlabel("step")
     a1.set_ylabel("log10 update:data (median over weights)")
-    a1.legend(fontsize=7)
-    ok = [
-        r for r in rows if math.isfinite(r["val"]) and math.isfinite(r["update_data_log10_median"])
-    ]
+    a1.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ok = [r for r in rows if r in finite and math.isfinite(r["val"])]
     a2.plot([r["update_data_log10_median"] for r in ok], [r["val"] for r in ok], "o-")
     for r in ok:
-        a2.annotate(f"lr {fmt(r['lr'])}", (r["update_data_log10_median"], r["val"]), fontsize=7)
+        a2.annotate(f"lr {fmt(r['lr'])}", (r["update_data_log10_median"], r["val"]), xytext=(5, 5), textcoords="offset points", fontsize=8)  # fmt: skip
+    a2.margins(x=0.15, y=0.15)  # room for the labels: none clipped at the frame
     a2.axvline(UPDATE_TARGET, ls="--", c="k", lw=0.8)
     a2.set_xlabel("log10 update:data (median, second half)")
-    a2.set_ylabel("val loss")
+    a2.set_ylabel("val loss (nats)")
     fig.tight_layout()
     return {
         "update_ratio": (

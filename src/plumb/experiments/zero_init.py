@@ -117,19 +117,22 @@ def run(ctx: Context) -> Result:
         "function and gets the same gradient, so the layer acts as one unit; train loss "
         f"{fmt(const['train_full'], 4)}. Kaiming (random) reaches {fmt(kaiming['train_full'], 4)}."
     )
-    fig, ax = plt.subplots(figsize=(9, 3.6))
+    fig, ax = plt.subplots(figsize=(10, 3.6))
     for r in runs:
         x, y = smooth(r["losses"], max(ctx.steps // 60, 1))
         ax.plot(x, y, label=r["scheme"])
     ax.axhline(baseline, ls="--", c="k", lw=0.8, label="unigram entropy")
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss (window mean)")
-    ax.legend(fontsize=8)
+    ax.set_ylabel("training loss (nats, window mean)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     return Result(
         answer=answer,
-        headline=f"all-zero: {len(zero_got)}/{len(zero['touched'])} params ever get a gradient; "
-        f"train loss {fmt(zero['train_full'], 4)} vs unigram {fmt(baseline, 4)}",
+        headline=f"Random init wins (Kaiming: train loss {fmt(kaiming['train_full'], 4)} nats): "
+        f"all-zero lets {len(zero_got)} of {len(zero['touched'])} parameters ever get a gradient "
+        f"and stalls at {fmt(zero['train_full'], 4)} (the unigram entropy is "
+        f"{fmt(baseline, 4)}); equal weights leave {len(symmetric)} of {len(const['spread'])} "
+        f"hidden layers with identical units ({fmt(const['train_full'], 4)}).",
         rows=rows,
         method=(
             "A 5-layer tanh MLP with a bias on every Linear (100 units, no normalisation) "

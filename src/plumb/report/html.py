@@ -35,6 +35,9 @@ figcaption { color: #555; font-size: .9em; }
 .finding { border-left: 4px solid #999; padding: .3em .8em; margin: .5em 0; background: #fafafa; }
 .error { border-color: #c00; } .warning { border-color: #e90; } .info { border-color: #39c; }
 .muted { color: #777; }
+.quick { border-left: 4px solid #e90; background: #fff8e8; padding: .4em .8em; }
+.headline { font-size: 1.15em; }
+table.results th { vertical-align: bottom; }
 """
 
 CAPTIONS = {
