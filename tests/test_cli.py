@@ -50,7 +50,20 @@ def test_sample_is_reproducible_and_marks_training_items(run_dir, capsys):
     assert main(args) == 0
     second = capsys.readouterr()
     assert first.out == second.out and len(first.out.strip().splitlines()) == 30
-    assert "new" in first.err
+    # every marking is the truth: a word is marked "(in S set)" iff it is an item of split S
+    from plumb.pipeline import training_items
+
+    items = training_items(Run(run_dir))
+    marks = {"train": 0, "val": 0, "test": 0, "new": 0}
+    assert main(["sample", "--run", str(run_dir), "-n", "400", "--seed", "5"]) == 0
+    many = capsys.readouterr()
+    for line in many.out.splitlines():
+        word, _, mark = line.partition("   (in ")
+        where = [s for s, names in items.items() if word in names]
+        assert (mark.removesuffix(" set)") or None) == (where[0] if where else None), line
+        marks[where[0] if where else "new"] += 1
+    assert marks["train"] >= 1  # the run learnt names: some samples are real training items
+    assert f"({marks['new']} new, {marks['train']} in train, {marks['val']} in val" in many.err
     # top-k 1 with a low temperature is greedy: every sample the same
     assert main(["sample", "--run", str(run_dir), "-n", "5", "--top-k", "1"]) == 0
     assert (
@@ -64,10 +77,29 @@ def test_sample_is_reproducible_and_marks_training_items(run_dir, capsys):
     )
 
 
-def test_lecture_command_short(capsys):
+def test_lecture_command_short(capsys, tmp_path):
+    """The table prints the losses it measured: the kaiming row equals a `plumb train` of
+    the same preset and steps (another code path), and each diff is measured - published."""
+    from plumb import reference
+
     assert main(["lecture", "--steps", "50", "--stages", "original,kaiming", "--jobs", "1"]) == 0
-    out = capsys.readouterr().out
-    assert "original" in out and "kaiming" in out and "2.1245" in out
+    rows = {
+        line.split()[0]: [float(x) for x in line.split()[1:]]
+        for line in capsys.readouterr().out.splitlines()
+        if line.split() and line.split()[0] in ("original", "kaiming")
+    }
+    assert set(rows) == {"original", "kaiming"}
+    for stage, (pub_tr, pub_va, tr, va, d_tr, d_va) in rows.items():
+        assert (pub_tr, pub_va) == reference.LOSS_LOG[stage]
+        assert d_tr == pytest.approx(tr - pub_tr, abs=1.5e-4)
+        assert d_va == pytest.approx(va - pub_va, abs=1.5e-4)
+    out = tmp_path / "k"
+    argv = ["--steps", "50", "--engine", "eager", "--threads", "1", "--no-probes"]
+    assert main(["train", "--preset", "lecture-mlp:kaiming", *argv, "--samples", "0", "--out", str(out)]) == 0  # fmt: skip
+    loss = json.loads((out / "metrics.json").read_text())["loss"]
+    assert rows["kaiming"][2:4] == [round(loss["train"], 4), round(loss["val"], 4)]
+    # the lecture's point, measured: the original init's confident wrong start costs loss
+    assert rows["original"][3] > rows["kaiming"][3] + 1
 
 
 BAD = [

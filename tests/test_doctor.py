@@ -1,6 +1,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -354,3 +355,84 @@ def test_saturation_behind_a_norm_points_at_the_norm_gain():
     )
     f = next(f for f in diag.findings if f.code == "saturated-activations")
     assert "norm" not in f.evidence and "scale down the weights of 'layers.linear1'" in f.message
+
+
+# --- each threshold's boundary, on both sides ----------------------------------------
+# Synthetic evidence holds exactly what one rule reads, at absolute values just inside
+# and just outside the threshold's principle (half and twice it, or 0.2 and 0.3 of ln C
+# around ln(C)/4): moving a threshold 10x either way flips one side. The principle
+# behind each value is in its rule's docstring.
+
+
+def _evidence(**kw):
+    from plumb.doctor.evidence import Evidence
+
+    base = dict(loss=np.zeros(1), rows=[], order=[], kinds={}, shapes={}, params=[])
+    return Evidence(**{**base, **kw})
+
+
+@pytest.mark.parametrize("excess, fires", [(0.2, False), (0.3, True)])
+def test_overconfident_fraction_boundary(excess, fires):
+    """Excess ln(C)/4 is a logit std of sqrt(ln(C)/2): info above, warning above ln C."""
+    from plumb.doctor.rules import overconfident_init
+
+    ln_c = math.log(27)
+    found = overconfident_init(_evidence(loss=np.array([ln_c * (1 + excess)]), classes=27))
+    assert [f.severity for f in found] == (["info"] if fires else [])
+    warn = overconfident_init(_evidence(loss=np.array([ln_c * 2.05]), classes=27))
+    assert [f.severity for f in warn] == ["warning"]
+    assert overconfident_init(_evidence(loss=np.array([ln_c * 1.95]), classes=27))[0].severity == "info"  # fmt: skip
+
+
+@pytest.mark.parametrize("spread, fires", [(5e-5, True), (2e-4, False)])
+def test_symmetry_spread_boundary(spread, fires):
+    """Copies sit at rounding (< 1e-6), random units at ~1; 1e-4 is the line."""
+    from plumb.doctor.rules import symmetric_weights
+
+    ev = _evidence(symmetry_start={"fc": spread}, symmetry_end={"fc": spread})
+    assert [f.code for f in symmetric_weights(ev)] == (["symmetric-weights"] if fires else [])
+    # broken by the end (a zero-initialised output layer): never a finding
+    ev = _evidence(symmetry_start={"fc": spread}, symmetry_end={"fc": 0.5})
+    assert symmetric_weights(ev) == []
+
+
+@pytest.mark.parametrize("ratio, fires", [(5e-4, True), (2e-3, False)])
+def test_bias_grad_ratio_boundary(ratio, fires):
+    """A bias into BatchNorm gets rounding-level gradient (~1e-7 of the weight's);
+    1e-3 is the line."""
+    from plumb.doctor.rules import redundant_bias
+
+    rows = [
+        {
+            "step": s,
+            "layer": {},
+            "param": {
+                "fc.weight": {"grad_std": 1.0, "std": 0.1},
+                "fc.bias": {"grad_std": ratio, "std": 0.1},
+            },
+        }
+        for s in range(5)
+    ]
+    ev = _evidence(
+        rows=rows,
+        order=["fc", "bn"],
+        kinds={"fc": "linear", "bn": "batchnorm"},
+        params=[{"name": "fc.weight", "layer": "fc"}, {"name": "fc.bias", "layer": "fc"}],
+    )
+    assert [f.code for f in redundant_bias(ev)] == (["redundant-bias"] if fires else [])
+
+
+@pytest.mark.parametrize("off, fires", [(5e-4, True), (2e-3, False)])
+def test_simplex_tol_boundary(off, fires):
+    """Rows off the simplex by 5e-4 are a softmax output (error), by 2e-3 not; the same
+    for log-probabilities (info). float32 softmax rows sum to 1 within ~1e-6."""
+    from plumb.doctor.rules import double_softmax
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.softmax(torch.randn(64, 10, generator=g), 1).double()
+    y[:, 0] += off  # every row sums to 1 + off
+    found = double_softmax(_evidence(output=y, classes=10, softmax_loss=True))
+    assert [(f.code, f.severity) for f in found] == ([("double-softmax", "error")] if fires else [])  # fmt: skip
+    logp = torch.log_softmax(torch.randn(64, 10, generator=g), 1).double() + off
+    found = double_softmax(_evidence(output=logp, classes=10, softmax_loss=True))
+    assert [(f.code, f.severity) for f in found] == ([("double-softmax", "info")] if fires else [])  # fmt: skip
