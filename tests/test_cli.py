@@ -1,4 +1,5 @@
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -379,3 +380,92 @@ def test_every_flag_says_its_default():
             ):
                 missing.append(flag)
     assert missing == []
+
+
+# --- flags that had no test -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        (["--temperature", "0"], "--temperature must be a finite number > 0"),
+        (["--temperature", "nan"], "--temperature must be a finite number > 0"),
+        (["--top-k", "0"], "--top-k must be >= 1"),
+        (["-n", "0"], "-n must be >= 1"),
+    ],
+)
+def test_sample_bad_values_reach_their_check(run_dir, flag, message, capsys):
+    """On a real run (so no earlier check answers first), each bad value is refused."""
+    assert main(["sample", "--run", str(run_dir), *flag]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
+def test_eval_split_prints_the_runs_own_losses(run_dir, capsys):
+    loss = json.loads((run_dir / "metrics.json").read_text())["loss"]
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run_dir), "--split", "test,val"]) == 0
+    lines = capsys.readouterr().out.split()
+    assert lines == ["test", f"{loss['test']:.4f}", "val", f"{loss['val']:.4f}"]
+    assert main(["eval", "--run", str(run_dir), "--split", "dev"]) == 2
+
+
+def _hidden_preacts(model, X):
+    """The input of the first BatchNorm for every example of X (training-set statistics)."""
+    with torch.no_grad():
+        h = model.layers.linear1(model.layers.flatten(model.layers.embedding(X)))
+    return h
+
+
+def test_calibrate_bn_sets_running_stats_to_the_training_set(tmp_path):
+    """--calibrate-bn: norm1's running mean and variance are the whole training set's
+    (a run without it keeps the momentum-averaged buffers, which differ)."""
+    from plumb.data import load_dataset
+
+    argv = ["train", "--n-hidden", "16", "--n-layers", "2", "--steps", "50", "--no-probes", "--samples", "0", "--no-progress"]  # fmt: skip
+    assert main([*argv, "--calibrate-bn", "--out", str(tmp_path / "c")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "p")]) == 0
+    run = Run(tmp_path / "c")
+    assert run.metrics()["bn_calibrated"] is True
+    data = load_dataset(None, block_size=run.data_info["block_size"])
+    model = run.load_model()
+    h = _hidden_preacts(model, data.train.X)
+    bn = model.layers.norm1
+    torch.testing.assert_close(bn.running_mean, h.mean(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bn.running_var, h.var(0), rtol=1e-3, atol=1e-5)
+    plain = Run(tmp_path / "p").load_model().layers.norm1
+    assert not torch.allclose(plain.running_mean, h.mean(0), rtol=1e-3, atol=1e-4)
+    assert Run(tmp_path / "p").metrics()["bn_calibrated"] is False
+
+
+def test_bn_variance_lecture_normalises_with_the_unbiased_variance(tmp_path):
+    """--bn-variance lecture: every BatchNorm divides by the unbiased batch std, so a
+    training-mode batch of n comes out with (biased) std sqrt((n - 1) / n), not 1."""
+    argv = ["train", "--n-hidden", "16", "--n-layers", "2", "--steps", "1", "--no-probes", "--samples", "0", "--no-progress"]  # fmt: skip
+    stds = {}
+    for variance in ("lecture", "torch"):
+        out = tmp_path / variance
+        assert main([*argv, "--bn-variance", variance, "--out", str(out)]) == 0
+        model = Run(out).load_model().train()
+        assert model.layers.norm1.variance == variance
+        bn = model.layers.norm1
+        x = torch.randn(32, bn.weight.shape[0], generator=torch.Generator().manual_seed(0)) * 3 + 1
+        with torch.no_grad():
+            y = (bn(x) - bn.bias) / bn.weight
+        stds[variance] = y.std(0, correction=0).mean().item()
+    assert stds["torch"] == pytest.approx(1.0, abs=1e-3)
+    assert stds["lecture"] == pytest.approx(math.sqrt(31 / 32), abs=1e-3)
+
+
+@pytest.mark.slow
+def test_compile_trains_the_same_curve(tmp_path):
+    """--compile (torch.compile of the model, eager engine) follows the uncompiled run's
+    loss curve to float32 round-off, and the run records the flag."""
+    from safetensors.torch import load_file
+
+    argv = ["train", "--n-hidden", "16", "--n-layers", "2", "--steps", "60", "--engine", "eager", "--no-probes", "--samples", "0", "--no-progress"]  # fmt: skip
+    assert main([*argv, "--compile", "--out", str(tmp_path / "c")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "e")]) == 0
+    a, b = (load_file(tmp_path / d / "losses.safetensors")["loss"] for d in ("c", "e"))
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert Run(tmp_path / "c").train_config.compile is True

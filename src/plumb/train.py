@@ -287,7 +287,7 @@ class EagerEngine:
         guard: bool = True,
     ):
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
-        self.forward = forward or model
+        self.forward = model if forward is None else forward  # not `or`: a compiled module has no len()
         self.inspect = inspect
         self.guard = guard  # False: update even after a non-finite step
         self.finite = FiniteCheck([p for p in model.parameters() if p.requires_grad])
