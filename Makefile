@@ -19,7 +19,7 @@ experiments: $(STAMP)
 	.venv/bin/plumb experiment all --out runs/experiments
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

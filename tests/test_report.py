@@ -187,6 +187,43 @@ def test_report_renders_in_headless_chromium(hostile_run, tmp_path):
     assert len(np.unique(img)) > 20
 
 
+@pytest.mark.skipif(
+    chromium() is None and not os.environ.get("CI"),
+    reason="chromium not installed (CI installs it: apt-get install -y chromium)",
+)
+def test_report_csp_blocks_scripts_and_remote_loads(hostile_run, tmp_path):
+    """The report's Content-Security-Policy, enforced by the browser: a script slipped
+    into the page does not run, and nothing loads from the network (only data: images)."""
+    page = (hostile_run.out / "report.html").read_text()
+    assert 'http-equiv="Content-Security-Policy"' in page
+    hostile = page.replace(
+        "</body>",
+        '<script>document.title = "script ran"</script>'
+        '<img id="remote" src="http://127.0.0.1:9/x.png">'
+        '<img id="inline" src="data:image/gif;base64,R0lGODlhAQABAAAAACw=">'
+        "</body>",
+    )
+    path = tmp_path / "hostile.html"
+    path.write_text(hostile)
+    browser = Browser()
+    try:
+        session = browser.open(path)
+        info = browser.evaluate(
+            session,
+            """(async () => {
+                await new Promise(r => setTimeout(r, 300));
+                return {title: document.title,
+                        remote: document.getElementById('remote').naturalWidth,
+                        inline: document.getElementById('inline').complete};
+            })()""",
+        )
+        problems = browser.problems()
+    finally:
+        browser.close()
+    assert info["title"] != "script ran" and info["remote"] == 0
+    assert any("Content Security Policy" in p for p in problems), problems
+
+
 def test_samples_json(hostile_run):
     extras = json.loads((hostile_run.out / "samples.json").read_text())
     assert len(extras["samples"]) == 10

@@ -287,7 +287,8 @@ class EagerEngine:
         guard: bool = True,
     ):
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
-        self.forward = model if forward is None else forward  # not `or`: a compiled module has no len()
+        # not `forward or model`: a compiled module (OptimizedModule) has no len()
+        self.forward = model if forward is None else forward
         self.inspect = inspect
         self.guard = guard  # False: update even after a non-finite step
         self.finite = FiniteCheck([p for p in model.parameters() if p.requires_grad])
