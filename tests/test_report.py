@@ -461,3 +461,25 @@ def test_a_50_layer_model_gets_a_readable_report_under_1_mb(tmp_path):
                     assert box.x0 >= frame.x1 - 1 or box.y1 <= frame.y0 + 1 or name == "loss"
             plt.close(fig)
     assert path.stat().st_size < 1_000_000, path.stat().st_size
+
+
+def test_activation_caption_names_only_the_models_nonlinearities(tmp_path, hostile_run):
+    """A GELU model's report does not talk of saturated tanh units; a tanh model's does."""
+    import torch
+    from torch import nn
+
+    import plumb
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with plumb.Monitor(model, every=1, hist_every=2, out=tmp_path / "g", report=False) as mon:
+        for _ in range(4):
+            loss = nn.functional.cross_entropy(model(torch.randn(32, 8)), torch.randint(0, 4, (32,)))  # fmt: skip
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(loss)
+    gelu = write_report(tmp_path / "g").read_text()
+    assert 'alt="activations"' in gelu and "Saturated tanh" not in gelu
+    assert "Saturated tanh units sit at" in (hostile_run.out / "report.html").read_text()

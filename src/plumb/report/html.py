@@ -265,11 +265,22 @@ LECTURE_FIGURES = ("activations", "gradients", "weight_gradients", "update_ratio
 MORE_FIGURES = ("saturation", "histograms_over_time")
 
 
-def _figures(pngs: dict[str, bytes], names: tuple[str, ...]) -> str:
+def _caption(name: str, kinds: set[str]) -> str:
+    """The figure's caption, naming saturation only for the activations the model has
+    (a GELU model's page does not talk of tanh units at +-1)."""
+    text = CAPTIONS.get(name, name)
+    if name == "activations" and "tanh" not in kinds:
+        text = text.replace(" Saturated tanh units sit at ±1.", "")
+        if "sigmoid" in kinds:
+            text += " Saturated sigmoid units sit at 0 and 1."
+    return text
+
+
+def _figures(pngs: dict[str, bytes], names: tuple[str, ...], kinds: set[str] = frozenset({"tanh"})) -> str:  # fmt: skip
     return "".join(
         f'<figure><img alt="{e(name)}" src="data:image/png;base64,'
         f'{base64.b64encode(pngs[name]).decode("ascii")}"><figcaption>'
-        f"{e(CAPTIONS.get(name, name))}</figcaption></figure>"
+        f"{e(_caption(name, kinds))}</figcaption></figure>"
         for name in names
         if name in pngs and name in FIGURES
     )
@@ -277,7 +288,8 @@ def _figures(pngs: dict[str, bytes], names: tuple[str, ...]) -> str:
 
 def build_html(rec: Record, pngs: dict[str, bytes], refresh: int | None = None) -> str:
     title = f"plumb report: {rec.path.name}"
-    lecture = _figures(pngs, LECTURE_FIGURES)
+    kinds = {x.get("kind") for x in rec.layers}
+    lecture = _figures(pngs, LECTURE_FIGURES, kinds)
     more = _figures(pngs, MORE_FIGURES)
     body = f"""<h1>{e(title)}</h1>
 <p class="muted">{e(str(rec.path))} · {len(rec.rows)} record steps (every {e(rec.meta.get("every"))},
