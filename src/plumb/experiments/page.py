@@ -196,7 +196,7 @@ def write_index(root: Path, entries: list[dict[str, Any]]) -> Path:
     rows = "".join(
         f'<tr><td class="l"><a href="{e(x["name"])}/index.html">{e(x["name"])}</a></td>'
         f'<td class="l">{e(x["title"])}</td><td class="l">{e(x["headline"])}</td>'
-        f"<td>{e(x['seconds'])} s{'<br>quick' if x.get('quick') else ''}</td></tr>"
+        f'<td class="nowrap">{e(x["seconds"])} s{"<br>quick" if x.get("quick") else ""}</td></tr>'
         for x in entries
     )
     total = sum(float(x["seconds"]) for x in entries)

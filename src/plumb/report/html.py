@@ -36,7 +36,7 @@ figcaption { color: #555; font-size: .9em; }
 .error { border-color: #c00; } .warning { border-color: #e90; } .info { border-color: #39c; }
 .muted { color: #777; }
 .quick { border-left: 4px solid #e90; background: #fff8e8; padding: .4em .8em; }
-.headline { font-size: 1.15em; }
+.headline { font-size: 1.15em; } .nowrap { white-space: nowrap; }
 table.results th { vertical-align: bottom; }
 """
 
