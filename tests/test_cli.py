@@ -91,9 +91,10 @@ def test_lecture_command_short(capsys, tmp_path):
     }
     assert set(rows) == {"original", "kaiming"}
     for stage, (pub_tr, pub_va, tr, va, d_tr, d_va) in rows.items():
-        assert (pub_tr, pub_va) == reference.LOSS_LOG[stage]
-        assert d_tr == pytest.approx(tr - pub_tr, abs=1.5e-4)
-        assert d_va == pytest.approx(va - pub_va, abs=1.5e-4)
+        assert (pub_tr, pub_va) == tuple(round(x, 4) for x in reference.LOSS_LOG[stage])
+        # each printed to 4 decimals: the printed diff is within 1.5e-4 of the printed values'
+        assert d_tr == pytest.approx(tr - pub_tr, abs=2e-4)
+        assert d_va == pytest.approx(va - pub_va, abs=2e-4)
     out = tmp_path / "k"
     argv = ["--steps", "50", "--engine", "eager", "--threads", "1", "--no-probes"]
     assert main(["train", "--preset", "lecture-mlp:kaiming", *argv, "--samples", "0", "--out", str(out)]) == 0  # fmt: skip
