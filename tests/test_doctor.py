@@ -9,7 +9,7 @@ from conftest import catalogue_outcome
 from torch import nn
 
 import plumb
-from plumb.catalogue import CONSEQUENCES, SETUPS, blobs, confusion_table, mlp, plumb_model
+from plumb.catalogue import SETUPS, blobs, confusion_table, consequences, mlp, plumb_model
 from plumb.cli import main
 from plumb.doctor import CODES, Finding, diagnose, rules
 from plumb.doctor.rules import median_update
@@ -29,7 +29,7 @@ def test_catalogue(setup):
     outcome = catalogue_outcome(setup.name)
     if setup.expect:
         # exactly its code plus the fault's known consequences (CONSEQUENCES): no more
-        also = set(CONSEQUENCES.get(setup.name, ((),))[0])
+        also = consequences(setup.name)
         assert outcome.codes == set(setup.expect) | also, (setup.name, outcome.codes)
     else:
         assert not outcome.problems, f"false alarm on {setup.name}: {outcome.findings}"

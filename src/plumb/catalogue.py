@@ -61,9 +61,7 @@ class Outcome:
     @property
     def extra(self) -> set[str]:
         """Codes beyond the injected fault and its known consequences: false findings."""
-        return (
-            self.codes - set(self.setup.expect) - set(CONSEQUENCES.get(self.setup.name, ((),))[0])
-        )
+        return self.codes - set(self.setup.expect) - consequences(self.setup.name)
 
     @property
     def passed(self) -> bool:
@@ -731,6 +729,11 @@ CONSEQUENCES: dict[str, tuple[tuple[str, ...], str]] = {
         "gradients summed over steps make each update grow like an lr growing with the step",
     ),
 }
+
+
+def consequences(name: str) -> set[str]:
+    """The codes set-up ``name`` may yield besides its own (``CONSEQUENCES``)."""
+    return set(CONSEQUENCES.get(name, ((), ""))[0])
 
 
 def run_setup(setup: SetUp) -> Outcome:

@@ -27,7 +27,7 @@ from plumb.monitor import Monitor
 from plumb.record import History
 from plumb.report import write_report
 from plumb.report.tensorboard import TensorBoardSink
-from plumb.runs import Run, save_run
+from plumb.runs import Run, mark_finished, save_run
 from plumb.sample import sample
 from plumb.train import (
     TrainConfig,
@@ -309,7 +309,7 @@ def _finish(
         "threads": torch.get_num_threads(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    save_run(out, model.cpu(), train_cfg, data_info, None, result.losses, result.lrs)
+    save_run(out, model.cpu(), train_cfg, data_info, result.losses, result.lrs)
     stop = result.nonfinite
     nonfinite = None
     if stop is not None:
@@ -337,7 +337,7 @@ def _finish(
             },
         },
     )
-    write_json(out / "metrics.json", metrics)  # last: the run is finished (runs.finished_steps)
+    mark_finished(out, metrics)  # last: a run killed before this resumes to finish
     return TrainedRun(out, model, data, result, metrics, rows, nonfinite=nonfinite)
 
 

@@ -32,15 +32,11 @@ def save_run(
     model: MLP,
     train_cfg: TrainConfig,
     data_info: dict[str, Any],
-    metrics: dict[str, Any] | None,
     losses: torch.Tensor | None = None,
     lrs: torch.Tensor | None = None,
 ) -> None:
-    """Write the run's files; ``metrics.json`` last (None: the caller writes it later).
-
-    ``metrics.json`` is the run's "finished" mark: ``plumb train --resume`` of a complete
-    checkpoint whose ``metrics.json`` is missing, or from another step, finishes the run
-    (evaluates and writes its outputs) instead of saying there is nothing to do."""
+    """Write the run's config, weights and losses (``mark_finished`` writes its metrics,
+    last)."""
     config = {
         "format": FORMAT_VERSION,
         "model": model.config.to_dict(),
@@ -51,12 +47,18 @@ def save_run(
     write_tensors(out / "model.safetensors", model.state_dict())
     if losses is not None:
         write_tensors(out / "losses.safetensors", {"loss": losses.float(), "lr": lrs.float()})
-    if metrics is not None:
-        write_json(out / "metrics.json", metrics)
+
+
+def mark_finished(out: Path, metrics: dict[str, Any]) -> None:
+    """Write ``metrics.json``, the run's last file and its "finished" mark: ``plumb train
+    --resume`` of a complete checkpoint whose ``metrics.json`` is missing, or from another
+    step, finishes the run (evaluates and writes its outputs) instead of saying there is
+    nothing to do."""
+    write_json(out / "metrics.json", metrics)
 
 
 def finished_steps(out: Path) -> int | None:
-    """The step count in ``out/metrics.json`` (the run's last write), None if absent."""
+    """The step count ``mark_finished`` wrote in ``out/metrics.json``, None if absent."""
     try:
         return int(read_json(out / "metrics.json")["steps"])
     except (PlumbError, KeyError, TypeError, ValueError):
