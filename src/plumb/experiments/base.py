@@ -351,6 +351,46 @@ def density_panel(
     ax.set_ylabel("density", fontsize=8)
 
 
+def reference_line(
+    ax: Any,
+    y: float,
+    text: str,
+    *,
+    ls: str = ":",
+    color: str = "k",
+    lw: float = 1.0,
+    right: bool = False,
+    dy: float = 3,
+) -> None:
+    """A horizontal line at ``y`` labelled where it is drawn (ln C, a threshold, the floor
+    at which a log axis draws an exact 0), at the left edge (or the right)."""
+    ax.axhline(y, ls=ls, c=color, lw=lw)
+    ax.annotate(
+        text,
+        (1 if right else 0, y),
+        xycoords=("axes fraction", "data"),
+        xytext=(-4 if right else 4, dy),
+        textcoords="offset points",
+        ha="right" if right else "left",
+        fontsize=8,
+    )
+
+
+#: How the pages name a norm setting in their sentences.
+NORM_LABELS = {
+    "none": "no normalisation",
+    "batch": "BatchNorm",
+    "layer": "LayerNorm",
+    "group": "GroupNorm",
+}
+
+
+def norm_label(norm: str, start: bool = False) -> str:
+    """``NORM_LABELS[norm]``, its first letter capital when it starts a sentence."""
+    label = NORM_LABELS[norm]
+    return label[0].upper() + label[1:] if start else label
+
+
 def smooth(losses: Tensor, window: int) -> tuple[list[int], list[float]]:
     """Mean loss over consecutive windows: (window-centre steps, means)."""
     n = len(losses) // max(window, 1)

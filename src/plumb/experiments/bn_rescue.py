@@ -14,6 +14,7 @@ from plumb.experiments.base import (
     deep_config,
     fit,
     fmt,
+    norm_label,
     positive,
     unigram_loss,
 )
@@ -136,16 +137,15 @@ def run(ctx: Context) -> Result:
     ax.set_title("diverged runs are missing")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
-    label = {"none": "No normalisation", "batch": "BatchNorm"}
     winner = max(NORMS, key=lambda n: (width[n], ranges[n] is not None))
     return Result(
         answer=answer,
         headline=(
-            f"{label[winner]} wins: "
+            f"{norm_label(winner, start=True)} wins: "
             + says(winner).split(": ", 1)[1]
             + f" ({fmt(width[winner])} decades of weight scale); "
             + "; ".join(
-                f"{label[n].lower()}: " + says(n).split(": ", 1)[1] for n in NORMS if n != winner
+                f"{norm_label(n)}: " + says(n).split(": ", 1)[1] for n in NORMS if n != winner
             )
             + "."
             if ranges[winner]

@@ -6,7 +6,17 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
-from plumb.experiments.base import Context, Result, build, dataset, fit, fmt, positive, smooth
+from plumb.experiments.base import (
+    Context,
+    Result,
+    build,
+    dataset,
+    fit,
+    fmt,
+    positive,
+    reference_line,
+    smooth,
+)
 from plumb.init import expected_initial_loss
 from plumb.models import ModelConfig, preset_config
 
@@ -137,8 +147,7 @@ def run(ctx: Context) -> Result:
             x, y = smooth(r["curve"], max(ctx.steps // 50, 1))
             a2.plot(x, y, label=f"scale {fmt(r['out_scale'])}")
     ln_c = expected_initial_loss(classes[0])
-    a2.axhline(ln_c, ls=":", c="k", lw=1)
-    a2.annotate(f"ln {classes[0]} = {ln_c:.3f}", (1, ln_c), xycoords=("axes fraction", "data"), xytext=(-4, 3), textcoords="offset points", ha="right", fontsize=8)  # fmt: skip
+    reference_line(a2, ln_c, f"ln {classes[0]} = {ln_c:.3f}", right=True)
     a2.set_xlabel("step")
     a2.set_ylabel(f"training loss, C = {classes[0]} (nats)")
     a2.set_title("training from each start")

@@ -19,6 +19,7 @@ from plumb.experiments.base import (
     fit,
     fmt,
     positive,
+    reference_line,
 )
 from plumb.train import calibrate_batchnorm, split_loss
 
@@ -152,8 +153,7 @@ def run(ctx: Context) -> Result:
     floor = 1e-12  # a log axis has no 0: an exact 0 is drawn at this floor, labelled
     a2.plot(bs, [r["probe_spread_train_mode"] for r in rows], "o-", label="train mode")
     a2.plot(bs, [max(r["probe_spread_eval_mode"], floor) for r in rows], "s-", label="eval mode")
-    a2.axhline(floor, ls=":", c="gray", lw=1)
-    a2.annotate("exactly 0 (drawn at 1e-12)", (0, floor), xycoords=("axes fraction", "data"), xytext=(4, 5), textcoords="offset points", fontsize=8)  # fmt: skip
+    reference_line(a2, floor, "exactly 0 (drawn at 1e-12)", color="gray", dy=5)
     a2.set_xscale("log", base=2)
     a2.set_xticks(bs, [str(b) for b in bs])
     a2.minorticks_off()

@@ -20,6 +20,7 @@ from plumb.experiments.base import (
     fmt,
     layer_pass,
     positive,
+    reference_line,
     spread,
     tanh_saturation,
 )
@@ -204,14 +205,7 @@ def _figures(runs: list[dict]) -> dict:
             axes[row][col].set_yscale("log")
             axes[row][col].set_ylabel(f"{what} (log scale)")
     axes[0][1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
-    axes[2][1].axhline(100 * SATURATED_FRACTION, color="k", ls="--", lw=1)
-    axes[2][1].annotate(
-        f"doctor's threshold {SATURATED_FRACTION:.0%}",
-        (1, 100 * SATURATED_FRACTION),
-        xytext=(0, 4),
-        textcoords="offset points",
-        fontsize=8,
-    )
+    reference_line(axes[2][1], 100 * SATURATED_FRACTION, f"doctor's threshold {SATURATED_FRACTION:.0%}", ls="--", dy=4)  # fmt: skip
     axes[2][1].set_ylim(0, 100)
     axes[2][1].set_title(f"tanh: outputs saturated (|t| > {TANH_SATURATION}) by depth")
     axes[2][1].set_ylabel("saturated (%)")
@@ -220,8 +214,7 @@ def _figures(runs: list[dict]) -> dict:
         pts = [(g, v) for g, v in pts if math.isfinite(v)]
         axes[2][0].plot(*zip(*pts, strict=True), "o-", label=act) if pts else None
     ln_c = math.log(runs[0]["classes"])
-    axes[2][0].axhline(ln_c, color="k", ls=":", lw=1)
-    axes[2][0].annotate(f"ln {runs[0]['classes']} = {ln_c:.3f} (uniform)", (0, ln_c), xycoords=("axes fraction", "data"), xytext=(4, -10), textcoords="offset points", fontsize=8)  # fmt: skip
+    reference_line(axes[2][0], ln_c, f"ln {runs[0]['classes']} = {ln_c:.3f} (uniform)", dy=-10)
     axes[2][0].set_xscale("log")
     axes[2][0].set_xticks([r["gain"] for r in runs], [fmt(r["gain"]) for r in runs])
     axes[2][0].minorticks_off()

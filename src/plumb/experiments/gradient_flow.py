@@ -16,6 +16,7 @@ from plumb.experiments.base import (
     fit,
     fmt,
     layer_pass,
+    norm_label,
     spread,
 )
 from plumb.train import split_loss
@@ -29,7 +30,6 @@ QUESTION = (
 )
 STEPS = (2000, 40)
 DEPTH = 10
-LABEL = {"none": "no normalisation", "batch": "BatchNorm", "layer": "LayerNorm"}
 NORMS = ("none", "batch", "layer")
 GAINS = (0.5, 5 / 3)  # too small for tanh; Kaiming's
 
@@ -113,7 +113,7 @@ def run(ctx: Context) -> Result:
     return Result(
         answer=answer,
         headline=(
-            f"Normalisation wins: with {' and '.join(LABEL[n] for n in same)} the gradient's depth profile keeps "
+            f"Normalisation wins: with {' and '.join(norm_label(n) for n in same)} the gradient's depth profile keeps "
             f"its shape when the init gain goes {g0} -> {g1} (change "
             + ", ".join(f"{fmt(change[n])}x" for n in same)
             + "); "
@@ -121,8 +121,10 @@ def run(ctx: Context) -> Result:
             else "No layer type keeps the gradient profile's shape when the init gain goes "
             f"{g0} -> {g1}; "
         )
-        + "; ".join(f"with {LABEL[n]} it changes {fmt(change[n])}x" for n in NORMS if n not in same)
-        + f". Best val: {LABEL[best['norm']]}, gain {fmt(best['gain'])} ({fmt(best['val'], 4)} nats).",
+        + "; ".join(
+            f"with {norm_label(n)} it changes {fmt(change[n])}x" for n in NORMS if n not in same
+        )
+        + f". Best val: {norm_label(best['norm'])}, gain {fmt(best['gain'])} ({fmt(best['val'], 4)} nats).",
         columns={
             "norm": "norm",
             "gain": "gain",

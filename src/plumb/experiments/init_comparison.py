@@ -19,6 +19,7 @@ from plumb.experiments.base import (
     fit,
     fmt,
     layer_pass,
+    reference_line,
     smooth,
     spread,
     tanh_saturation,
@@ -195,11 +196,9 @@ def _figures(runs: list[dict], steps: int) -> dict:
     a1.set_xlabel("layer")
     a1.set_ylabel(f"saturated tanh outputs (%, |t| > {TANH_SATURATION})")
     a1.set_ylim(0, 100)
-    a1.axhline(100 * SATURATED_FRACTION, ls="--", c="gray", lw=0.8)
-    a1.annotate(f"doctor's threshold {SATURATED_FRACTION:.0%}", (1, 100 * SATURATED_FRACTION), xytext=(0, 3), textcoords="offset points", fontsize=8)  # fmt: skip
+    reference_line(a1, 100 * SATURATED_FRACTION, f"doctor's threshold {SATURATED_FRACTION:.0%}", ls="--", color="gray", lw=0.8)  # fmt: skip
     ln_c = math.log(runs[0]["classes"])
-    a2.axhline(ln_c, ls=":", c="k", lw=1)
-    a2.annotate(f"ln {runs[0]['classes']} = {ln_c:.3f} (uniform guess)", (0, ln_c), xycoords=("axes fraction", "data"), xytext=(4, 3), textcoords="offset points", fontsize=8)  # fmt: skip
+    reference_line(a2, ln_c, f"ln {runs[0]['classes']} = {ln_c:.3f} (uniform guess)")
     a2.set_xlabel("step")
     a2.set_ylabel("training loss (nats, window mean)")
     a2.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))

@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from plumb import reference
-from plumb.experiments.base import Context, Result, dataset, fmt
+from plumb.experiments.base import Context, Result, dataset, fmt, reference_line
 from plumb.init import expected_initial_loss
 from plumb.lecture import run_stage
 from plumb.models import LECTURE_STAGES
@@ -77,8 +77,7 @@ def run(ctx: Context) -> Result:
     if full:
         ax.plot(x, [r["published_val"] for r in rows], "x--", label="published val")
     ax.set_xticks(list(x), [r["stage"] for r in rows])
-    ax.axhline(ln_v, ls=":", c="k", lw=1)
-    ax.annotate(f"ln V = {ln_v:.3f} (uniform guess)", (0, ln_v), xycoords=("axes fraction", "data"), xytext=(4, 3), textcoords="offset points", fontsize=8)  # fmt: skip
+    reference_line(ax, ln_v, f"ln V = {ln_v:.3f} (uniform guess)")
     ax.set_ylabel("loss (nats)")
     ax.set_xlabel("stage (each adds one fix to the one before)")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))

@@ -17,7 +17,9 @@ from plumb.experiments.base import (
     deep_config,
     fit,
     fmt,
+    norm_label,
     positive,
+    reference_line,
     replace_modules,
 )
 from plumb.experiments.eval_mode_bug import batched_loss
@@ -38,12 +40,6 @@ SWEEP = (
     [2, 32],
 )
 NORMS = ("none", "batch", "layer", "group")
-LABEL = {
-    "none": "No normalisation",
-    "batch": "BatchNorm",
-    "layer": "LayerNorm",
-    "group": "GroupNorm",
-}
 #: Mean losses summed in a different order differ by float32 round-off, not more.
 ROUNDOFF = 1e-5
 GROUPS = 10  # GroupNorm(10 groups of 10 features): between LayerNorm (1) and per-unit (100)
@@ -153,20 +149,19 @@ def run(ctx: Context) -> Result:
     a1.set_ylabel("val loss, eval mode (nats)")
     a1.set_title("val loss (diverged runs are missing)")
     a2.set_yscale("log")
-    a2.axhline(floor, ls=":", c="gray", lw=1)
-    a2.annotate("exactly 0 (drawn at 1e-9)", (0, floor), xycoords=("axes fraction", "data"), xytext=(4, 4), textcoords="offset points", fontsize=8)  # fmt: skip
+    reference_line(a2, floor, "exactly 0 (drawn at 1e-9)", color="gray", dy=4)
     a2.set_ylim(floor / 10, None)
     a2.set_ylabel("|train-mode - eval-mode| val loss (nats)")
     a2.set_title("train/eval-mode gap")
     fig.tight_layout()
 
     def rest(s: dict) -> str:
-        return f"{LABEL[s['norm']]} {fmt(s['best_val'], 4)}"
+        return f"{norm_label(s['norm'])} {fmt(s['best_val'], 4)}"
 
     return Result(
         answer=answer,
         headline=(
-            f"{LABEL[best['norm']]} wins on val loss ({fmt(best.get('best_val'), 4)} nats at batch "
+            f"{norm_label(best['norm'], start=True)} wins on val loss ({fmt(best.get('best_val'), 4)} nats at batch "
             f"{best.get('best_batch_size')}; then "
             + ", ".join(rest(s) for s in sorted(trained, key=lambda s: s["best_val"])[1:])
             + "). "
@@ -176,14 +171,17 @@ def run(ctx: Context) -> Result:
         + (
             "Mode matters for "
             + ", ".join(
-                f"{LABEL[s['norm']]} (train/eval val gap up to {fmt(s['max_train_eval_gap'])} nats)"
+                f"{norm_label(s['norm'])} (train/eval val gap up to {fmt(s['max_train_eval_gap'])} nats)"
                 for s in differ
             )
             if differ
             else "No layer's output depends on the mode"
         )
-        + (f"; {', '.join(LABEL[n] for n in exact)} agree to round-off." if exact else ".")
-        + "".join(f" {LABEL[s['norm']]} diverged at batch {s['diverged_at']}." for s in diverged),
+        + (f"; {', '.join(norm_label(n) for n in exact)} agree to round-off." if exact else ".")
+        + "".join(
+            f" {norm_label(s['norm'], start=True)} diverged at batch {s['diverged_at']}."
+            for s in diverged
+        ),
         columns={
             "norm": "norm",
             "batch_size": "batch size",

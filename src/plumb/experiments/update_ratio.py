@@ -18,6 +18,7 @@ from plumb.experiments.base import (
     fit,
     fmt,
     positive,
+    reference_line,
 )
 from plumb.probes import Probes
 from plumb.train import split_loss
@@ -171,8 +172,7 @@ def _figures(runs: list[dict], rows: list[dict], finite: list[dict]) -> dict:
                 c=cmap(k / max(len(runs) - 1, 1)),
                 label=f"lr {fmt(r['lr'])}",
             )
-    a1.axhline(UPDATE_TARGET, ls="--", c="k", lw=0.8)
-    a1.annotate(f"lecture's {UPDATE_TARGET:g}", (0, UPDATE_TARGET), xycoords=("axes fraction", "data"), xytext=(4, 3), textcoords="offset points", fontsize=8)  # fmt: skip
+    reference_line(a1, UPDATE_TARGET, f"lecture's {UPDATE_TARGET:g}", ls="--", lw=0.8)
     a1.set_xlabel("step")
     a1.set_ylabel("log10 update:data (median over weights)")
     a1.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
