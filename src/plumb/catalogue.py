@@ -589,6 +589,265 @@ def validates_in_train_mode(model, batches, loss_fn, opt, mon, steps) -> None:
                 loss_fn(model(xv), yv)
 
 
+def first_of_tuple_loss(out: tuple[Tensor, Any], targets: Tensor) -> Tensor:
+    """The LSTM's loss: cross-entropy of the logits its ``(logits, state)`` carries."""
+    return zoo.sequence_loss(out[0], targets)
+
+
+def output_logits_loss(out: Any, targets: Tensor) -> Tensor:
+    """The Llama's loss: cross-entropy of ``out.logits`` (a ``CausalLMOutput``)."""
+    return zoo.sequence_loss(out.logits, targets)
+
+
+def softmax_then_ce(out: Tensor, targets: Tensor) -> Tensor:
+    """The bug: probabilities handed to cross_entropy, which applies softmax again."""
+    return F.cross_entropy(F.softmax(out, dim=1), targets)
+
+
+def probs_then_ce(out: Any, targets: Tensor) -> Tensor:
+    """The bug after the model: ``probs = softmax(model(x).logits)`` fed to the loss."""
+    return output_logits_loss(type(out)(F.softmax(out.logits, -1)), targets)
+
+
+def sigmoid_then_bce(out: Tensor, targets: Tensor) -> Tensor:
+    """The bug: sigmoid probabilities handed to a loss that applies sigmoid itself."""
+    return F.binary_cross_entropy_with_logits(
+        torch.sigmoid(out), F.one_hot(targets, out.shape[1]).float()
+    )
+
+
+def summed_ce(out: Tensor, targets: Tensor) -> Tensor:
+    """The bug: a summed loss trained with an lr meant for the mean."""
+    return F.cross_entropy(out, targets, reduction="sum")
+
+
+def shuffled(batches: Callable[[], tuple[Tensor, Tensor]], seed: int = 0):
+    """The bug: targets permuted apart from their inputs (shuffled separately)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def draw() -> tuple[Tensor, Tensor]:
+        x, y = batches()
+        return x, y[torch.randperm(y.shape[0], generator=g)]
+
+    return draw
+
+
+def lstm(lr: float = 2e-3, dropout: float = 0.1, head_in_optimizer: bool = True):
+    """An LSTM LM returning (logits, state), AdamW 2e-3 (makemore's data)."""
+
+    def build():
+        m = zoo.LSTMLM(dropout=dropout)
+        keep = [p for n, p in m.named_parameters() if head_in_optimizer or "lm_head" not in n]
+        opt = torch.optim.AdamW(keep, lr=lr, weight_decay=0.01)
+        return m, zoo.name_sequences(), first_of_tuple_loss, opt
+
+    return build
+
+
+def llama(lr: float = 1e-3, freeze_first: bool = False, loss=None, targets_shuffled=False):
+    """The Llama-style decoder (returns a CausalLMOutput), AdamW 1e-3, weight decay 0.1."""
+
+    def build():
+        m = zoo.Llama()
+        if freeze_first:  # meant to freeze the embeddings, froze the first block too
+            for p in [*m.tok.parameters(), *m.layers[0].parameters()]:
+                p.requires_grad_(False)
+        opt = torch.optim.AdamW(m.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+        data = zoo.text_windows()
+        return m, shuffled(data) if targets_shuffled else data, loss or output_logits_loss, opt
+
+    return build
+
+
+def convlm(lr: float = 2e-3, detach: bool = False):
+    def build():
+        m = zoo.CausalConvLM(detach=detach)
+        return m, zoo.text_windows(), zoo.sequence_loss, torch.optim.AdamW(m.parameters(), lr=lr)
+
+    return build
+
+
+def vit(lr: float = 1e-3, dropout: float = 0.0):
+    def build():
+        m = zoo.PatchTransformer(dropout=dropout)
+        opt = torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.05)
+        return m, strokes(), F.cross_entropy, opt
+
+    return build
+
+
+def gpt_head_replaced():
+    """The GPT whose head is re-created after the optimizer was built (to change it, or
+    re-tie it): the new head's weight is in no optimizer."""
+
+    def build():
+        m, data, loss, opt = gpt()()
+        c = m.config
+        m.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        return m, data, loss, opt
+
+    return build
+
+
+def scheduler_per_batch(model, batches, loss_fn, opt, mon, steps) -> None:
+    """A loop that steps a per-epoch StepLR (step_size 30 epochs) after every batch."""
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=30, gamma=0.1)
+    for _ in range(steps):
+        x, y = batches()
+        loss = loss_fn(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        mon.step(loss)
+
+
+def warmup_cosine(model, batches, loss_fn, opt, mon, steps) -> None:
+    """nanoGPT's schedule: linear warm-up over a tenth of the steps, cosine to lr/10."""
+    peak, warm = opt.param_groups[0]["lr"], max(steps // 10, 1)
+    for i in range(steps):
+        ratio = (
+            (i + 1) / warm
+            if i < warm
+            else 0.5 * (1 + math.cos(math.pi * (i - warm) / (steps - warm)))
+        )
+        for g in opt.param_groups:
+            g["lr"] = peak * (0.1 + 0.9 * ratio) if i >= warm else peak * ratio
+        x, y = batches()
+        loss = loss_fn(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        mon.step(loss)
+
+
+def sgd_cnn(loss=None):
+    def build():
+        m, data, loss_fn, opt = cnn_recipe()()
+        return m, data, loss or loss_fn, opt
+
+    return build
+
+
+def _zoo2() -> list[SetUp]:
+    """Four more architectures (an LSTM returning a tuple, a Llama returning an output
+    object, a causal-conv LM, a patch transformer) and the faults of issue 20's families:
+    parameters that never train, a model that learns nothing from its inputs, the loss
+    expression, the lr under schedules."""
+    Z = "zoo"
+    return [
+        SetUp("lstm-adamw", Z, (), lstm(), "LSTM LM returning (logits, state), AdamW 2e-3"),
+        SetUp("llama-adamw", Z, (), llama(), "Llama-style decoder returning .logits, AdamW"),
+        SetUp("convlm-adamw", Z, (), convlm(), "dilated causal-conv LM, AdamW 2e-3"),
+        SetUp("vit-adamw", Z, (), vit(), "patch transformer (pre-LN), AdamW 1e-3"),
+        SetUp(
+            "gpt-warmup-cosine",
+            Z,
+            (),
+            gpt(),
+            "the GPT under warm-up + cosine in its own loop",
+            steps=300,
+            loop=warmup_cosine,
+        ),
+        SetUp(
+            "lstm-head-not-in-optimizer",
+            Z,
+            ("untrained-parameters",),
+            lstm(head_in_optimizer=False),
+            "the LSTM's optimizer built without lm_head",
+        ),
+        SetUp(
+            "gpt-head-replaced-after-optimizer",
+            Z,
+            ("untrained-parameters",),
+            gpt_head_replaced(),
+            "the GPT's head re-created after the optimizer was built",
+        ),
+        SetUp(
+            "llama-frozen-by-mistake",
+            Z,
+            ("untrained-parameters",),
+            llama(freeze_first=True),
+            "the Llama's embeddings and first block set requires_grad=False, optimizer "
+            "over model.parameters()",
+        ),
+        SetUp(
+            "convlm-detach",
+            Z,
+            ("untrained-parameters",),
+            convlm(detach=True),
+            "the conv LM's forward detaches the embedding output",
+        ),
+        SetUp(
+            "llama-shuffled-targets",
+            Z,
+            ("not-learning",),
+            llama(targets_shuffled=True),
+            "the Llama trained on targets shuffled apart from their inputs",
+        ),
+        SetUp(
+            "resmlp-shuffled-targets",
+            Z,
+            ("not-learning",),
+            _shuffled_resmlp(),
+            "the residual MLP trained on labels shuffled apart from their inputs",
+        ),
+        SetUp(
+            "cnn-softmax-in-loss",
+            Z,
+            ("double-softmax",),
+            sgd_cnn(softmax_then_ce),
+            "the CNN's loss is cross_entropy(softmax(logits), y)",
+        ),
+        SetUp(
+            "llama-probs-after-model",
+            Z,
+            ("double-softmax",),
+            llama(loss=probs_then_ce),
+            "the Llama's loop applies softmax to .logits, then cross_entropy",
+        ),
+        SetUp(
+            "resmlp-sigmoid-into-bce",
+            Z,
+            ("double-sigmoid",),
+            _resmlp_loss(sigmoid_then_bce),
+            "the residual MLP's one-vs-rest loss: BCE-with-logits of sigmoid(logits)",
+        ),
+        SetUp(
+            "cnn-summed-loss-sgd",
+            Z,
+            ("loss-summed",),
+            sgd_cnn(summed_ce),
+            "the CNN's loss summed over the batch with SGD's lr for the mean",
+        ),
+        SetUp(
+            "resmlp-scheduler-per-batch",
+            Z,
+            ("lr-too-low",),
+            resmlp(),
+            "the residual MLP's per-epoch StepLR stepped every batch",
+            steps=300,
+            loop=scheduler_per_batch,
+        ),
+    ]
+
+
+def _resmlp_loss(loss):
+    def build():
+        m, data, _, opt = resmlp()()
+        return m, data, loss, opt
+
+    return build
+
+
+def _shuffled_resmlp():
+    def build():
+        m, data, loss, opt = resmlp()()
+        return m, shuffled(data), loss, opt
+
+    return build
+
+
 def _zoo() -> list[SetUp]:
     Z = "zoo"
     return [
@@ -679,12 +938,32 @@ def _zoo() -> list[SetUp]:
     ]
 
 
-SETUPS: list[SetUp] = _setups() + _zoo()
+SETUPS: list[SetUp] = _setups() + _zoo() + _zoo2()
 
 #: What a broken set-up yields besides its own code, each a consequence of the one fault
 #: (not a second fault the doctor imagines): {set-up: (codes, why)}. The tests hold each
 #: broken set-up to exactly its code plus these; any other code is a false finding.
 CONSEQUENCES: dict[str, tuple[tuple[str, ...], str]] = {
+    "relu-negative-bias": (
+        ("untrained-parameters",),
+        "a layer whose units are all dead passes no gradient: the weights feeding it never change",
+    ),
+    "resmlp-dead-relu": (
+        ("untrained-parameters",),
+        "a branch whose units are all dead passes no gradient: its weights never change",
+    ),
+    "zero-init": (
+        ("untrained-parameters",),
+        "zero weights pass a zero gradient to the layers below them: those never change",
+    ),
+    "cnn-summed-loss-sgd": (
+        ("dead-units", "lr-too-high", "non-finite"),
+        "the summed loss acts as a 64x larger lr under SGD: its steps overshoot and kill units",
+    ),
+    "gpt-lr-100x": (
+        ("not-learning",),
+        "the first steps' overshoot leaves the model at the input-free baseline",
+    ),
     "lecture-unscaled-output": (
         ("lr-too-high",),
         "logits of std ~10 give the output layer gradients ~10x too large: its first "

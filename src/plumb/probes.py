@@ -200,6 +200,59 @@ def layer_kind(module: nn.Module) -> str:
     return "other"
 
 
+def logits_of(output: Any) -> Tensor | None:
+    """The tensor a model's output carries its predictions in: the output itself, the
+    ``logits`` of a dict or of a ``ModelOutput``-like object, else the first floating
+    tensor of >= 2 dims in a tuple/list (``(logits, loss)``), else the first tensor."""
+    if isinstance(output, Tensor):
+        return output
+    named = output.get("logits") if isinstance(output, dict) else getattr(output, "logits", None)
+    if isinstance(named, Tensor):
+        return named
+    items = list(output.values()) if isinstance(output, dict) else output
+    if isinstance(items, tuple | list):
+        tensors = [t for t in items if isinstance(t, Tensor)]
+        wide = [t for t in tensors if t.is_floating_point() and t.dim() >= 2]
+        return (wide or tensors or [None])[0]
+    return None
+
+
+#: saved scalar attributes of an autograd node kept in the loss path (they outlive backward)
+_NODE_ATTRS = {"_saved_reduction": "reduction", "_saved_dim": "dim"}
+
+
+def loss_path(loss: Tensor, output_node: Any, budget: int = 256) -> list[dict[str, Any]] | None:
+    """The autograd nodes from ``loss`` down to the node that made the model's output, as
+    ``[{"op": "NllLossBackward0", "reduction": 1}, {"op": "LogSoftmaxBackward0", "dim": 1},
+    ...]`` (loss first): what the user's loss expression did to the output. Read after
+    backward (the graph's structure and its scalar attributes outlive it; only saved
+    tensors are freed). None when the output is not reached within ``budget`` nodes."""
+    start = getattr(loss, "grad_fn", None)
+    if start is None or output_node is None:
+        return None
+    parent: dict[int, Any] = {id(start): None}
+    nodes = {id(start): start}
+    queue = [start]
+    while queue and len(nodes) <= budget:
+        node = queue.pop(0)
+        if node is output_node:
+            path = []
+            while node is not None:
+                step = {"op": type(node).__name__}
+                for attr, key in _NODE_ATTRS.items():
+                    v = getattr(node, attr, None) if hasattr(node, attr) else None
+                    if isinstance(v, int):
+                        step[key] = v - (1 << 64) if v >= 1 << 63 else v  # unsigned -> signed
+                path.append(step)
+                node = parent[id(node)]
+            return path[::-1]
+        for nxt, _ in node.next_functions:
+            if nxt is not None and id(nxt) not in nodes:
+                nodes[id(nxt)], parent[id(nxt)] = nxt, node
+                queue.append(nxt)
+    return None
+
+
 def _first_tensor(x: Any) -> Tensor | None:
     if isinstance(x, Tensor):
         return x
@@ -447,6 +500,8 @@ class Probes:
         self.model_input: Tensor | None = None  # rms, mean, std, max per-feature rms
         self.output: Tensor | None = None  # the first recorded forward's output (CPU)
         self.output_grad: Tensor | None = None  # dL/d(that output)
+        self.loss_graph: list[dict[str, Any]] | None = None  # loss_path(), first found
+        self._output_node: Any = None
         self.tensors: dict[str, tuple[Tensor, Tensor | None]] = {}  # keep=True
         self._window_off: dict[str, Tensor] = {}  # per-unit: off at every record step
         self._window_examples: dict[str, int] = {}
@@ -815,9 +870,11 @@ class Probes:
             self.model_input = torch.stack(
                 [x.square().mean().sqrt(), x.mean(), x.std(), per_feature.amax()]
             )
-        y = _first_tensor(output)
+        y = logits_of(output)
         if self.output is None and y is not None and y.is_floating_point() and y.requires_grad:
             y.register_hook(functools.partial(self._first_output, y.detach()))
+        if self.loss_graph is None and y is not None and y.grad_fn is not None:
+            self._output_node = y.grad_fn  # read by step(loss): what the loss did to it
 
     def _first_output(self, y: Tensor, grad: Tensor) -> None:
         if self.output is None and self._armed:
@@ -887,6 +944,9 @@ class Probes:
         record step's statistics from an engine that measures for itself (``external``)."""
         if not self._attached:
             raise PlumbError("Monitor.step() called outside `with Monitor(...)`")
+        if self._output_node is not None and isinstance(loss, Tensor):
+            self.loss_graph = loss_path(loss, self._output_node)
+        self._output_node = None
         if isinstance(loss, Tensor):
             self._losses.append(loss.detach().reshape(()).float())
         else:

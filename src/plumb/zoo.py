@@ -357,3 +357,163 @@ class ResMLP(nn.Module):
         for block in self.blocks:
             x = x + block(x)
         return self.head(self.norm(x))
+
+
+# --- models that return more than logits, a causal-conv LM, a patch transformer -----------
+class LSTMLM(nn.Module):
+    """Embedding -> dropout -> nn.LSTM -> a linear head; returns ``(logits, (h, c))`` as
+    recurrent models often do (the logits first, the state for the next chunk)."""
+
+    def __init__(
+        self,
+        vocab_size: int = 27,
+        n_embd: int = 32,
+        hidden: int = 64,
+        dropout: float = 0.1,
+        seed: int = 0,
+    ):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.wte = nn.Embedding(vocab_size, n_embd)
+        self.drop = nn.Dropout(dropout)
+        self.lstm = nn.LSTM(n_embd, hidden, batch_first=True)
+        self.lm_head = nn.Linear(hidden, vocab_size)
+
+    def forward(self, idx: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        h, state = self.lstm(self.drop(self.wte(idx)))
+        return self.lm_head(h), state
+
+
+@dataclass
+class CausalLMOutput:
+    """What a Hugging Face causal LM returns, in miniature: an object with ``.logits``
+    (and ``.loss``, None without labels)."""
+
+    logits: Tensor
+    loss: Tensor | None = None
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate = nn.Linear(dim, hidden, bias=False)
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.attn_norm = nn.RMSNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.mlp_norm = nn.RMSNorm(dim)
+        self.mlp = SwiGLU(dim, 4 * dim * 2 // 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.attn_norm(x)).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Llama(nn.Module):
+    """A Llama-style decoder: RMSNorm, SwiGLU, learned positions, an untied head, no
+    biases, N(0, 0.02) init; returns a ``CausalLMOutput``."""
+
+    def __init__(
+        self,
+        vocab_size: int = 27,
+        block_size: int = 32,
+        dim: int = 48,
+        layers: int = 2,
+        heads: int = 4,
+        seed: int = 0,
+    ):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.tok = nn.Embedding(vocab_size, dim)
+        self.pos = nn.Embedding(block_size, dim)
+        self.layers = nn.ModuleList(LlamaBlock(dim, heads) for _ in range(layers))
+        self.norm = nn.RMSNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab_size, bias=False)
+        for m in self.modules():
+            if isinstance(m, nn.Linear | nn.Embedding):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+
+    def forward(self, idx: Tensor) -> CausalLMOutput:
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+        for layer in self.layers:
+            x = layer(x)
+        return CausalLMOutput(self.lm_head(self.norm(x)))
+
+
+class CausalConvLM(nn.Module):
+    """A WaveNet-style language model: dilated causal Conv1d blocks (kernel 2, dilation
+    1, 2, 4, 8) with GELU and residual sums, then a linear head: (B, T) -> (B, T, V).
+    ``detach``: the bug of a forward that detaches the embedding output."""
+
+    def __init__(
+        self,
+        vocab_size: int = 27,
+        channels: int = 48,
+        levels: int = 4,
+        seed: int = 0,
+        detach: bool = False,
+    ):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.detach = detach
+        self.wte = nn.Embedding(vocab_size, channels)
+        self.convs = nn.ModuleList(
+            nn.Conv1d(channels, channels, 2, dilation=2**i) for i in range(levels)
+        )
+        self.lm_head = nn.Linear(channels, vocab_size)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        x = self.wte(idx).transpose(1, 2)  # (B, C, T)
+        if self.detach:
+            x = x.detach()
+        for conv in self.convs:
+            pad = conv.dilation[0] * (conv.kernel_size[0] - 1)
+            x = x + F.gelu(conv(F.pad(x, (pad, 0))))  # left padding: causal
+        return self.lm_head(x.transpose(1, 2))
+
+
+class PatchTransformer(nn.Module):
+    """A ViT in miniature: 4x4 patches by a strided conv, a class token, learned
+    positions, pre-LN encoder layers (``nn.TransformerEncoderLayer``, GELU), a head."""
+
+    def __init__(
+        self,
+        size: int = 16,
+        patch: int = 4,
+        dim: int = 32,
+        layers: int = 2,
+        classes: int = 4,
+        dropout: float = 0.0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.patch = nn.Conv2d(1, dim, patch, patch)
+        n = (size // patch) ** 2
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(0.02 * torch.randn(1, n + 1, dim))
+        layer = nn.TransformerEncoderLayer(
+            dim, 4, 2 * dim, dropout, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], 1) + self.pos
+        return self.head(self.norm(self.encoder(t))[:, 0])

@@ -34,11 +34,18 @@ from torch import Tensor, nn
 
 from plumb.dist import from_rank0, is_sharded, unwrap, world
 from plumb.doctor.evidence import Evidence, LrTest, gather, weight_symmetry
-from plumb.doctor.rules import CODES, Finding, apply_rules, sort_findings, suggested_lr
+from plumb.doctor.rules import (
+    CODES,
+    LR_TEST_PRACTICAL,
+    Finding,
+    apply_rules,
+    sort_findings,
+    suggested_lr,
+)
 from plumb.errors import PlumbError
 from plumb.init import expected_initial_loss
 from plumb.io import jsonable
-from plumb.probes import Probes
+from plumb.probes import Probes, logits_of
 from plumb.train import EagerEngine, loop
 
 __all__ = ["CODES", "Diagnosis", "Doctor", "Finding", "LrTest", "diagnose"]
@@ -66,6 +73,22 @@ class Diagnosis:
     def ok(self) -> bool:
         """No finding with severity error or warning."""
         return not any(f.severity in ("error", "warning") for f in self.findings)
+
+    def keep_reason(self) -> str:
+        """Why the current lr is kept: " (keep)", or, when another lr ended lower in the
+        test, " (keep: lr X ended Y nats lower, within noise / under the practical
+        margin)"; "" when the suggestion is another lr."""
+        t = self.lr_test
+        if t is None or self.suggested_lr != t.lr:
+            return ""
+        if t.best == t.current:
+            return " (keep: the best in the lr test)"
+        mean, se = t.gain(t.best)
+        return (
+            f" (keep: lr {t.lrs[t.best]:.3g} ended {-mean:.2g} nats lower, within noise "
+            f"(standard error {se:.2g}) or under the practical margin of "
+            f"{LR_TEST_PRACTICAL:.0%} of the loss)"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         def num(x: float | None) -> float | str | None:
@@ -98,8 +121,7 @@ class Diagnosis:
                 f"  lr test ({t.steps} steps from step {t.start}, held-out loss): {t.table()}"
             )
         if self.suggested_lr is not None:
-            keep = self.lr_test is not None and self.suggested_lr == self.lr_test.lr
-            lines.append(f"  suggested lr: {self.suggested_lr:g}" + (" (keep)" if keep else ""))
+            lines.append(f"  suggested lr: {self.suggested_lr:g}{self.keep_reason()}")
         for f in self.findings:
             lines.append(f"  [{f.severity}] {f.code} @ {f.where}: {f.message}")
         return "\n".join(lines)
@@ -118,7 +140,7 @@ class Diagnosis:
         if self.lr_test is not None:
             parts.append(f"<div>lr test (held-out loss): {esc(self.lr_test.table())}</div>")
         if self.suggested_lr is not None:
-            parts.append(f"<div>suggested lr: {self.suggested_lr:g}</div>")
+            parts.append(f"<div>suggested lr: {self.suggested_lr:g}{esc(self.keep_reason())}</div>")
         for f in self.findings:
             ev = esc(json.dumps(jsonable(f.evidence), ensure_ascii=False))
             parts.append(
@@ -177,18 +199,41 @@ def _batch_stream(batches: Any) -> Iterator[tuple[Any, Any]]:
     return gen()
 
 
+def _with_logits(out: Any, old: Tensor, new: Tensor) -> Any:
+    """``out`` with its logits tensor ``old`` replaced by ``new`` (a tensor, a tuple or
+    list, a dict, or an object with a ``logits`` attribute such as a ``ModelOutput``)."""
+    if out is old:
+        return new
+    if isinstance(out, tuple | list):
+        items = [new if t is old else t for t in out]
+        return type(out)(items) if not hasattr(out, "_fields") else type(out)(*items)
+    if isinstance(out, dict) and not hasattr(out, "logits"):
+        return {k: new if v is old else v for k, v in out.items()}
+    twin = copy.copy(out)
+    if isinstance(twin, dict):
+        for k, v in out.items():
+            if v is old:
+                twin[k] = new
+    if getattr(out, "logits", None) is old:
+        object.__setattr__(twin, "logits", new)
+    return twin
+
+
 def _class_dim(loss_fn: Callable, out: Any, y: Any) -> int | None:
     """The output dimension the loss applies softmax over, found by measurement: adding
     a constant that varies along every other dimension leaves softmax cross-entropy
     unchanged (log-softmax is shift-invariant along its own dimension). Tried for dim 1
     (``cross_entropy``'s (N, C, ...)) and the last dim (a (B, T, V) sequence model whose
-    loss reshapes to (B*T, V)). None: the loss does not apply softmax (MSE, NLL, BCE)."""
+    loss reshapes to (B*T, V)). The output may be a structure holding the logits
+    (``logits_of``: a tuple, a dict, a ``ModelOutput``). None: the loss does not apply
+    softmax (MSE, NLL, BCE)."""
+    whole, out = out, logits_of(out)
     if not isinstance(out, Tensor) or not out.is_floating_point() or out.dim() < 2:
         return None
     dims = list(dict.fromkeys([1, out.dim() - 1]))
     try:
         with torch.no_grad():
-            base = float(loss_fn(out, y))
+            base = float(loss_fn(whole, y))
             if not math.isfinite(base):
                 return None
             g = torch.Generator(device="cpu").manual_seed(0)
@@ -196,7 +241,8 @@ def _class_dim(loss_fn: Callable, out: Any, y: Any) -> int | None:
                 shape = list(out.shape)
                 shape[d] = 1
                 c = (1 + 3 * torch.rand(shape, generator=g)).to(out.device, out.dtype)
-                if abs(float(loss_fn(out + c, y)) - base) <= 1e-4 * (1 + abs(base)):
+                shifted = _with_logits(whole, out, out + c)
+                if abs(float(loss_fn(shifted, y)) - base) <= 1e-4 * (1 + abs(base)):
                     return d
     except Exception:  # a loss that cannot take the shifted output: not a softmax loss
         return None
@@ -225,7 +271,24 @@ def softmax_dim(out: Tensor | None, grad: Tensor | None) -> int | None:
     return None
 
 
+def targets_from_gradient(
+    out: Tensor | None, grad: Tensor | None, dim: int | None, classes: int | None
+) -> np.ndarray | None:
+    """Target counts read off dL/d(logits) of softmax cross-entropy: each row's gradient
+    is w (softmax(z) - onehot(y)) with w > 0, whose one negative entry is the target's.
+    Rows without gradient (ignored positions) are left out."""
+    if out is None or grad is None or dim is None or not classes or grad.shape != out.shape:
+        return None
+    g = grad.movedim(dim, -1).reshape(-1, grad.shape[dim])
+    rows = g.abs().sum(1) > 0
+    if not rows.any():
+        return None
+    return torch.bincount(g[rows].argmin(1), minlength=classes).numpy()
+
+
 def _lr(optimizer: Any) -> float | None:
+    if isinstance(optimizer, list | tuple):  # several optimizers: the first one's
+        optimizer = optimizer[0] if optimizer else None
     try:
         lr = optimizer.param_groups[0]["lr"]
         return float(lr)
@@ -256,6 +319,7 @@ def _summary(ev: Evidence, findings: list[Finding], seconds: float) -> Diagnosis
 LR_FACTORS = (0.1, 1 / 3, 1.0, 3.0, 10.0)  # a decade either side, half-decade steps
 LR_TEST_STEPS = 30
 LR_TEST_EVAL = 16
+LR_EXTEND = 2  # half-decades added beyond an edge that wins (down to lr/100, up to 100 lr)
 
 
 def lr_test(
@@ -268,24 +332,29 @@ def lr_test(
     start: int,
     factors: tuple[float, ...] = LR_FACTORS,
     seed: int = 0,
+    scheduler: Any = None,
+    extend: int = LR_EXTEND,
 ) -> LrTest | None:
-    """Train a copy of (model, optimizer state) on ``train_batches`` at each lr x factor
-    (every param group scaled), then score each copy on ``eval_batches`` (mean loss per
-    batch, no update, the model in its mode). The same batches and the same random
-    stream (dropout) for every lr; the user's model and optimizer are not touched.
-    None when the model cannot be copied or a step fails."""
+    """Train a copy of (model, optimizer state[, scheduler]) on ``train_batches`` at each
+    lr x factor (every param group scaled, and the scheduler's base lrs: the schedule
+    keeps its shape), then score each copy on ``eval_batches`` (mean loss per batch, no
+    update, the model in its mode). The same batches and the same random stream
+    (dropout) for every lr; the user's model and optimizer are not touched. When the
+    best lr is at an edge of the range, the range is extended by half-decades on that
+    side (``extend`` more at most), so that a suggestion is bracketed by worse lrs rather
+    than cut off by the grid. None when the model cannot be copied or a step fails."""
     lr = _lr(optimizer)
     if not lr or not train_batches or not eval_batches:
         return None
     device = next(iter(model.parameters())).device
-    lrs, losses, per_batch = [], [], []
-    for f in factors:
+    runs: dict[float, list[float]] = {}
+
+    def run(f: float) -> list[float] | None:
         try:
-            twin, opt = copy.deepcopy((model, optimizer))
+            twin, opt, sched = copy.deepcopy((model, optimizer, scheduler))
         except Exception:  # a model or optimizer that cannot be deep-copied
             return None
-        for group in opt.param_groups:
-            group["lr"] = group["lr"] * f
+        _scale_lr(opt, sched, f)
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
@@ -295,15 +364,49 @@ def lr_test(
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
+                    if sched is not None:
+                        sched.step()
                 with torch.no_grad():
                     scores = [float(loss_fn(twin(x), y)) for x, y in eval_batches]
             except Exception:
                 return None
-        scores = [v if math.isfinite(v) else math.inf for v in scores]
-        lrs.append(float(f"{lr * f:.3g}"))
-        losses.append(float(np.mean(scores)) if all(map(math.isfinite, scores)) else math.inf)
-        per_batch.append(scores)
-    return LrTest(start, len(train_batches), len(eval_batches), lr, lrs, losses, per_batch)
+        return [v if math.isfinite(v) else math.inf for v in scores]
+
+    for f in factors:
+        got = run(f)
+        if got is None:
+            return None
+        runs[f] = got
+
+    def mean(f: float) -> float:
+        return float(np.mean(runs[f])) if all(map(math.isfinite, runs[f])) else math.inf
+
+    step = math.sqrt(10)
+    for edge, towards in ((min, 1 / step), (max, step)):
+        for _ in range(extend):
+            best = min(runs, key=mean)
+            if best != edge(runs) or not math.isfinite(mean(best)):
+                break
+            got = run(best * towards)
+            if got is None:
+                break
+            runs[best * towards] = got
+    order = sorted(runs)
+    lrs = [float(f"{lr * f:.3g}") for f in order]
+    losses = [mean(f) for f in order]
+    return LrTest(
+        start, len(train_batches), len(eval_batches), lr, lrs, losses, [runs[f] for f in order]
+    )
+
+
+def _scale_lr(optimizer: Any, scheduler: Any, factor: float) -> None:
+    """Multiply every lr an optimizer (and its scheduler) holds by ``factor``."""
+    for group in optimizer.param_groups:
+        for key in ("lr", "initial_lr", "max_lr", "min_lr"):
+            if isinstance(group.get(key), int | float):
+                group[key] = group[key] * factor
+    if scheduler is not None and hasattr(scheduler, "base_lrs"):
+        scheduler.base_lrs = [b * factor for b in scheduler.base_lrs]
 
 
 # --- diagnose ---------------------------------------------------------------------------
@@ -315,6 +418,7 @@ def diagnose(
     steps: int = 100,
     *,
     test_lr: bool = True,
+    scheduler: Any = None,
 ) -> Diagnosis:
     """Train ``model`` in place for ``steps`` steps with probes attached and diagnose it.
 
@@ -323,7 +427,10 @@ def diagnose(
     ``loss_fn(model(inputs), targets)`` must return a scalar tensor; ``optimizer`` is any
     ``torch.optim`` optimizer over the model's parameters. ``test_lr``: afterwards, run
     the lr test (5 copies x 30 steps, scored on 16 further batches) that the learning-rate
-    findings and ``suggested_lr`` rest on. Returns a :class:`Diagnosis`.
+    findings and ``suggested_lr`` rest on. ``scheduler``: the lr scheduler of a
+    per-step schedule (warm-up, cosine, ...), stepped after every optimizer step here
+    and continued in the lr test's copies (its base lrs scaled with the lr). Returns a
+    :class:`Diagnosis`.
     """
     if not isinstance(model, nn.Module):
         raise PlumbError(f"diagnose needs a torch.nn.Module, got {type(model).__name__}")
@@ -346,16 +453,23 @@ def diagnose(
             _check_loss(loss)
             dim = _class_dim(loss_fn, out, y_first[0])
             if dim is not None:
-                found.update(classes=out.shape[dim], class_dim=dim)
+                found.update(classes=logits_of(out).shape[dim], class_dim=dim)
 
     y_first: list[Any] = []
+    lrs: list[float] = []
+    targets: list[Tensor] = []
 
     def next_batch(i: int) -> tuple[Any, Any]:
         if i == steps // 2:
             probes.reset_window()  # dead units: the second half of the steps
+        if i > 0 and scheduler is not None:
+            scheduler.step()  # after the previous step's optimizer.step()
+        lrs.append(_lr(optimizer) or math.nan)
         x, y = next(stream)
         if i == 0:
             y_first.append(y)
+        if isinstance(y, Tensor) and not y.is_floating_point() and y.numel():
+            targets.append(y.detach().reshape(-1))
         return x, y
 
     engine = EagerEngine(model, optimizer, loss_fn, inspect=inspect, guard=False)
@@ -392,7 +506,15 @@ def diagnose(
     if test_lr and healthy and rank == 0 and not sharded:
         train = [next(stream) for _ in range(LR_TEST_STEPS)]
         held = [next(stream) for _ in range(LR_TEST_EVAL)]
-        test = lr_test(unwrap(model), optimizer, loss_fn, train, held, start=probes.step_count)
+        test = lr_test(
+            unwrap(model),
+            optimizer,
+            loss_fn,
+            train,
+            held,
+            start=probes.step_count,
+            scheduler=scheduler,
+        )
     ev = gather(
         probes,
         classes=classes,
@@ -401,11 +523,24 @@ def diagnose(
         lr=_lr(optimizer),
         symmetry_start=symmetry,
         lr_test=test,
+        optimizer=optimizer,
+        lrs=lrs,
+        target_counts=_counts(targets, classes),
     )
     findings = apply_rules(ev)
     if crash is not None:
         findings.insert(0, crash)
     return from_rank0(_summary(ev, findings, time.perf_counter() - t0))
+
+
+def _counts(targets: list[Tensor], classes: int | None) -> np.ndarray | None:
+    """How often each class was the target (integer targets in [0, classes); others,
+    such as an ignore_index of -100, left out)."""
+    if not classes or not targets:
+        return None
+    y = torch.cat([t.cpu().long() for t in targets])
+    y = y[(y >= 0) & (y < classes)]
+    return torch.bincount(y, minlength=classes).numpy() if y.numel() else None
 
 
 def _check_loss(loss: Any) -> None:
@@ -460,12 +595,17 @@ class Doctor:
         self.reported: dict[tuple[str, str], Finding] = {}
         self.diagnosis: Diagnosis | None = None
         self.symmetry: dict[str, float] = {}
+        self.lrs: list[float] = []  # the lr each step used (param group 0)
         self._t0 = time.perf_counter()
 
     def start(self) -> None:
         self.symmetry = weight_symmetry(self.probes.model)
+        self.lrs = [math.nan] * self.probes.step_count  # a resumed record: lrs unknown
 
     def observe(self, loss: Any) -> None:
+        # the step that just ran used this lr (a scheduler steps after the optimizer)
+        lr = _lr(self.optimizer)
+        self.lrs.append(lr if lr is not None else math.nan)
         n = self.probes.step_count
         if n == 1 or n % self.check_every == 0:
             self.check()
@@ -483,6 +623,14 @@ class Doctor:
             softmax_loss=self.softmax_loss,
             lr=_lr(self.optimizer),
             symmetry_start=self.symmetry,
+            optimizer=self.optimizer,
+            lrs=self.lrs,
+            target_counts=targets_from_gradient(
+                out,
+                self.probes.output_grad,
+                self.class_dim if self.softmax_loss else None,
+                self.classes,
+            ),
         )
         self.probes.reset_window()
         findings = from_rank0(apply_rules(ev))  # the same findings on every rank

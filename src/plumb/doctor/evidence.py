@@ -140,6 +140,12 @@ class Evidence:
     lr: float | None = None
     steps: int = 0
     lr_test: LrTest | None = None
+    lrs: np.ndarray = field(default_factory=lambda: np.empty(0))  # lr used at each step
+    loss_graph: list[dict[str, Any]] | None = None  # the loss's ops on the output (loss first)
+    target_counts: np.ndarray | None = None  # how often each class was the target
+    trainability: dict[str, Any] = field(default_factory=dict)  # see trainability()
+    dropout: dict[str, float] = field(default_factory=dict)  # module -> drop probability
+    optimizer_kind: str | None = None  # the optimizer's class name
     _memo: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def cached(self, key: str, compute: Callable[[], Any]) -> Any:
@@ -272,12 +278,74 @@ class Evidence:
         rms = math.sqrt(st["grad_std"] ** 2 + st.get("grad_mean", 0.0) ** 2)
         return rms * math.sqrt(per_example)
 
+    def loss_rows(self) -> int:
+        """How many rows the loss adds up (1 when it averages): read from the loss's
+        graph (a reduction='sum', or a sum over reduction='none'), rows of the output."""
+        path = self.loss_graph or []
+        ops = [p["op"] for p in path]
+        for i, p in enumerate(path):
+            if "reduction" in p:
+                summed = p["reduction"] == 2 or (p["reduction"] == 0 and "SumBackward0" in ops[:i])
+                y = self.output
+                if summed and y is not None and y.dim() > 1 and self.classes:
+                    return max(y.numel() // y.shape[self.class_dim], 1)
+                return 1
+        return 1
+
     def logits(self) -> Tensor | None:
         """The first output with the class dimension last, flattened to (rows, C)."""
         y = self.output
         if y is None or y.dim() < 2 or not torch.isfinite(y).all():
             return None
         return y.movedim(self.class_dim, -1).reshape(-1, y.shape[self.class_dim])
+
+
+def optimizers_of(optimizer: Any) -> list[Any]:
+    """``optimizer`` as a list: one optimizer, several (a list or tuple), or none."""
+    if optimizer is None:
+        return []
+    return list(optimizer) if isinstance(optimizer, list | tuple) else [optimizer]
+
+
+def trainability(model: nn.Module, optimizer: Any) -> dict[str, Any]:
+    """Which parameters can train at all, from the model and its optimizer(s): ``frozen``
+    ([name, numel, held by an optimizer]) for requires_grad=False, ``missing`` ([name,
+    numel]) for trainable parameters no optimizer holds (only with an optimizer),
+    ``orphans`` (tensors an optimizer updates that are not in the model: a module
+    replaced, or a tie re-made, after the optimizer was built), ``zero_lr`` (names whose
+    param group has lr 0), ``total`` (numel of the model), ``has_optimizer``."""
+    model = getattr(model, "_orig_mod", model)
+    opts = optimizers_of(optimizer)
+    held: dict[int, float] = {}
+    for opt in opts:
+        for group in getattr(opt, "param_groups", []):
+            lr = group.get("lr", None)
+            lr = float(lr) if isinstance(lr, int | float | Tensor) else None
+            for p in group.get("params", []):
+                held[id(p)] = lr if lr is not None else float("nan")
+    named = list(model.named_parameters())
+    ids = {id(p) for _, p in named}
+    return {
+        "total": sum(p.numel() for _, p in named),
+        "has_optimizer": bool(opts),
+        "frozen": [[n, p.numel(), id(p) in held] for n, p in named if not p.requires_grad],
+        "missing": [
+            [n, p.numel()] for n, p in named if opts and p.requires_grad and id(p) not in held
+        ],
+        "orphans": sum(1 for i in held if i not in ids),
+        "zero_lr": [n for n, p in named if held.get(id(p)) == 0.0],
+    }
+
+
+def dropout_rates(model: nn.Module) -> dict[str, float]:
+    """Every dropout module's drop probability (``nn.Dropout*`` and look-alikes with a
+    float ``p``), in training mode or not."""
+    out = {}
+    for name, m in model.named_modules():
+        p = getattr(m, "p", None)
+        if "Dropout" in type(m).__name__ and isinstance(p, float):
+            out[name] = p
+    return out
 
 
 def gather(
@@ -289,8 +357,12 @@ def gather(
     lr: float | None,
     symmetry_start: dict[str, float],
     lr_test: LrTest | None = None,
+    optimizer: Any = None,
+    lrs: list[float] | None = None,
+    target_counts: np.ndarray | None = None,
 ) -> Evidence:
-    """The host-side evidence so far: the probes' history and observations."""
+    """The host-side evidence so far: the probes' history and observations, and what the
+    model and its optimizer(s) say about which parameters can train."""
     history = probes.history
     rows = history.rows if history is not None else []
     loss = history.loss.astype(np.float64) if history is not None else np.empty(0)
@@ -321,6 +393,12 @@ def gather(
         lr=lr,
         steps=probes.step_count,
         lr_test=lr_test,
+        lrs=np.asarray(lrs if lrs is not None else [], dtype=np.float64),
+        loss_graph=probes.loss_graph,
+        target_counts=target_counts,
+        trainability=trainability(probes.model, optimizer),
+        dropout=dropout_rates(probes.model),
+        optimizer_kind=type(optimizers_of(optimizer)[0]).__name__ if optimizer else None,
     )
 
 

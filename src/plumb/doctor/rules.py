@@ -66,7 +66,12 @@ BIAS_GRAD_RATIO = 1e-3
 INPUT_SCALE = 10.0
 SIMPLEX_TOL = 1e-3
 LR_TEST_Z = 3.0  # standard errors a test's lr must win by
+LR_TEST_PRACTICAL = 0.02  # ... and by this fraction of the current lr's held-out loss
 CARRY_FRACTION = 0.5
+LOSS_SCALE_FLOOR = 1e-3  # a climb under this fraction of the initial loss is no climb
+LR_COLLAPSE = 1e-3  # an lr under this fraction of its peak barely moves the weights
+INFORMATION_FLOOR = 0.02  # beating the frequency baseline by less: inputs unused
+SUM_ROWS = 10  # a summed loss over >= this many rows is a different lr regime
 
 
 @dataclass
@@ -139,7 +144,7 @@ def overconfident_init(ev: Evidence) -> list[Finding]:
     a loss more than twice uniform guessing, is a warning (the lecture's 27.9 vs 3.30)."""
     if not ev.classes or ev.classes < 2 or not len(ev.loss) or not finite(float(ev.loss[0])):
         return []
-    loss0 = float(ev.loss[0])
+    loss0 = float(ev.loss[0]) / ev.loss_rows()  # per row, also for a summed loss
     expected = expected_initial_loss(ev.classes)
     excess = loss0 - expected
     if excess <= OVERCONFIDENT_FRACTION * expected:
@@ -438,14 +443,21 @@ def median_update(ev: Evidence) -> float:
 
 
 def _better_lr(ev: Evidence) -> int | None:
-    """The lr test's best lr when it beats the current one by more than LR_TEST_Z
-    standard errors of the paired difference on the held-out batches, else None."""
+    """The lr test's best lr when it beats the current one by more than noise (LR_TEST_Z
+    standard errors of the paired difference on the held-out batches) *and* by a
+    practical margin (LR_TEST_PRACTICAL = 2% of the current lr's held-out loss), else
+    None. A 30-step test is short: gaps of a few thousandths of a nat between lrs are
+    what the next hundred steps routinely reverse (a warm-up, a schedule, the short
+    test's bias toward larger steps), and they flip with float rounding between machines.
+    Advice must rest on a difference that survives both."""
     test = ev.lr_test
     if test is None:
         return None
     best = test.best
     if best != test.current and test.significantly_better(best, LR_TEST_Z):
-        return best
+        mean, _ = test.gain(best)
+        if -mean >= LR_TEST_PRACTICAL * abs(test.losses[test.current]):
+            return best
     return None
 
 
@@ -502,16 +514,39 @@ def learning_rate(ev: Evidence) -> list[Finding]:
         evidence["lr_test"] = test.to_dict()
     rising = _loss_rose(ev)
     if rising is not None:
-        best, high, a, b = rising
+        best, high, a, b, last = rising
         evidence["loss_best_before"], evidence["loss_window_median"] = _r(best), _r(high)
-        evidence["window_steps"] = [a, b]
+        evidence["window_steps"], evidence["loss_last_window"] = [a, b], _r(last)
         return [
             Finding(
                 "lr-too-high",
                 "error",
                 "model",
-                f"the loss climbed from {best:.3g} to {high:.3g} (median of steps {a}-{b}): "
-                f"steps overshoot; lower {lr_txt}{to}",
+                f"the loss climbed from {best:.3g} to {high:.3g} (median of steps {a}-{b}) "
+                f"and ends at {last:.3g}, nearer the peak than where it was: steps "
+                f"overshoot; lower {lr_txt}{to}",
+                evidence,
+            )
+        ]
+    jump, stall = _transient_rise(ev), _stalled_at_baseline(ev)
+    if jump is not None and stall is not None:
+        best, high, a, b, last = jump
+        evidence.update(
+            loss_best_before=_r(best),
+            loss_window_median=_r(high),
+            window_steps=[a, b],
+            loss_last_window=_r(last),
+            input_free_baseline=_r(stall["base"]),
+        )
+        return [
+            Finding(
+                "lr-too-high",
+                "warning",
+                "model",
+                f"the loss jumped from {best:.3g} to {high:.3g} (median of steps {a}-{b}) and, "
+                f"though it came back to {last:.3g}, it has stalled at the input-free baseline "
+                f"({stall['base']:.3g} nats, see not-learning): the first steps overshot. "
+                f"Restart with {lr_txt} lowered ~10x, or warm it up from a small value",
                 evidence,
             )
         ]
@@ -552,38 +587,61 @@ def learning_rate(ev: Evidence) -> list[Finding]:
     return []
 
 
-def _loss_rose(ev: Evidence) -> tuple[float, float, int, int] | None:
-    return ev.cached("loss_rose", lambda: _measure_loss_rise(ev))
+def _loss_rose(ev: Evidence) -> tuple[float, float, int, int, float] | None:
+    """The sustained climb of ``_measure_loss_rise`` (None when none, or recovered)."""
+    rise = ev.cached("loss_rise", lambda: _measure_loss_rise(ev))
+    return rise[:5] if rise is not None and not rise[5] else None
 
 
-def _measure_loss_rise(ev: Evidence) -> tuple[float, float, int, int] | None:
-    """(best so far, a later window's median, that window's first and last step) when
-    the loss climbed: the median of some tenth of the run lies above the best the run
-    had reached before it (the loss before training, or the lowest median of an earlier
-    tenth) by more than 3 standard errors. With a small enough lr every step lowers the
-    expected loss (the descent lemma), so a climb means steps overshoot: the loss that
-    rises at the start and then falls (Adam at 100x its lr), the one that falls, then
-    climbs (a BatchNorm net whose weights grew under a huge lr), the one that rises to
-    an overflow.
+def _transient_rise(ev: Evidence) -> tuple[float, float, int, int, float] | None:
+    """A climb the run came back from (``_measure_loss_rise``'s recovered case)."""
+    rise = ev.cached("loss_rise", lambda: _measure_loss_rise(ev))
+    return rise[:5] if rise is not None and rise[5] else None
 
-    The noise sigma comes from step-to-step differences (a robust MAD, insensitive to
-    the trend); a median of n steps has a standard error of 1.2533 sigma / sqrt(n); the
-    lowest of several earlier medians sits ~1.5 standard errors below their mean by
-    chance alone, which is added to the margin."""
+
+def loss_noise(loss: np.ndarray, n: int) -> tuple[float, float]:
+    """(sigma, standard error of a median of ``n`` steps) of a loss curve: sigma from
+    step-to-step differences (a robust MAD, insensitive to the trend; /sqrt 2 since a
+    difference holds two draws), and a median of n steps has standard error
+    1.2533 sigma / sqrt(n)."""
+    d = np.diff(loss)
+    sigma = 1.4826 * float(np.median(np.abs(d - np.median(d)))) / math.sqrt(2)
+    return sigma, 1.2533 * sigma / math.sqrt(max(n, 1))
+
+
+def _measure_loss_rise(ev: Evidence) -> tuple[float, float, int, int, float, bool] | None:
+    """(best so far, the worst later window's median, that window's first and last step,
+    the run's last window median, recovered) when the loss climbed, the sustained climb
+    first: the
+    median of some tenth of the run lies above the best the run had reached before it
+    (the loss before training, or the lowest median of an earlier tenth) by more than 3
+    standard errors, *and* the run's last tenth is still nearer that peak than the best
+    before it (or the loss overflowed). With a small enough lr every step lowers the
+    expected loss (the descent lemma), so a sustained climb means steps overshoot: the
+    loss that rises at the start and plateaus (Adam at 100x its lr), the one that falls,
+    then climbs (a BatchNorm net whose weights grew under a huge lr), the one that rises
+    to an overflow. A transient bump that the run recovered from (it ends below the
+    midpoint of its climb: a momentum spike in the first steps, a bad batch) says nothing
+    against the lr the run is using now: lowering it would only slow a run that works.
+
+    Noise: ``loss_noise``; the lowest of several earlier medians sits ~1.5 standard
+    errors below their mean by chance alone, which is added to the margin. A climb must
+    also exceed 1e-3 of the initial loss: a loss that reached exactly 0 and moved to
+    1e-4 has not climbed in any sense that matters."""
     stop = ev.first_nonfinite_step()
     loss = ev.loss[: stop if stop is not None else len(ev.loss)]
     n = len(loss) // 10
     if n < (2 if stop is not None else 3):  # a run that overflowed: judge what it had
         return None
-    d = np.diff(loss)
-    sigma = 1.4826 * float(np.median(np.abs(d - np.median(d)))) / math.sqrt(2)
-    se = 1.2533 * sigma / math.sqrt(n)  # standard error of a median of n
+    sigma, se = loss_noise(loss, n)
     a0 = float(loss[0])
     if not finite(a0):
         return None
+    floor = LOSS_SCALE_FLOOR * abs(a0)
     k_max = len(loss) // n
     windows = [median(loss[k * n : (k + 1) * n].tolist()) for k in range(k_max)]
-    worst: tuple[float, tuple[float, float, int, int]] | None = None
+    worst: tuple[tuple[bool, float], tuple[float, float, int, int, float, bool]] | None = None
+    last = windows[-1]
     for k, w in enumerate(windows):
         earlier = [x for x in windows[:k] if finite(x)]
         if not finite(w):
@@ -592,9 +650,11 @@ def _measure_loss_rise(ev: Evidence) -> tuple[float, float, int, int] | None:
             start, margin = a0, 3 * math.hypot(sigma, se)
         else:
             start, margin = min(earlier), 3 * math.hypot(se, se) + 1.5 * se
-        excess = w - start - max(margin, 1e-3 * abs(start))
-        if excess > 0 and (worst is None or excess > worst[0]):
-            worst = (excess, (start, w, k * n, (k + 1) * n - 1))
+        excess = w - start - max(margin, 1e-3 * abs(start), floor)
+        recovered = stop is None and finite(last) and last < (start + w) / 2
+        key = (not recovered, excess)
+        if excess > 0 and (worst is None or key > worst[0]):
+            worst = (key, (start, w, k * n, (k + 1) * n - 1, last, recovered))
     return worst[1] if worst else None
 
 
@@ -776,8 +836,8 @@ def double_softmax(ev: Evidence) -> list[Finding]:
     move (error). Log-probabilities are only redundant, log_softmax being idempotent
     (info)."""
     y = ev.logits()
-    if not ev.softmax_loss or y is None:
-        return []
+    if not ev.softmax_loss or y is None or ev.loss_graph:
+        return []  # with the loss's graph, loss_expression reads the same fault exactly
     y = y.double()
     sums = y.sum(1)
     if (
@@ -864,6 +924,425 @@ def gradients_accumulating(ev: Evidence) -> list[Finding]:
     ]
 
 
+# --- invariants: facts of every correct run, exact, no threshold ------------------------
+def _share(numel: int, total: int) -> str:
+    return f"{numel:,} parameters, {numel / total:.1%} of the model" if total else f"{numel:,}"
+
+
+def _names(items: list[str], most: int = 4) -> str:
+    shown = ", ".join(f"'{n}'" for n in items[:most])
+    return shown + (f" and {len(items) - most} more" if len(items) > most else "")
+
+
+def untrained_parameters(ev: Evidence) -> list[Finding]:
+    """Parameters that can never train, each for its exact reason (no threshold: every
+    trainable parameter of a correct run is held by an optimizer and receives a gradient
+    from the loss):
+
+    * error: ``requires_grad`` and no optimizer holds it (an ``lm_head`` built after the
+      optimizer, a module replaced or a tie re-made after it, a param group forgotten);
+    * error: held by an optimizer but its gradient is None at every recorded step (the
+      loss never reaches it: a ``.detach()`` or ``.data`` in the forward, a branch whose
+      output is unused) or exactly 0 at every one (cut off: multiplied by a constant 0,
+      every unit behind it dead);
+    * warning: ``requires_grad=False`` yet handed to an optimizer (frozen by mistake, or
+      frozen on purpose and not said: leave frozen parameters out of the optimizer);
+    * info: frozen and outside every optimizer (a deliberate freeze: named with its
+      share, nothing to fix).
+    Where an optimizer's param group has lr 0 its parameters are left out (the user
+    said so)."""
+    t = ev.trainability
+    total = t.get("total", 0)
+    out = []
+    missing = t.get("missing", [])
+    if missing:
+        n = sum(k for _, k in missing)
+        out.append(
+            Finding(
+                "untrained-parameters",
+                "error",
+                missing[0][0],
+                f"{_names([m for m, _ in missing])} ({_share(n, total)}) require gradients "
+                "but no optimizer holds them, so they never change: build the optimizer "
+                "after the model is complete (after replacing heads or tying weights), over "
+                "model.parameters()",
+                {"not_in_optimizer": [m for m, _ in missing], "numel": n, "total": total},
+            )
+        )
+    zero_lr = set(t.get("zero_lr", []))
+    skip = {m for m, _ in missing} | zero_lr
+    rows = [r for r in ev.clean if not r.get("skipped")]
+    none, zeros = [], []
+    for p in ev.params:
+        name = p["name"]
+        if name in skip or not rows:
+            continue
+        stats = [r["param"].get(name, {}) for r in rows]
+        if all("grad_std" not in st for st in stats):
+            none.append(name)
+        elif all(
+            st.get("grad_std", 1.0) == 0.0 and st.get("grad_mean", 1.0) == 0.0 for st in stats
+        ):
+            zeros.append(name)
+    sizes = {p["name"]: math.prod(p["shape"]) for p in ev.params}
+    for names, why in (
+        (
+            none,
+            "receive no gradient at all (None): the loss never reaches them, e.g. a "
+            ".detach() or .data in the forward, or a module whose output is not used",
+        ),
+        (
+            zeros,
+            "receive a gradient of exactly 0 at every step: they are cut off from the "
+            "loss (a detach below them, a factor of 0, or every unit behind them dead)",
+        ),
+    ):
+        if not names:
+            continue
+        n = sum(sizes[m] for m in names)
+        out.append(
+            Finding(
+                "untrained-parameters",
+                "error",
+                names[0],
+                f"{_names(names)} ({_share(n, total)}) {why}, over {len(rows)} record "
+                "steps: find where the forward cuts them off",
+                {
+                    "no_gradient" if names is none else "zero_gradient": names,
+                    "numel": n,
+                    "total": total,
+                    "record_steps": len(rows),
+                },
+            )
+        )
+    frozen = t.get("frozen", [])
+    for held, severity, text in (
+        (
+            True,
+            "warning",
+            "are frozen (requires_grad=False) yet handed to the optimizer: "
+            "they never train. If that is a mistake, set requires_grad=True; if you froze "
+            "them on purpose, leave them out of the optimizer",
+        ),
+        (
+            False,
+            "info",
+            "are frozen (requires_grad=False) and outside the optimizer: fine "
+            "if you meant to freeze them",
+        ),
+    ):
+        names = [m for m, _, h in frozen if h == held]
+        if names:
+            n = sum(k for m, k, h in frozen if h == held)
+            out.append(
+                Finding(
+                    "untrained-parameters",
+                    severity,
+                    names[0],
+                    f"{_names(names)} ({_share(n, total)}) {text}",
+                    {"frozen": names, "numel": n, "total": total, "in_optimizer": held},
+                )
+            )
+    if t.get("orphans"):
+        out.append(
+            Finding(
+                "untrained-parameters",
+                "info",
+                "optimizer",
+                f"the optimizer updates {t['orphans']} tensor(s) that are no longer in the "
+                "model (a module replaced or a tie re-made after the optimizer was built): "
+                "build the optimizer last",
+                {"orphans": t["orphans"]},
+            )
+        )
+    return out
+
+
+# --- the loss expression, read from the autograd graph -----------------------------------
+_PROB_INTO = {  # an op making probabilities, below a loss op that expects logits
+    "SoftmaxBackward0": ("LogSoftmaxBackward0", "double-softmax", "softmax", "cross_entropy"),
+    "SigmoidBackward0": (
+        "BinaryCrossEntropyWithLogitsBackward0",
+        "double-sigmoid",
+        "sigmoid",
+        "binary_cross_entropy_with_logits",
+    ),
+}
+_REDUCED = (
+    "NllLossBackward0",
+    "BinaryCrossEntropyWithLogitsBackward0",
+    "MseLossBackward0",
+    "BinaryCrossEntropyBackward0",
+    "SmoothL1LossBackward0",
+    "L1LossBackward0",
+)
+_ADAPTIVE = (
+    "Adam",
+    "AdamW",
+    "Adamax",
+    "NAdam",
+    "RAdam",
+    "RMSprop",
+    "Adagrad",
+    "Adadelta",
+    "SparseAdam",
+    "Adafactor",
+    "Lion",
+)
+
+
+def loss_expression(ev: Evidence) -> list[Finding]:
+    """What the user's loss did to the model's output, read from the loss's autograd graph
+    (``Probes.loss_path``: exact, wherever the output went after ``forward``).
+
+    * double-softmax / double-sigmoid, error: a softmax (sigmoid) between the output and
+      a loss that applies log-softmax (log-sigmoid) itself, e.g.
+      ``F.cross_entropy(F.softmax(logits, -1), y)``. Probabilities in [0, 1] become
+      logits that differ by < 1, so every prediction is nearly uniform and the gradient
+      is squashed twice: the loss can barely move.
+    * double-softmax, info: log_softmax twice (idempotent: only redundant).
+    * loss-summed: the loss sums over R rows where the mean is the convention the lr was
+      tuned for: its gradient is R times larger, so under SGD (whose step is lr x
+      gradient) the lr acts R times larger: a different regime from R >= 10 (an order of
+      magnitude), a warning; adaptive optimizers (Adam, RMSprop: the step is invariant
+      to the gradient's scale) make it an info."""
+    path = ev.loss_graph
+    if not path:
+        return []
+    ops = [p["op"] for p in path]  # loss first, the model's output last
+    out: list[Finding] = []
+    for i, op in enumerate(ops):
+        spec = _PROB_INTO.get(op)
+        if spec is None or spec[0] not in ops[:i]:
+            continue
+        _, code, fn, loss_name = spec
+        at_output = i == len(ops) - 1
+        where = "output" if at_output else "loss"
+        place = "the model's last op" if at_output else "the loss expression, after the model"
+        out.append(
+            Finding(
+                code,
+                "error",
+                where,
+                f"a {fn} ({place}) feeds {loss_name}, which applies {fn} itself: it receives "
+                f"probabilities where it expects logits, so its predictions stay nearly "
+                f"uniform. Pass the raw logits to the loss (apply {fn} only to read "
+                "probabilities, under no_grad)",
+                {"loss_ops": ops},
+            )
+        )
+        break
+    if ops.count("LogSoftmaxBackward0") > 1 and not out:
+        out.append(
+            Finding(
+                "double-softmax",
+                "info",
+                "loss",
+                "log_softmax is applied twice on the way to the loss: harmless (it is "
+                "idempotent) but redundant; give the loss the logits",
+                {"loss_ops": ops},
+            )
+        )
+    rows = _rows(ev)
+    for i, step in enumerate(path):
+        if step["op"] not in _REDUCED:
+            continue
+        summed = step.get("reduction") == 2 or (
+            step.get("reduction") == 0 and "SumBackward0" in ops[:i]
+        )
+        if summed and rows and rows > 1:
+            adaptive = (ev.optimizer_kind or "") in _ADAPTIVE
+            severe = rows >= SUM_ROWS and not adaptive and ev.optimizer_kind is not None
+            out.append(
+                Finding(
+                    "loss-summed",
+                    "warning" if severe else "info",
+                    "loss",
+                    f"the loss sums over {rows:,} rows instead of averaging: its gradient is "
+                    f"{rows:,}x the mean's, so "
+                    + (
+                        f"under {ev.optimizer_kind} the lr acts {rows:,}x larger: use "
+                        "reduction='mean' (or divide the lr by the rows)"
+                        if severe
+                        else "an lr tuned for the mean does not carry over (an adaptive "
+                        "optimizer absorbs the scale; weight decay and clipping do not)"
+                    ),
+                    {"rows": rows, "optimizer": ev.optimizer_kind, "loss_ops": ops},
+                )
+            )
+        break
+    return out
+
+
+def _rows(ev: Evidence) -> int | None:
+    """Rows of the output the loss averages over: its elements over the class count."""
+    y = ev.output
+    if y is None:
+        return None
+    return y.numel() // y.shape[ev.class_dim] if ev.classes and y.dim() > 1 else y.numel()
+
+
+# --- a model that learns nothing from its inputs ------------------------------------------
+def entropy(counts: np.ndarray) -> tuple[float, int]:
+    """(Miller-Madow entropy in nats, samples) of class counts: the plug-in entropy
+    plus (classes seen - 1) / 2N, its first-order bias."""
+    c = np.asarray(counts, dtype=np.float64)
+    n = float(c.sum())
+    if n <= 0:
+        return float("nan"), 0
+    p = c[c > 0] / n
+    return float(-(p * np.log(p)).sum() + (len(p) - 1) / (2 * n)), int(n)
+
+
+def _stalled_at_baseline(ev: Evidence) -> dict[str, float] | None:
+    """The measurement behind ``not_learning`` (None: the loss is not stuck there)."""
+    return ev.cached("stalled", lambda: _measure_stall(ev))
+
+
+def _measure_stall(ev: Evidence) -> dict[str, float] | None:
+    if not ev.classes or not ev.softmax_loss or ev.classes < 2:
+        return None
+    if ev.first_nonfinite_step() is not None:
+        return None
+    loss = ev.loss
+    n = len(loss) // 10
+    if n < 3:
+        return None
+    _, se = loss_noise(loss, n)
+    lnc = math.log(ev.classes)
+    h, samples = entropy(ev.target_counts) if ev.target_counts is not None else (math.nan, 0)
+    if samples < ev.classes:  # too few targets to estimate their entropy
+        h = math.nan
+    base = min(lnc, h) if finite(h) else lnc
+    last = median(loss[-n:].tolist())
+    at = int(0.6 * len(loss))
+    mid = median(loss[max(at - n // 2, 0) : at + n - n // 2].tolist())
+    if not (finite(last) and finite(mid)):
+        return None
+    band = max(3 * se, INFORMATION_FLOOR * base)
+    if abs(last - base) > band or mid - last > 3 * math.hypot(se, se):
+        return None
+    return {
+        "last": last,
+        "mid": mid,
+        "h": h,
+        "samples": samples,
+        "lnc": lnc,
+        "se": se,
+        "base": base,
+    }
+
+
+def not_learning(ev: Evidence) -> list[Finding]:
+    """The loss sits at what a predictor that ignores the inputs achieves, and stays
+    there. Null hypothesis: the model uses nothing of its inputs; then its cross-entropy
+    is at least the entropy H of the targets' own frequencies (the best input-free
+    prediction; ln C when the classes are balanced), and a model that learned only the
+    frequencies sits at H. The rule fires when the last tenth of the run is within 3
+    standard errors of its median, or 2% of the baseline, of min(H, ln C) (a model that
+    gains less than 2% over it has learned practically nothing from its inputs), and the
+    loss has stopped falling (the last tenth is not 3 standard errors below the tenth at
+    60% of the run). A loss still above the baseline is a model that has not yet learned
+    the frequencies (the first steps of many healthy runs): no finding.
+
+    Likely causes, ranked by what was measured: heavy dropout (p >= 0.5), inputs that
+    are constant, parameters cut off from the loss, steps so large the loss jumped at the
+    start, and otherwise targets that do not belong to their inputs (shuffled or shifted
+    separately)."""
+    st = _stalled_at_baseline(ev)
+    if st is None:
+        return []
+    last, mid, h, samples, lnc, se = (st[k] for k in ("last", "mid", "h", "samples", "lnc", "se"))
+    gain = st["base"] - last
+    causes = []
+    heavy = {k: p for k, p in ev.dropout.items() if p >= 0.5}
+    if heavy:
+        causes.append(
+            "dropout "
+            + ", ".join(f"p={p:g} in '{k}'" for k, p in heavy.items())
+            + " zeroes most activations: lower it (0.1-0.2 is usual)"
+        )
+    x = ev.model_input
+    if x and finite(x.get("std", math.nan)) and x["std"] <= 1e-6 * max(abs(x["mean"]), 1.0):
+        causes.append(f"the inputs are constant (std {x['std']:.2g}): check the data pipeline")
+    if any(f.severity == "error" for f in untrained_parameters(ev)):
+        causes.append("parameters are cut off from the loss (see untrained-parameters)")
+    jump = _transient_rise(ev)
+    if jump is not None:
+        causes.append(
+            f"the lr: the loss jumped from {jump[0]:.3g} to {jump[1]:.3g} (steps {jump[2]}-"
+            f"{jump[3]}), steps too large to learn more than the frequencies (see lr-too-high)"
+        )
+    causes.append(
+        "the targets may not belong to their inputs: check that inputs and targets are "
+        "shuffled, shifted and batched together (x[i] with y[i])"
+    )
+    what = (
+        f"the targets' own entropy {h:.3g} nats (predicting only how often each class occurs)"
+        if finite(h) and h < lnc
+        else f"ln {ev.classes} = {lnc:.3g} (uniform guessing)"
+    )
+    return [
+        Finding(
+            "not-learning",
+            "warning",
+            "model",
+            f"the loss has stalled at {last:.4g}, no better than {what}: the model is not "
+            f"using its inputs. Likely: {causes[0]}"
+            + (f"; else {'; '.join(causes[1:])}" if len(causes) > 1 else ""),
+            {
+                "loss_last_tenth": _r(last),
+                "loss_at_60pct": _r(mid),
+                "targets_entropy": _r(h),
+                "targets_seen": int(samples),
+                "ln_classes": _r(lnc),
+                "gain_over_baseline": _r(gain),
+                "standard_error": _r(se),
+                "information_floor": INFORMATION_FLOOR,
+                "dropout": ev.dropout,
+            },
+        )
+    ]
+
+
+# --- the learning rate actually used ------------------------------------------------------
+def lr_schedule(ev: Evidence) -> list[Finding]:
+    """The lr each step used (read from the optimizer, so schedules and warm-ups show)
+    spent more than half of the steps below 1e-3 of its own peak: the weights then move
+    a thousand times less than the schedule meant for most of the run (a scheduler
+    stepped per batch where it was written per epoch, a decay horizon far shorter than
+    the run). Schedules end low on purpose (cosine to lr/10, linear to 0 at the very
+    end), never for most of the run: lr-too-low, warning."""
+    lrs = ev.lrs[np.isfinite(ev.lrs)] if len(ev.lrs) else ev.lrs
+    if len(lrs) < 10:
+        return []
+    peak = float(lrs.max())
+    if peak <= 0:
+        return []
+    low = lrs < LR_COLLAPSE * peak
+    if low.mean() <= 0.5:
+        return []
+    first = int(np.argmax(low))
+    return [
+        Finding(
+            "lr-too-low",
+            "warning",
+            "schedule",
+            f"the lr fell from {peak:.3g} to {float(lrs[-1]):.3g}, below 1/1000 of its peak "
+            f"from step {first} on ({low.mean():.0%} of the steps): a scheduler stepped "
+            "every batch where it was meant per epoch, or a decay horizon shorter than the "
+            "run; step it per epoch or set its length in steps",
+            {
+                "peak_lr": _r(peak),
+                "last_lr": _r(float(lrs[-1])),
+                "first_low_step": first,
+                "low_fraction": _r(float(low.mean())),
+                "threshold": LR_COLLAPSE,
+            },
+        )
+    ]
+
+
 RULES: list[Callable[[Evidence], list[Finding]]] = [
     non_finite,
     overconfident_init,
@@ -879,6 +1358,10 @@ RULES: list[Callable[[Evidence], list[Finding]]] = [
     unnormalized_inputs,
     double_softmax,
     gradients_accumulating,
+    untrained_parameters,
+    loss_expression,
+    not_learning,
+    lr_schedule,
 ]
 
 CODES = (
@@ -900,6 +1383,10 @@ CODES = (
     "double-softmax",
     "batchnorm-eval-mode-in-training",
     "gradients-accumulating",
+    "untrained-parameters",
+    "not-learning",
+    "double-sigmoid",
+    "loss-summed",
     "step-failed",  # diagnose only: the user's step raised after step 0 (exception text)
 )
 
