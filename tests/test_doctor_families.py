@@ -104,7 +104,7 @@ def test_trainability_names_each_reason():
     assert [m for m, _ in t["missing"]] == ["0.bias", "2.weight", "2.bias"]
     assert t["total"] == 16 + 4 + 16 + 4 + 8 + 2
     found = rules.untrained_parameters(evidence([1.0], trainability=t))
-    assert {(f.severity, f.where) for f in found} == {("error", "0.bias"), ("warning", "0.weight")}
+    assert {(f.severity, f.where) for f in found} == {("error", "0.bias"), ("info", "0.weight")}
 
 
 def test_a_detach_in_the_forward_is_named_in_the_loop():
@@ -180,13 +180,20 @@ def test_not_learning_sits_at_the_targets_entropy_and_names_dropout():
         softmax_loss=True,
         target_counts=counts,
         dropout={"drop": 0.9},
+        input_use=(0.0, 0.001),
     )
     (f,) = rules.not_learning(ev)
     assert f.code == "not-learning" and "p=0.9 in 'drop'" in f.message
     # the same run still falling at the end (a slow start), or well below H: no finding
     for later in (np.linspace(h, h - 0.5, 250), np.full(250, h - 0.3)):
         curve = np.r_[np.linspace(math.log(4), h, 50), later]
-        ev = evidence(noisy(curve, sd=0.05), classes=4, softmax_loss=True, target_counts=counts)
+        ev = evidence(
+            noisy(curve, sd=0.05),
+            classes=4,
+            softmax_loss=True,
+            target_counts=counts,
+            input_use=(0.0, 0.001),
+        )
         assert rules.not_learning(ev) == []
 
 

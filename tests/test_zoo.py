@@ -296,8 +296,8 @@ def test_healthy_recipes_get_no_lr_warning(name, lr):
     assert diag.ok, str(diag)
     assert not {"lr-too-high", "lr-too-low"} & diag.codes
     assert diag.suggested_lr == lr  # keep
-    assert diag.lr_test is not None and len(diag.lr_test.lrs) == 5
-    assert diag.lr_test.lrs[2] == lr
+    assert diag.lr_test is not None and len(diag.lr_test.lrs) >= 5
+    assert lr in diag.lr_test.lrs
 
 
 @pytest.mark.slow

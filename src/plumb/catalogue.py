@@ -945,19 +945,34 @@ SETUPS: list[SetUp] = _setups() + _zoo() + _zoo2()
 #: broken set-up to exactly its code plus these; any other code is a false finding.
 CONSEQUENCES: dict[str, tuple[tuple[str, ...], str]] = {
     "relu-negative-bias": (
-        ("untrained-parameters",),
-        "a layer whose units are all dead passes no gradient: the weights feeding it never change",
+        ("untrained-parameters", "not-learning"),
+        "a layer whose units are all dead passes no gradient, so the weights feeding it "
+        "never change, and nothing of the input reaches the output",
     ),
     "resmlp-dead-relu": (
         ("untrained-parameters",),
         "a branch whose units are all dead passes no gradient: its weights never change",
     ),
     "zero-init": (
+        ("untrained-parameters", "not-learning"),
+        "zero weights pass a zero gradient to the layers below them: those never change, "
+        "and the model predicts only the class frequencies",
+    ),
+    "tanh-tiny-gain": (
+        ("gradients-vanishing", "not-learning"),
+        "activations that shrink with depth shrink the gradients too; what reaches the "
+        "output carries nothing of the input, so the loss sits at the frequencies",
+    ),
+    "sigmoid-deep": (
+        ("not-learning",),
+        "no gradient reaches the early layers: the model learns only the class frequencies",
+    ),
+    "bn-train-mode-in-eval": (
         ("untrained-parameters",),
-        "zero weights pass a zero gradient to the layers below them: those never change",
+        "its backbone is frozen on purpose and handed to the optimizer: named as info",
     ),
     "cnn-summed-loss-sgd": (
-        ("dead-units", "lr-too-high", "non-finite"),
+        ("dead-units",),
         "the summed loss acts as a 64x larger lr under SGD: its steps overshoot and kill units",
     ),
     "gpt-lr-100x": (
@@ -968,10 +983,6 @@ CONSEQUENCES: dict[str, tuple[tuple[str, ...], str]] = {
         ("lr-too-high",),
         "logits of std ~10 give the output layer gradients ~10x too large: its first "
         "updates are far above 1e-3 of its weights",
-    ),
-    "tanh-tiny-gain": (
-        ("gradients-vanishing",),
-        "activations that shrink with depth shrink the gradients too",
     ),
     "plumb-tanh-tiny-gain": (
         ("gradients-vanishing", "lr-too-low"),

@@ -515,11 +515,15 @@ def diagnose(
             start=probes.step_count,
             scheduler=scheduler,
         )
+    use = None
+    if healthy and rank == 0 and not sharded and classes is not None:
+        use = input_use(unwrap(model), loss_fn, [next(stream) for _ in range(LR_TEST_EVAL)])
     ev = gather(
         probes,
         classes=classes,
         class_dim=class_dim,
         softmax_loss=classes is not None,
+        input_use=use,
         lr=_lr(optimizer),
         symmetry_start=symmetry,
         lr_test=test,
@@ -541,6 +545,31 @@ def _counts(targets: list[Tensor], classes: int | None) -> np.ndarray | None:
     y = torch.cat([t.cpu().long() for t in targets])
     y = y[(y >= 0) & (y < classes)]
     return torch.bincount(y, minlength=classes).numpy() if y.numel() else None
+
+
+def input_use(
+    model: nn.Module, loss_fn: Callable, batches: list[tuple[Any, Any]], seed: int = 0
+) -> tuple[float, float] | None:
+    """How much the model's predictions depend on its inputs: the held-out loss with the
+    inputs permuted across the batch (each target meets another example's input) minus
+    the loss with its own inputs, (mean, standard error) paired over ``batches``. A model
+    that ignores its inputs scores the same both ways; one that uses them scores worse
+    on permuted inputs. No update; the model in its mode. None when it cannot be run."""
+    g = torch.Generator().manual_seed(seed)
+    diffs = []
+    try:
+        with torch.no_grad():
+            for x, y in batches:
+                if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[0] < 2:
+                    return None
+                perm = torch.randperm(x.shape[0], generator=g).to(x.device)
+                diffs.append(float(loss_fn(model(x[perm]), y)) - float(loss_fn(model(x), y)))
+    except Exception:
+        return None
+    d = np.asarray(diffs)
+    if len(d) < 2 or not np.all(np.isfinite(d)):
+        return None
+    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d)))
 
 
 def _check_loss(loss: Any) -> None:

@@ -146,6 +146,7 @@ class Evidence:
     trainability: dict[str, Any] = field(default_factory=dict)  # see trainability()
     dropout: dict[str, float] = field(default_factory=dict)  # module -> drop probability
     optimizer_kind: str | None = None  # the optimizer's class name
+    input_use: tuple[float, float] | None = None  # (mean, se): loss(x permuted) - loss(x)
     _memo: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def cached(self, key: str, compute: Callable[[], Any]) -> Any:
@@ -357,6 +358,7 @@ def gather(
     lr: float | None,
     symmetry_start: dict[str, float],
     lr_test: LrTest | None = None,
+    input_use: tuple[float, float] | None = None,
     optimizer: Any = None,
     lrs: list[float] | None = None,
     target_counts: np.ndarray | None = None,
@@ -394,6 +396,7 @@ def gather(
         steps=probes.step_count,
         lr_test=lr_test,
         lrs=np.asarray(lrs if lrs is not None else [], dtype=np.float64),
+        input_use=input_use,
         loss_graph=probes.loss_graph,
         target_counts=target_counts,
         trainability=trainability(probes.model, optimizer),
