@@ -953,6 +953,10 @@ CONSEQUENCES: dict[str, tuple[tuple[str, ...], str]] = {
         ("untrained-parameters",),
         "a branch whose units are all dead passes no gradient: its weights never change",
     ),
+    "adamw-lr-1000x-low": (
+        ("not-learning",),
+        "weights that barely move leave the model at the input-free baseline",
+    ),
     "zero-init": (
         ("untrained-parameters", "not-learning"),
         "zero weights pass a zero gradient to the layers below them: those never change, "

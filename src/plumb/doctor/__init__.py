@@ -25,7 +25,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -39,6 +39,7 @@ from plumb.doctor.rules import (
     LR_TEST_PRACTICAL,
     Finding,
     apply_rules,
+    needs_input_test,
     sort_findings,
     suggested_lr,
 )
@@ -515,15 +516,11 @@ def diagnose(
             start=probes.step_count,
             scheduler=scheduler,
         )
-    use = None
-    if healthy and rank == 0 and not sharded and classes is not None:
-        use = input_use(unwrap(model), loss_fn, [next(stream) for _ in range(LR_TEST_EVAL)])
     ev = gather(
         probes,
         classes=classes,
         class_dim=class_dim,
         softmax_loss=classes is not None,
-        input_use=use,
         lr=_lr(optimizer),
         symmetry_start=symmetry,
         lr_test=test,
@@ -531,6 +528,9 @@ def diagnose(
         lrs=lrs,
         target_counts=_counts(targets, classes),
     )
+    if healthy and rank == 0 and not sharded and needs_input_test(ev):
+        held = [next(stream) for _ in range(LR_TEST_EVAL)]
+        ev = replace(ev, input_use=input_use(unwrap(model), loss_fn, held), _memo={})
     findings = apply_rules(ev)
     if crash is not None:
         findings.insert(0, crash)
@@ -554,10 +554,12 @@ def input_use(
     inputs permuted across the batch (each target meets another example's input) minus
     the loss with its own inputs, (mean, standard error) paired over ``batches``. A model
     that ignores its inputs scores the same both ways; one that uses them scores worse
-    on permuted inputs. No update; the model in its mode. None when it cannot be run."""
+    on permuted inputs. On a copy (no update, the copy in the model's mode: a BatchNorm's
+    running statistics are not touched). None when it cannot be run."""
     g = torch.Generator().manual_seed(seed)
     diffs = []
     try:
+        model = copy.deepcopy(model)
         with torch.no_grad():
             for x, y in batches:
                 if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[0] < 2:

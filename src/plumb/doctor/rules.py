@@ -1198,13 +1198,25 @@ def entropy(counts: np.ndarray) -> tuple[float, int]:
 
 
 def _stalled_at_baseline(ev: Evidence) -> dict[str, float] | None:
-    """The measurement behind ``not_learning`` (None: the loss is not stuck there)."""
-    return ev.cached("stalled", lambda: _measure_stall(ev))
+    """The measurement behind ``not_learning`` (None: the loss is not stuck there, or the
+    inputs measurably move it). Only ``diagnose`` can test the inputs (it owns the
+    batches): without that test (a user's loop) this is None."""
+    st = ev.cached("stall", lambda: _measure_stall(ev))
+    use = ev.input_use  # held-out loss with inputs permuted minus with them
+    if st is None or use is None:
+        return None
+    if use[0] > max(3 * use[1], INFORMATION_FLOOR * st["base"]):
+        return None  # the inputs move the loss by a practical amount: a slow start
+    return st
+
+
+def needs_input_test(ev: Evidence) -> bool:
+    """Whether the loss curve alone sits at the input-free baseline, so that the input
+    test (``plumb.doctor.input_use``) must decide; ``diagnose`` runs it only then."""
+    return ev.input_use is None and ev.cached("stall", lambda: _measure_stall(ev)) is not None
 
 
 def _measure_stall(ev: Evidence) -> dict[str, float] | None:
-    if ev.input_use is None:  # only diagnose can test the inputs (it owns the batches)
-        return None
     if not ev.classes or not ev.softmax_loss or ev.classes < 2:
         return None
     if ev.first_nonfinite_step() is not None:
@@ -1266,9 +1278,6 @@ def not_learning(ev: Evidence) -> list[Finding]:
     st = _stalled_at_baseline(ev)
     if st is None:
         return []
-    use = ev.input_use  # diagnose: held-out loss with inputs permuted minus with them
-    if use is not None and use[0] > max(3 * use[1], INFORMATION_FLOOR * st["base"]):
-        return []  # the inputs move the loss by a practical amount: a slow start
     last, mid, h, samples, lnc, se = (st[k] for k in ("last", "mid", "h", "samples", "lnc", "se"))
     gain = st["base"] - last
     causes = [
@@ -1289,6 +1298,11 @@ def not_learning(ev: Evidence) -> list[Finding]:
         causes.append(f"the inputs are constant (std {x['std']:.2g}): check the data pipeline")
     if any(f.severity == "error" for f in untrained_parameters(ev)):
         causes.append("parameters are cut off from the loss (see untrained-parameters)")
+    m = median_update(ev)
+    if finite(m) and m < UPDATE_TARGET - UPDATE_BAND:
+        causes.append(
+            f"the lr: the weights move only 10^{m:.1f} of their size per step (see lr-too-low)"
+        )
     jump = _transient_rise(ev)
     if jump is not None:
         causes.append(
