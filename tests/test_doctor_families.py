@@ -74,7 +74,7 @@ def test_a_win_within_the_practical_margin_keeps_the_lr():
     assert ev.lr_test.significantly_better(0, rules.LR_TEST_Z)
     assert rules._better_lr(ev) is None and rules.suggested_lr(ev) == 0.1
     diag = Diagnosis([], 100, 3.3, 2.8, suggested_lr=0.1, lr_test=ev.lr_test)
-    assert "within noise" in str(diag) and "0.006 nats lower" in str(diag)
+    assert "practical margin" in str(diag) and "0.006 nats lower" in str(diag)
     # the same test with a gain of 5% of the loss: lower it
     per[0] = list(base - 0.14)
     ev = evidence(np.full(100, 2.8), lr=0.1, lr_test=_test([float(np.mean(p)) for p in per], per))

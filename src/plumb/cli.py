@@ -643,7 +643,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     steps = args.steps
     args.steps = None  # the train config's steps: not the doctor's
     model_cfg, train_cfg = build_configs(args)
-    diag = doctor_run(model_cfg, train_cfg, args.data, steps=steps)
+    diag = doctor_run(model_cfg, train_cfg, args.data, steps=steps, verify=args.verify)
     print(diag.to_json() if args.json else diag)
     return 0 if diag.ok else 1
 
@@ -786,6 +786,7 @@ def make_parser() -> argparse.ArgumentParser:
         help="diagnose a model's training: findings with evidence and a fix (exit 1 if not ok)",
         epilog="examples:\n  plumb doctor                               # lecture-deep\n"
         "  plumb doctor --preset lecture-mlp:original --json\n"
+        "  plumb doctor --preset lecture-mlp:original --verify   # measure each fix\n"
         "  plumb doctor --norm none --gain 0.5 --n-layers 10\n"
         "  plumb doctor --catalogue                   # the fault catalogue's confusion table",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -795,6 +796,12 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=100, help="training steps to watch (100)")
     _add_step_flags(g)
     g.add_argument("--json", action="store_true", help="print the diagnosis as JSON")
+    g.add_argument(
+        "--verify",
+        action="store_true",
+        help="measure each finding's fix: train copies from the same start on the same "
+        "batches with and without it, compare held-out loss (off)",
+    )
     g.add_argument(
         "--catalogue",
         nargs="?",

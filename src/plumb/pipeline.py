@@ -429,10 +429,11 @@ def doctor_run(
     train_cfg: TrainConfig,
     data_path: str | Path | None = None,
     steps: int = 100,
+    verify: bool = False,
 ) -> Diagnosis:
     """``plumb doctor``: build the model as ``train_run`` would and diagnose ``steps``
     training steps of it (batches drawn as the training loop draws them, at the
-    configured lr, optimizer and seed)."""
+    configured lr, optimizer and seed); ``verify``: measure each finding's fix."""
     data, model, device, g = build(model_cfg, train_cfg, data_path)
     X, Y = data.train.X.to(device), data.train.Y.to(device).long()
     if X.shape[0] == 0:
@@ -444,5 +445,10 @@ def doctor_run(
 
     model.train()
     return diagnose(
-        model, batch, torch.nn.functional.cross_entropy, make_optimizer(model, train_cfg), steps
+        model,
+        batch,
+        torch.nn.functional.cross_entropy,
+        make_optimizer(model, train_cfg),
+        steps,
+        verify=verify,
     )

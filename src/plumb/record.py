@@ -214,13 +214,23 @@ STAT_ORDER = (
 )
 
 
+#: The one definition of update:data, for every view that names it.
+UPDATE_DATA = "log10(rms(Δp) / rms(p))"
+#: grad:data is left out while a parameter's elements differ by less than this fraction
+#: of their size: a gain initialised to ones has std ~0, and std(grad) / std(p) would
+#: then be a ratio of rounding (1/lr after one step), not the lecture's measure.
+CONSTANT_SPREAD = 1e-2
+
+
 def _derive(params: dict[str, dict[str, float]]) -> None:
     """grad:data = std(grad) / std(p) (float32 arithmetic, as the lecture's
-    ``grad.std() / p.std()``); update:data = log10(rms(p_t - p_{t-1}) / rms(p_t))."""
+    ``grad.std() / p.std()``), for parameters that are not (still) constant (std(p) >=
+    CONSTANT_SPREAD rms(p)); update:data = log10(rms(p_t - p_{t-1}) / rms(p_t))."""
     with np.errstate(divide="ignore", invalid="ignore"):
         for stats in params.values():
             std = np.float32(stats.get("std", np.nan))
-            if "grad_std" in stats:
+            spread = stats.get("std", np.nan) >= CONSTANT_SPREAD * stats.get("rms", np.nan)
+            if "grad_std" in stats and (spread or "rms" not in stats):
                 stats["grad_data"] = float(np.float32(stats["grad_std"]) / std)
             upd = stats.pop("update_rms", None)
             if upd is not None:

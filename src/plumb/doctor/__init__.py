@@ -37,12 +37,14 @@ from plumb.doctor.evidence import Evidence, LrTest, gather, weight_symmetry
 from plumb.doctor.rules import (
     CODES,
     LR_TEST_PRACTICAL,
+    LR_TEST_Z,
     Finding,
     apply_rules,
     needs_input_test,
     sort_findings,
     suggested_lr,
 )
+from plumb.doctor.verify import scale_lr, train_twin, twin_of, verify_findings
 from plumb.errors import PlumbError
 from plumb.init import expected_initial_loss
 from plumb.io import jsonable
@@ -75,6 +77,45 @@ class Diagnosis:
         """No finding with severity error or warning."""
         return not any(f.severity in ("error", "warning") for f in self.findings)
 
+    def verify(
+        self,
+        model: nn.Module,
+        optimizer: Any,
+        batches: Iterable[tuple[Any, Any]] | Callable[[], tuple[Any, Any]],
+        loss_fn: Callable[[Any, Any], Tensor],
+        steps: int | None = None,
+        *,
+        scheduler: Any = None,
+    ) -> Diagnosis:
+        """Measure the fix of every finding that has one (``plumb.doctor.verify.FIXES``):
+        ``model`` and ``optimizer`` (and ``scheduler``) at the state to train from, e.g.
+        freshly built with the seed of the diagnosed run (copies are made; they are not
+        touched); ``steps`` training batches (default: the diagnosis's steps) and 16
+        held-out batches are drawn from ``batches``. Returns a new Diagnosis whose
+        findings carry ``evidence["verified"]``; a fix that did not help is info."""
+        n = steps or self.steps
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise PlumbError(f"steps must be an integer >= 1, got {steps!r}")
+        stream = _batch_stream(batches)
+        train = [next(stream) for _ in range(n)]
+        held = [next(stream) for _ in range(LR_TEST_EVAL)]
+        lr = _lr(optimizer)
+        findings = verify_findings(
+            self.findings,
+            (model, optimizer, scheduler),
+            loss_fn,
+            train,
+            held,
+            lr=lr,
+            suggested_lr=self.suggested_lr,
+        )
+        return replace(self, findings=sort_findings(findings))
+
+    @property
+    def verified(self) -> list[Finding]:
+        """The findings whose fix was measured."""
+        return [f for f in self.findings if "verified" in f.evidence]
+
     def keep_reason(self) -> str:
         """Why the current lr is kept: " (keep)", or, when another lr ended lower in the
         test, " (keep: lr X ended Y nats lower, within noise / under the practical
@@ -85,11 +126,12 @@ class Diagnosis:
         if t.best == t.current:
             return " (keep: the best in the lr test)"
         mean, se = t.gain(t.best)
-        return (
-            f" (keep: lr {t.lrs[t.best]:.3g} ended {-mean:.2g} nats lower, within noise "
-            f"(standard error {se:.2g}) or under the practical margin of "
-            f"{LR_TEST_PRACTICAL:.0%} of the loss)"
+        why = (
+            f"within noise: 3 standard errors are {3 * se:.2g}"
+            if -mean <= LR_TEST_Z * se
+            else f"under the practical margin of {LR_TEST_PRACTICAL:.0%} of the loss"
         )
+        return f" (keep: lr {t.lrs[t.best]:.3g} ended {-mean:.2g} nats lower, {why})"
 
     def to_dict(self) -> dict[str, Any]:
         def num(x: float | None) -> float | str | None:
@@ -130,7 +172,6 @@ class Diagnosis:
     def _repr_html_(self) -> str:
         """Jupyter: the verdict, the losses, the lr test, each finding with its evidence."""
         esc = html.escape
-        color = {"error": "#b00020", "warning": "#b26a00", "info": "#2a6fb0"}
         verdict = "healthy" if self.ok else "needs attention"
         exp = f" (expected {self.expected_initial_loss:.3f})" if self.expected_initial_loss else ""
         parts = [
@@ -142,15 +183,30 @@ class Diagnosis:
             parts.append(f"<div>lr test (held-out loss): {esc(self.lr_test.table())}</div>")
         if self.suggested_lr is not None:
             parts.append(f"<div>suggested lr: {self.suggested_lr:g}{esc(self.keep_reason())}</div>")
-        for f in self.findings:
-            ev = esc(json.dumps(jsonable(f.evidence), ensure_ascii=False))
-            parts.append(
-                f'<div style="border-left:4px solid {color.get(f.severity, "#888")};'
-                f'padding:2px 8px;margin:4px 0"><b>{esc(f.severity)}</b> '
-                f"<code>{esc(f.code)}</code> at <code>{esc(f.where)}</code>: "
-                f'{esc(f.message)}<div style="color:#666;font-size:85%">{ev}</div></div>'
-            )
+        parts += [finding_html(f.to_dict()) for f in self.findings]
         return "".join(parts)
+
+
+_SEVERITY_COLOR = {"error": "#b00020", "warning": "#b26a00", "info": "#2a6fb0"}
+
+
+def finding_html(f: dict[str, Any]) -> str:
+    """One finding (``Finding.to_dict()``, or a row of findings.json) as HTML: severity,
+    code, place and the message in a sentence; the evidence's JSON folded under
+    <details>. Classes for the report's stylesheet, and an inline border for a notebook
+    that has none. The one renderer the report and the Jupyter views share."""
+    sev = f.get("severity", "info")
+    sev = sev if sev in _SEVERITY_COLOR else "info"
+    evidence = json.dumps(jsonable(f.get("evidence", {})), ensure_ascii=False, indent=1)
+    return (
+        f'<div class="finding {sev}" style="border-left:4px solid {_SEVERITY_COLOR[sev]};'
+        f'padding:2px 8px;margin:4px 0"><b>{html.escape(sev)}</b> '
+        f"<code>{html.escape(str(f.get('code', '')))}</code> at "
+        f"<code>{html.escape(str(f.get('where', '')))}</code>: "
+        f"{html.escape(str(f.get('message', '')))}"
+        f'<details><summary class="muted">evidence</summary><pre class="mono">'
+        f"{html.escape(evidence)}</pre></details></div>"
+    )
 
 
 # --- batches --------------------------------------------------------------------------
@@ -254,9 +310,11 @@ def softmax_dim(out: Tensor | None, grad: Tensor | None) -> int | None:
     """The output dimension a loss applies softmax over, read from dL/d(output): a loss
     invariant to adding a constant along dim d (what log-softmax makes cross-entropy)
     has a gradient that sums to zero along d, row by row (the derivative of
-    L(out + c 1) in c). Zero to float rounding (1e-3 of each row's L1 norm: cross-entropy
-    gives ~1e-7, MSE or NLL of log-probs give O(1)). Tried for dim 1 and the last dim;
-    rows with no gradient (ignored positions) are skipped. None: no such dimension."""
+    L(out + c 1) in c). Zero to float rounding, pooled over rows (the summed |row sums|
+    under 1e-3 of the summed L1 norms: cross-entropy gives ~1e-7, MSE or NLL of
+    log-probs give O(1); a single confidently right row of huge logits can reach 3e-3
+    alone, which pooling absorbs). Tried for dim 1 and the last dim. None: no such
+    dimension."""
     if out is None or grad is None or grad.shape != out.shape or out.dim() < 2:
         return None
     for d in dict.fromkeys([1, out.dim() - 1]):
@@ -264,10 +322,11 @@ def softmax_dim(out: Tensor | None, grad: Tensor | None) -> int | None:
             continue
         g = grad.double()
         l1 = g.abs().sum(d)
-        rows = l1 > 0
-        if not rows.any():
+        if not bool((l1 > 0).any()):
             return None
-        if bool(((g.sum(d).abs() <= 1e-3 * l1) | ~rows).all()):
+        # pooled over rows: a confidently right row (huge logits) has a gradient near
+        # float32's rounding of its softmax, so its own sum is noise; the total is not
+        if float(g.sum(d).abs().sum()) <= 1e-3 * float(l1.sum()):
             return d
     return None
 
@@ -347,31 +406,14 @@ def lr_test(
     lr = _lr(optimizer)
     if not lr or not train_batches or not eval_batches:
         return None
-    device = next(iter(model.parameters())).device
     runs: dict[float, list[float]] = {}
 
     def run(f: float) -> list[float] | None:
-        try:
-            twin, opt, sched = copy.deepcopy((model, optimizer, scheduler))
-        except Exception:  # a model or optimizer that cannot be deep-copied
+        twin = twin_of((model, optimizer, scheduler))
+        if twin is None:
             return None
-        _scale_lr(opt, sched, f)
-        devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            try:
-                for x, y in train_batches:
-                    loss = loss_fn(twin(x), y)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    if sched is not None:
-                        sched.step()
-                with torch.no_grad():
-                    scores = [float(loss_fn(twin(x), y)) for x, y in eval_batches]
-            except Exception:
-                return None
-        return [v if math.isfinite(v) else math.inf for v in scores]
+        scale_lr(twin.optimizer, twin.scheduler, f)
+        return train_twin(twin, loss_fn, train_batches, eval_batches, seed=seed)
 
     for f in factors:
         got = run(f)
@@ -400,16 +442,6 @@ def lr_test(
     )
 
 
-def _scale_lr(optimizer: Any, scheduler: Any, factor: float) -> None:
-    """Multiply every lr an optimizer (and its scheduler) holds by ``factor``."""
-    for group in optimizer.param_groups:
-        for key in ("lr", "initial_lr", "max_lr", "min_lr"):
-            if isinstance(group.get(key), int | float):
-                group[key] = group[key] * factor
-    if scheduler is not None and hasattr(scheduler, "base_lrs"):
-        scheduler.base_lrs = [b * factor for b in scheduler.base_lrs]
-
-
 # --- diagnose ---------------------------------------------------------------------------
 def diagnose(
     model: nn.Module,
@@ -420,6 +452,7 @@ def diagnose(
     *,
     test_lr: bool = True,
     scheduler: Any = None,
+    verify: bool = False,
 ) -> Diagnosis:
     """Train ``model`` in place for ``steps`` steps with probes attached and diagnose it.
 
@@ -430,8 +463,10 @@ def diagnose(
     the lr test (5 copies x 30 steps, scored on 16 further batches) that the learning-rate
     findings and ``suggested_lr`` rest on. ``scheduler``: the lr scheduler of a
     per-step schedule (warm-up, cosine, ...), stepped after every optimizer step here
-    and continued in the lr test's copies (its base lrs scaled with the lr). Returns a
-    :class:`Diagnosis`.
+    and continued in the lr test's copies (its base lrs scaled with the lr). ``verify``:
+    measure each finding's fix (``plumb.doctor.verify``): copies from the starting state
+    trained on the same batches with and without the fix, scored on held-out batches;
+    costs (1 + fixable findings) x ``steps`` training steps. Returns a :class:`Diagnosis`.
     """
     if not isinstance(model, nn.Module):
         raise PlumbError(f"diagnose needs a torch.nn.Module, got {type(model).__name__}")
@@ -445,6 +480,10 @@ def diagnose(
         )
     stream = _batch_stream(batches)
     t0 = time.perf_counter()
+    rank, size = world()
+    verify = verify and size == 1  # copies of one process's model; not under DDP/FSDP
+    start = copy.deepcopy((model, optimizer, scheduler)) if verify else None
+    seen: list[tuple[Any, Any]] = []
     probes = Probes(model, 1, hist_every=max(steps, 1) * 1000, watch_modes=True)
     symmetry = weight_symmetry(model)
     found: dict[str, int] = {}
@@ -469,6 +508,8 @@ def diagnose(
         x, y = next(stream)
         if i == 0:
             y_first.append(y)
+        if verify:
+            seen.append((x, y))
         if isinstance(y, Tensor) and not y.is_floating_point() and y.numel():
             targets.append(y.detach().reshape(-1))
         return x, y
@@ -499,7 +540,7 @@ def diagnose(
     classes, class_dim = found.get("classes"), found.get("class_dim", 1)
     test = None
     healthy = crash is None and len(probes.history.loss) and np.isfinite(probes.history.loss[-1])
-    rank, size = world()
+    held: list[tuple[Any, Any]] = []
     # Under torch.distributed rank 0 runs the lr test on copies of the unwrapped module
     # with its own batches (no collectives; not for sharded parameters), and every rank
     # ends with rank 0's findings (the statistics they rest on are global already).
@@ -532,6 +573,11 @@ def diagnose(
         held = [next(stream) for _ in range(LR_TEST_EVAL)]
         ev = replace(ev, input_use=input_use(unwrap(model), loss_fn, held), _memo={})
     findings = apply_rules(ev)
+    if start is not None and crash is None:
+        held = held or [next(stream) for _ in range(LR_TEST_EVAL)]
+        findings = verify_findings(
+            findings, start, loss_fn, seen, held, lr=ev.lr, suggested_lr=suggested_lr(ev)
+        )
     if crash is not None:
         findings.insert(0, crash)
     return from_rank0(_summary(ev, findings, time.perf_counter() - t0))

@@ -176,6 +176,7 @@ def overconfident_init(ev: Evidence) -> list[Finding]:
                 "excess_nats": _r(excess),
                 "logit_std": _r(s),
                 "tied_to": tied,
+                "scale": factor,
                 "info_above_nats": _r(OVERCONFIDENT_FRACTION * expected),
                 "warning_above_nats": _r(expected),
             },

@@ -21,13 +21,14 @@ from plumb.experiments.base import (
     reference_line,
 )
 from plumb.probes import Probes
+from plumb.record import UPDATE_DATA
 from plumb.train import split_loss
 
 NAME = "update-ratio"
 TITLE = "The update:data ratio and the learning rate"
 QUESTION = (
     "How large is each SGD update relative to the weights it changes, "
-    "log10(std(lr * grad) / std(W)), across learning rates {sweep}: which lr lands "
+    f"update:data = {UPDATE_DATA}, across learning rates {{sweep}}: which lr lands "
     "near the lecture's 1e-3, and is that the lr with the best loss?"
 )
 STEPS = (3000, 60)

@@ -11,6 +11,7 @@ from typing import Any
 import matplotlib.pyplot as plt
 import numpy as np
 
+from plumb.doctor import finding_html
 from plumb.errors import PlumbError
 from plumb.io import atomic_write_bytes
 from plumb.record import Record, load_run
@@ -145,14 +146,7 @@ def _findings_table(recs: list[Record], labels: list[str]) -> str:
         elif not r.findings:
             cols.append("healthy: nothing to flag")
         else:
-            cols.append(
-                "".join(
-                    f'<div class="finding {e(f.get("severity", "info"))}"><b>'
-                    f"{e(f.get('severity', ''))}</b> <code>{e(f.get('code', ''))}</code> at "
-                    f"<code>{e(f.get('where', ''))}</code>: {e(f.get('message', ''))}</div>"
-                    for f in r.findings
-                )
-            )
+            cols.append("".join(finding_html(f) for f in r.findings))
     head = "".join(f"<th class='l'>{e(x)}</th>" for x in labels)
     cells = "".join(f"<td class='l' style='vertical-align:top'>{c}</td>" for c in cols)
     return f"<table style='table-layout:fixed;width:100%'><tr>{head}</tr><tr>{cells}</tr></table>"

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-from plumb.record import Record
+from plumb.record import UPDATE_DATA, Record
 from plumb.stats import RECTIFYING, SATURATING
 
 UPDATE_GUIDE = -3.0  # log10(1e-3): the lecture's rule of thumb for update:data
@@ -199,7 +199,7 @@ def update_ratio(rec: Record) -> Figure | None:
         plt.close(fig)
         return None
     ax.axhline(UPDATE_GUIDE, color="k", linestyle="--", linewidth=1, label="1e-3 (guide)")
-    ax.set_title("update:data ratio, log10(rms(Δp) / rms(p))")
+    ax.set_title(f"update:data ratio, {UPDATE_DATA}")
     step_axis(ax)
     ax.set_ylabel("log10 ratio")
     _legend(ax, len(names))

@@ -15,8 +15,9 @@ import math
 import time
 from typing import Any
 
+from plumb.doctor import finding_html
 from plumb.doctor.rules import CODES
-from plumb.record import Record
+from plumb.record import UPDATE_DATA, Record
 from plumb.report.figures import FIGURES
 from plumb.report.tables import COLUMNS, HEADERS, fmt, layer_rows
 
@@ -46,7 +47,7 @@ CAPTIONS = {
     "gradients": "Distribution of the gradient flowing into each activation layer's output. "
     "Healthy: similar widths across depth.",
     "weight_gradients": "Distribution of each weight's gradient, with grad:data = std(grad)/std(W).",
-    "update_ratio": "log10(std(update)/std(W)) per weight over training; the dashed line is "
+    "update_ratio": f"update:data = {UPDATE_DATA} per weight over training; the dashed line is "
     "the lecture's ~1e-3 guide.",
     "loss": "Training loss (training mode, log10, averaged over windows of steps) and, when "
     "evaluated during training, the validation loss in eval mode with its best point.",
@@ -215,16 +216,7 @@ def _findings(rec: Record) -> str:
         )
     if not rec.findings:
         return '<p class="muted">No findings recorded for this run.</p>'
-    out = []
-    for f in rec.findings:
-        sev = f.get("severity", "info")
-        sev_class = sev if sev in ("error", "warning", "info") else "info"
-        out.append(
-            f'<div class="finding {sev_class}"><b>{e(sev)}</b> <code>{e(f.get("code", ""))}</code>'
-            f" at <code>{e(f.get('where', ''))}</code>: {e(f.get('message', ''))}"
-            f'<div class="muted mono">{e(json.dumps(f.get("evidence", {}), ensure_ascii=False))}</div></div>'
-        )
-    return "\n".join(out)
+    return "\n".join(finding_html(f) for f in rec.findings)
 
 
 def _layer_table(rec: Record) -> str:

@@ -1,0 +1,297 @@
+"""Advice that is measured: apply a finding's fix to a copy of the model and train it.
+
+For each finding whose fix can be applied mechanically (``FIXES``: the lr, an
+output layer's scale, BatchNorm's mode, parameters missing from the optimizer or frozen,
+a Softmax module before a softmax loss, input standardisation, heavy dropout, a summed
+loss's lr), two copies are trained from the same starting state on the same batches with
+the same random stream, one as it is (the control) and one with the fix, then scored on
+the same held-out batches. The measured change is the paired difference of held-out loss
+per batch, fixed - control, with its standard error. A fix that does not lower the loss by
+more than 3 standard errors and 2% did not measurably help: its finding is demoted to info and
+says so; an info whose fix measurably helped becomes a warning. Held-out loss is scored
+in eval mode, as a validation pass would. The user's model and optimizer are never
+touched.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from plumb.doctor.rules import LR_TEST_PRACTICAL, Finding
+
+VERIFY_Z = 3.0  # standard errors a fix must gain by to count as helping
+VERIFY_PRACTICAL = LR_TEST_PRACTICAL  # ... and this fraction of the control's loss
+
+
+@dataclass
+class Twin:
+    """A copy of the training set-up that a fix may change."""
+
+    model: nn.Module
+    optimizer: Any
+    scheduler: Any = None
+    transform: Callable[[Any], Any] | None = None  # applied to every input batch
+    lr: float | None = None  # the current lr (param group 0), for the lr fixes
+    suggested_lr: float | None = None
+    batches: list[tuple[Any, Any]] = field(default_factory=list)
+
+
+def scale_lr(optimizer: Any, scheduler: Any, factor: float) -> None:
+    """Multiply every lr an optimizer (and its scheduler) holds by ``factor``: the
+    schedule keeps its shape."""
+    for group in optimizer.param_groups:
+        for key in ("lr", "initial_lr", "max_lr", "min_lr"):
+            if isinstance(group.get(key), int | float):
+                group[key] = group[key] * factor
+    if scheduler is not None and hasattr(scheduler, "base_lrs"):
+        scheduler.base_lrs = [b * factor for b in scheduler.base_lrs]
+
+
+def twin_of(start: tuple[nn.Module, Any, Any], **kw: Any) -> Twin | None:
+    """A deep copy of ``start`` = (model, optimizer, scheduler); None when it cannot be
+    copied."""
+    try:
+        model, opt, sched = copy.deepcopy(start)
+    except Exception:  # a model or optimizer that cannot be deep-copied
+        return None
+    return Twin(model, opt, sched, **kw)
+
+
+def train_twin(
+    twin: Twin,
+    loss_fn: Callable[[Any, Any], Tensor],
+    train: list[tuple[Any, Any]],
+    held: list[tuple[Any, Any]],
+    *,
+    seed: int = 0,
+    score_eval: bool = False,
+) -> list[float] | None:
+    """Train ``twin`` on ``train`` (zero_grad, backward, step, scheduler step) with torch's
+    random stream seeded by ``seed`` (dropout alike for every copy), then score it on
+    ``held``: loss per batch, no update, inf for a non-finite one; in the model's own
+    mode, or in eval mode (``score_eval``: what a validation pass does). None when a
+    step fails."""
+    device = next(iter(twin.model.parameters()), torch.empty(0)).device
+    prep = twin.transform or (lambda x: x)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        try:
+            for x, y in train:
+                loss = loss_fn(twin.model(prep(x)), y)
+                twin.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                twin.optimizer.step()
+                if twin.scheduler is not None:
+                    twin.scheduler.step()
+            if score_eval:
+                twin.model.eval()
+            with torch.no_grad():
+                scores = [float(loss_fn(twin.model(prep(x)), y)) for x, y in held]
+        except Exception:
+            return None
+    return [v if math.isfinite(v) else math.inf for v in scores]
+
+
+# --- the fixes: each changes a Twin and says what it did, or returns None -------------------
+def _fix_lr(f: Finding, t: Twin) -> str | None:
+    if f.where == "schedule":  # the lr collapsed under the scheduler: run without it
+        if t.scheduler is None:
+            return None  # the user's loop steps it: plumb cannot replay that loop
+        for group in t.optimizer.param_groups:
+            group["lr"] = group.get("initial_lr", group["lr"])
+        t.scheduler = None
+        return "the scheduler removed (its initial lr, constant)"
+    if not t.lr:
+        return None
+    new = t.suggested_lr
+    if new is None or new == t.lr:  # no measured suggestion: a decade, the finding's way
+        new = t.lr * 10 if f.code == "lr-too-low" else t.lr / 10
+    scale_lr(t.optimizer, t.scheduler, new / t.lr)
+    return f"lr {t.lr:g} -> {new:.3g}"
+
+
+def _fix_untrained(f: Finding, t: Twin) -> str | None:
+    ev = f.evidence
+    names = set(ev.get("not_in_optimizer", [])) | set(ev.get("frozen", []))
+    if not names:
+        return None  # a gradient cut off in the forward: no mechanical fix
+    params = dict(t.model.named_parameters())
+    held = {id(p) for g in t.optimizer.param_groups for p in g["params"]}
+    add = []
+    for name in sorted(names & params.keys()):
+        p = params[name]
+        p.requires_grad_(True)
+        if id(p) not in held:
+            add.append(p)
+    if add:
+        group = {k: v for k, v in t.optimizer.param_groups[0].items() if k != "params"}
+        t.optimizer.add_param_group({**group, "params": add})
+    return f"train {len(names)} parameter tensor(s): requires_grad and in the optimizer"
+
+
+def _fix_overconfident(f: Finding, t: Twin) -> str | None:
+    factor, layer = f.evidence.get("scale"), f.where
+    if not factor or f.evidence.get("tied_to"):
+        return None  # a tied output weight is the embedding too: no mechanical fix
+    module = dict(t.model.named_modules()).get(layer)
+    w = getattr(module, "weight", None)
+    if not isinstance(w, Tensor):
+        return None
+    with torch.no_grad():
+        w.mul_(factor)
+        if isinstance(getattr(module, "bias", None), Tensor):
+            module.bias.zero_()
+    return f"'{layer}' weights x {factor:g}"
+
+
+def _fix_bn_mode(f: Finding, t: Twin) -> str | None:
+    t.model.train()
+    return "model.train() before training"
+
+
+def _fix_softmax(f: Finding, t: Twin) -> str | None:
+    if f.where != "output":
+        return None  # a softmax in the user's loss expression: plumb cannot rewrite it
+    for name, m in reversed(list(t.model.named_modules())):
+        if isinstance(m, nn.Softmax | nn.LogSoftmax) and name:
+            parent, _, leaf = name.rpartition(".")
+            setattr(t.model.get_submodule(parent) if parent else t.model, leaf, nn.Identity())
+            return f"'{name}' ({type(m).__name__}) removed"
+    return None
+
+
+def _fix_inputs(f: Finding, t: Twin) -> str | None:
+    xs = [x for x, _ in t.batches if isinstance(x, Tensor) and x.is_floating_point()]
+    if not xs:
+        return None
+    x0 = torch.cat([x.reshape(-1) for x in xs[:8]])
+    mean, std = float(x0.mean()), float(x0.std())
+    if not std > 0:
+        return None
+    t.transform = lambda x: (x - mean) / std
+    return f"inputs standardised: (x - {mean:.3g}) / {std:.3g}"
+
+
+def _fix_dropout(f: Finding, t: Twin) -> str | None:
+    heavy = [m for m in t.model.modules() if "Dropout" in type(m).__name__ and m.p >= 0.5]
+    for m in heavy:
+        m.p = 0.1
+    return f"dropout {len(heavy)} module(s) p -> 0.1" if heavy else None
+
+
+def _fix_sum(f: Finding, t: Twin) -> str | None:
+    rows = f.evidence.get("rows")
+    if not rows or f.severity != "warning":
+        return None
+    scale_lr(t.optimizer, t.scheduler, 1 / rows)
+    return f"lr / {rows} (the mean's scale)"
+
+
+FIXES: dict[str, Callable[[Finding, Twin], str | None]] = {
+    "non-finite": _fix_lr,
+    "lr-too-high": _fix_lr,
+    "lr-too-low": _fix_lr,
+    "untrained-parameters": _fix_untrained,
+    "overconfident-init": _fix_overconfident,
+    "batchnorm-eval-mode-in-training": _fix_bn_mode,
+    "double-softmax": _fix_softmax,
+    "unnormalized-inputs": _fix_inputs,
+    "not-learning": _fix_dropout,
+    "loss-summed": _fix_sum,
+}
+
+
+def verify_findings(
+    findings: list[Finding],
+    start: tuple[nn.Module, Any, Any],
+    loss_fn: Callable[[Any, Any], Tensor],
+    train: list[tuple[Any, Any]],
+    held: list[tuple[Any, Any]],
+    *,
+    lr: float | None = None,
+    suggested_lr: float | None = None,
+    seed: int = 0,
+) -> list[Finding]:
+    """Each finding with a fix in ``FIXES``, measured: ``evidence["verified"]`` holds the
+    fix, the control's and the fixed copy's held-out loss (eval mode), their paired
+    difference and its standard error, and the message says what was measured. A fix
+    that did not help by ``VERIFY_Z`` standard errors turns its finding into info; an
+    info whose fix measurably helped becomes a warning. The same fix (several BatchNorms
+    in eval mode, non-finite and lr-too-high both lowering the lr) is trained once.
+    Returns new findings."""
+    kw = {"lr": lr, "suggested_lr": suggested_lr, "batches": train}
+    fixed: dict[str, list[float] | None] = {}
+    control: list[float] | None = None
+    out = []
+    for f in findings:
+        fix = FIXES.get(f.code)
+        twin = twin_of(start, **kw) if fix is not None else None
+        what = fix(f, twin) if twin is not None else None
+        if what is None:
+            out.append(f)
+            continue
+        if control is None:
+            base = twin_of(start, **kw)
+            control = (
+                train_twin(base, loss_fn, train, held, seed=seed, score_eval=True) if base else None
+            )
+        if what not in fixed:
+            fixed[what] = train_twin(twin, loss_fn, train, held, seed=seed, score_eval=True)
+        scores = fixed[what]
+        if control is None or scores is None:
+            out.append(f)
+            continue
+        out.append(_measured(f, what, np.asarray(control), np.asarray(scores), len(train)))
+    return out
+
+
+def _measured(f: Finding, what: str, control: np.ndarray, fixed: np.ndarray, steps: int) -> Finding:
+    both = np.isfinite(control) & np.isfinite(fixed)
+    if both.all():
+        d = fixed - control
+        mean = float(d.mean())
+        se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.inf
+    else:  # one side diverged: the finite side wins outright
+        mean = -math.inf if np.isfinite(fixed).all() else math.inf
+        se = 0.0
+    c, x = float(np.mean(control)), float(np.mean(fixed))
+    # significant (VERIFY_Z standard errors, paired) and practically large (2% of the
+    # control's loss): the same two bars an lr suggestion must clear
+    helped = mean < 0 and (
+        mean == -math.inf or (-mean > VERIFY_Z * se and -mean > VERIFY_PRACTICAL * abs(c))
+    )
+    text = (
+        f"held-out loss {c:.4g} -> {x:.4g} ({mean:+.3g} nats, standard error {se:.2g}) "
+        f"after {steps} steps from the same start with the fix ({what})"
+    )
+    evidence = dict(f.evidence)
+    evidence["verified"] = {
+        "fix": what,
+        "steps": steps,
+        "control_loss": c,
+        "fixed_loss": x,
+        "change": mean,
+        "standard_error": se,
+        "helped": helped,
+    }
+    if helped and f.severity == "info":  # the measurement shows it matters
+        return Finding(
+            f.code, "warning", f.where, f"{f.message} [measured: {text}; a warning now]", evidence
+        )
+    if helped:
+        return Finding(f.code, f.severity, f.where, f"{f.message} [measured: {text}]", evidence)
+    return Finding(
+        f.code,
+        "info",
+        f.where,
+        f"{f.message} [measured: the fix did not measurably help: {text}; demoted to info]",
+        evidence,
+    )
