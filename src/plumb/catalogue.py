@@ -676,6 +676,12 @@ def llama(lr: float = 1e-3, freeze_first: bool = False):
     return build
 
 
+def resmlp_sgd():
+    """The residual MLP under SGD momentum 0.9, lr 0.05 (a mean loss's lr)."""
+    m, data, loss, _ = resmlp()()
+    return m, data, loss, torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+
+
 def llama_std_1():
     """The Llama initialised N(0, 1) (no 0.02): logits of std ~7 at the start."""
 
@@ -854,11 +860,11 @@ def _zoo2() -> list[SetUp]:
             "the residual MLP's one-vs-rest loss: BCE-with-logits of sigmoid(logits)",
         ),
         SetUp(
-            "cnn-summed-loss-sgd",
+            "resmlp-summed-loss-sgd",
             Z,
             ("loss-summed",),
-            variant(cnn_recipe(), loss=summed_ce),
-            "the CNN's loss summed over the batch with SGD's lr for the mean",
+            variant(resmlp_sgd, loss=summed_ce),
+            "the residual MLP's loss summed over the batch, with SGD's lr for the mean",
         ),
         SetUp(
             "resmlp-scheduler-per-batch",
@@ -999,9 +1005,9 @@ CONSEQUENCES: dict[str, tuple[tuple[str, ...], str]] = {
         ("untrained-parameters",),
         "its backbone is frozen on purpose and handed to the optimizer: named as info",
     ),
-    "cnn-summed-loss-sgd": (
-        ("dead-units",),
-        "the summed loss acts as a 64x larger lr under SGD: its steps overshoot and kill units",
+    "resmlp-summed-loss-sgd": (
+        ("non-finite",),
+        "the summed loss acts as a 64x larger lr under SGD: the steps diverge",
     ),
     "gpt-lr-100x": (
         ("not-learning",),
