@@ -119,7 +119,7 @@ def test_a_detach_in_the_forward_is_named_in_the_loop():
     torch.manual_seed(0)
     model = Cut()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    with Monitor(model, optimizer=opt, doctor=True) as mon:
+    with Monitor(model, 5, optimizer=opt, doctor=True) as mon:  # record steps 0, 5, 10, 15
         for _ in range(20):
             x, y = torch.randn(32, 8), torch.randint(0, 4, (32,))
             loss = F.cross_entropy(model(x), y)
@@ -216,3 +216,18 @@ def test_diagnose_follows_the_users_scheduler():
     diag = diagnose(model, batches, F.cross_entropy, opt, steps=60, scheduler=sched)
     assert diag.evidence.lrs[0] == 0.1 and diag.evidence.lrs[5] == pytest.approx(0.01)
     assert "lr-too-low" in diag.codes
+
+
+# --- gradients clipped at every step -------------------------------------------------------
+def test_clipping_at_every_step_is_read_from_the_gradient_norm():
+    from plumb.catalogue import SETUPS, run_setup
+
+    o = run_setup(next(s for s in SETUPS if s.name == "resmlp-sgd-clipped-every-step"))
+    (f,) = [f for f in o.findings if f.code == "gradients-clipped"]
+    assert f.severity == "warning" and f.evidence["grad_norm"] == pytest.approx(1e-3, rel=1e-4)
+    assert f.evidence["spread"] < 1e-4 and "lr-too-low" not in o.codes
+    # the same recipe without the clip: norms vary from step to step, no finding
+    healthy = catalogue_outcome("resmlp-adamw")
+    norms = rules.gradient_norms(healthy.diagnosis.evidence)
+    assert (max(norms) - min(norms)) / np.median(norms) > 0.1
+    assert "gradients-clipped" not in healthy.codes

@@ -92,19 +92,19 @@ def test_verify_never_touches_the_users_model_and_shares_one_fix():
         Finding("gradients-accumulating", "error", "model", "m", {}),  # no mechanical fix
     ]
     calls = []
-    original = FIXES["batchnorm-eval-mode-in-training"]
+    (original,) = FIXES["batchnorm-eval-mode-in-training"]
 
     def counting(f, t: Twin):
         calls.append(f.where)
         return original(f, t)
 
-    FIXES["batchnorm-eval-mode-in-training"] = counting
+    FIXES["batchnorm-eval-mode-in-training"] = (counting,)
     try:
         out = verify_findings(
             findings, (model, opt, None), F.cross_entropy, batches[:8], batches[8:], lr=0.1
         )
     finally:
-        FIXES["batchnorm-eval-mode-in-training"] = original
+        FIXES["batchnorm-eval-mode-in-training"] = (original,)
     assert calls == ["1", "x"]
     a, b = (f.evidence["verified"] for f in out[:2])
     assert a == b  # one training of the same fix, not two

@@ -573,10 +573,21 @@ def resmlp(lr: float = 1e-3, branch_bias: float | None = None):
 
 
 def user_loop(
-    model, batches, loss_fn, opt, mon, steps, *, zero_grad=True, before=None, after=None
+    model,
+    batches,
+    loss_fn,
+    opt,
+    mon,
+    steps,
+    *,
+    zero_grad=True,
+    before=None,
+    before_step=None,
+    after=None,
 ) -> None:
-    """A user's training loop: [before(i)], forward, loss, [zero_grad], backward, step,
-    [after(i)], ``mon.step(loss)``; the loops below are its variants."""
+    """A user's training loop: [before(i)], forward, loss, [zero_grad], backward,
+    [before_step(i)], step, [after(i)], ``mon.step(loss)``; the loops below are its
+    variants."""
     for i in range(steps):
         if before is not None:
             before(i)
@@ -585,6 +596,8 @@ def user_loop(
         if zero_grad:
             opt.zero_grad()
         loss.backward()
+        if before_step is not None:
+            before_step(i)
         opt.step()
         if after is not None:
             after(i)
@@ -744,6 +757,12 @@ def scheduler_per_batch(model, batches, loss_fn, opt, mon, steps) -> None:
     user_loop(model, batches, loss_fn, opt, mon, steps, after=lambda i: sched.step())
 
 
+def clips_every_step(model, batches, loss_fn, opt, mon, steps) -> None:
+    """A loop that clips the gradient norm at 1e-3 (meant 1.0) before every step."""
+    clip = lambda i: nn.utils.clip_grad_norm_(model.parameters(), 1e-3)  # noqa: E731
+    user_loop(model, batches, loss_fn, opt, mon, steps, before_step=clip)
+
+
 def warmup_cosine(model, batches, loss_fn, opt, mon, steps) -> None:
     """nanoGPT's schedule: linear warm-up over a tenth of the steps, cosine to lr/10."""
     peak, warm = opt.param_groups[0]["lr"], max(steps // 10, 1)
@@ -865,6 +884,15 @@ def _zoo2() -> list[SetUp]:
             ("loss-summed",),
             variant(resmlp_sgd, loss=summed_ce),
             "the residual MLP's loss summed over the batch, with SGD's lr for the mean",
+        ),
+        SetUp(
+            "resmlp-sgd-clipped-every-step",
+            Z,
+            ("gradients-clipped",),
+            resmlp_sgd,
+            "the residual MLP under SGD, gradients clipped to norm 1e-3 at every step",
+            steps=300,
+            loop=clips_every_step,
         ),
         SetUp(
             "resmlp-scheduler-per-batch",

@@ -34,7 +34,8 @@ class Monitor(Probes):
     ``doctor=True`` runs the doctor's rules in the loop: after the first step, every
     ``check_every`` steps (default ``max(1000, 20 * every)``) and when the block ends;
     ``diagnosis`` is the latest ``plumb.Diagnosis``, ``on_finding(finding, step)`` is
-    called for each new finding. ``optimizer`` (for the lr in the findings) and
+    called for each new finding. ``optimizer`` (one, or a list of them: for the lr each
+    step used, and which parameters no optimizer holds) and
     ``classes`` (of a softmax cross-entropy loss; default: read from the loss's
     autograd graph) help it. With ``out``, the block's end writes ``out/report.html``
     (``report=False``: not) and, with the doctor, ``out/findings.json``.

@@ -164,7 +164,7 @@ class Diagnosis:
                 f"  lr test ({t.steps} steps from step {t.start}, held-out loss): {t.table()}"
             )
         if self.suggested_lr is not None:
-            lines.append(f"  suggested lr: {self.suggested_lr:g}{self.keep_reason()}")
+            lines.append(f"  suggested lr: {self.suggested_lr:.3g}{self.keep_reason()}")
         for f in self.findings:
             lines.append(f"  [{f.severity}] {f.code} @ {f.where}: {f.message}")
         return "\n".join(lines)
@@ -182,7 +182,9 @@ class Diagnosis:
         if self.lr_test is not None:
             parts.append(f"<div>lr test (held-out loss): {esc(self.lr_test.table())}</div>")
         if self.suggested_lr is not None:
-            parts.append(f"<div>suggested lr: {self.suggested_lr:g}{esc(self.keep_reason())}</div>")
+            parts.append(
+                f"<div>suggested lr: {self.suggested_lr:.3g}{esc(self.keep_reason())}</div>"
+            )
         parts += [finding_html(f.to_dict()) for f in self.findings]
         return "".join(parts)
 
@@ -400,9 +402,9 @@ def lr_test(
     keeps its shape), then score each copy on ``eval_batches`` (mean loss per batch, no
     update, the model in its mode). The same batches and the same random stream
     (dropout) for every lr; the user's model and optimizer are not touched. When the
-    best lr is at an edge of the range, the range is extended by half-decades on that
-    side (``extend`` more at most), so that a suggestion is bracketed by worse lrs rather
-    than cut off by the grid. None when the model cannot be copied or a step fails."""
+    best lr is at an edge of the range and beats the current lr by 3 standard errors, the
+    range is extended by half-decades on that side (``extend`` more at most), so that a
+    suggestion is bracketed by worse lrs rather than cut off by the grid. None when the model cannot be copied or a step fails."""
     lr = _lr(optimizer)
     if not lr or not train_batches or not eval_batches:
         return None
@@ -424,11 +426,17 @@ def lr_test(
     def mean(f: float) -> float:
         return float(np.mean(runs[f])) if all(map(math.isfinite, runs[f])) else math.inf
 
+    def beats_current(f: float) -> bool:  # paired over the held-out batches, 3 SE
+        d = np.asarray(runs[f]) - np.asarray(runs[1.0] if 1.0 in runs else runs[f])
+        if not np.all(np.isfinite(d)):
+            return bool(np.all(np.isfinite(runs[f])))
+        return len(d) > 1 and -d.mean() > LR_TEST_Z * d.std(ddof=1) / math.sqrt(len(d))
+
     step = math.sqrt(10)
     for edge, towards in ((min, 1 / step), (max, step)):
         for _ in range(extend):
             best = min(runs, key=mean)
-            if best != edge(runs) or not math.isfinite(mean(best)):
+            if best != edge(runs) or not math.isfinite(mean(best)) or not beats_current(best):
                 break
             got = run(best * towards)
             if got is None:

@@ -279,19 +279,26 @@ class Evidence:
         rms = math.sqrt(st["grad_std"] ** 2 + st.get("grad_mean", 0.0) ** 2)
         return rms * math.sqrt(per_example)
 
-    def loss_rows(self) -> int:
-        """How many rows the loss adds up (1 when it averages): read from the loss's
-        graph (a reduction='sum', or a sum over reduction='none'), rows of the output."""
+    def summed_loss(self) -> bool:
+        """The loss op (the first node of the loss's graph with a reduction) sums rather
+        than averages: reduction='sum', or reduction='none' followed by a sum."""
         path = self.loss_graph or []
         ops = [p["op"] for p in path]
         for i, p in enumerate(path):
             if "reduction" in p:
-                summed = p["reduction"] == 2 or (p["reduction"] == 0 and "SumBackward0" in ops[:i])
-                y = self.output
-                if summed and y is not None and y.dim() > 1 and self.classes:
-                    return max(y.numel() // y.shape[self.class_dim], 1)
-                return 1
-        return 1
+                return p["reduction"] == 2 or (p["reduction"] == 0 and "SumBackward0" in ops[:i])
+        return False
+
+    def output_rows(self) -> int | None:
+        """Rows of the output a loss adds up: its elements over the class count."""
+        y = self.output
+        if y is None:
+            return None
+        return y.numel() // y.shape[self.class_dim] if self.classes and y.dim() > 1 else y.numel()
+
+    def loss_rows(self) -> int:
+        """How many rows the loss adds up: 1 when it averages."""
+        return max(self.output_rows() or 1, 1) if self.summed_loss() else 1
 
     def logits(self) -> Tensor | None:
         """The first output with the class dimension last, flattened to (rows, C)."""

@@ -72,6 +72,7 @@ LOSS_SCALE_FLOOR = 1e-3  # a climb under this fraction of the initial loss is no
 LR_COLLAPSE = 1e-3  # an lr under this fraction of its peak barely moves the weights
 INFORMATION_FLOOR = 0.05  # within this fraction of the input-free baseline: inputs unused
 SUM_ROWS = 10  # a summed loss over >= this many rows is a different lr regime
+CLIP_TOLERANCE = 1e-3  # relative spread of the gradient norm that means "clipped"
 
 
 @dataclass
@@ -947,7 +948,8 @@ def untrained_parameters(ev: Evidence) -> list[Finding]:
     * error: held by an optimizer but its gradient is None at every recorded step (the
       loss never reaches it: a ``.detach()`` or ``.data`` in the forward, a branch whose
       output is unused) or exactly 0 at every one (cut off: multiplied by a constant 0,
-      every unit behind it dead);
+      every unit behind it dead), over at least 2 record steps (one step may leave a
+      part out on purpose: an expert no token was routed to);
     * info: ``requires_grad=False`` yet handed to an optimizer (frozen by mistake, or
       frozen on purpose and not said, as many fine-tuning recipes do: the two cannot be
       told apart, so it is named with its share and never a warning);
@@ -979,7 +981,7 @@ def untrained_parameters(ev: Evidence) -> list[Finding]:
     none, zeros = [], []
     for p in ev.params:
         name = p["name"]
-        if name in skip or not rows:
+        if name in skip or len(rows) < 2:  # one step can skip a part (an unrouted expert)
             continue
         stats = [r["param"].get(name, {}) for r in rows]
         if all("grad_std" not in st for st in stats):
@@ -1072,14 +1074,6 @@ _PROB_INTO = {  # an op making probabilities, below a loss op that expects logit
         "binary_cross_entropy_with_logits",
     ),
 }
-_REDUCED = (
-    "NllLossBackward0",
-    "BinaryCrossEntropyWithLogitsBackward0",
-    "MseLossBackward0",
-    "BinaryCrossEntropyBackward0",
-    "SmoothL1LossBackward0",
-    "L1LossBackward0",
-)
 _ADAPTIVE = (
     "Adam",
     "AdamW",
@@ -1147,43 +1141,29 @@ def loss_expression(ev: Evidence) -> list[Finding]:
                 {"loss_ops": ops},
             )
         )
-    rows = _rows(ev)
-    for i, step in enumerate(path):
-        if step["op"] not in _REDUCED:
-            continue
-        summed = step.get("reduction") == 2 or (
-            step.get("reduction") == 0 and "SumBackward0" in ops[:i]
-        )
-        if summed and rows and rows > 1:
-            adaptive = (ev.optimizer_kind or "") in _ADAPTIVE
-            severe = rows >= SUM_ROWS and not adaptive and ev.optimizer_kind is not None
-            out.append(
-                Finding(
-                    "loss-summed",
-                    "warning" if severe else "info",
-                    "loss",
-                    f"the loss sums over {rows:,} rows instead of averaging: its gradient is "
-                    f"{rows:,}x the mean's, so "
-                    + (
-                        f"under {ev.optimizer_kind} the lr acts {rows:,}x larger: use "
-                        "reduction='mean' (or divide the lr by the rows)"
-                        if severe
-                        else "an lr tuned for the mean does not carry over (an adaptive "
-                        "optimizer absorbs the scale; weight decay and clipping do not)"
-                    ),
-                    {"rows": rows, "optimizer": ev.optimizer_kind, "loss_ops": ops},
-                )
+    rows = ev.output_rows()
+    if ev.summed_loss() and rows and rows > 1:
+        adaptive = (ev.optimizer_kind or "") in _ADAPTIVE
+        severe = rows >= SUM_ROWS and not adaptive and ev.optimizer_kind is not None
+        out.append(
+            Finding(
+                "loss-summed",
+                "gradients-clipped",
+                "warning" if severe else "info",
+                "loss",
+                f"the loss sums over {rows:,} rows instead of averaging: its gradient is "
+                f"{rows:,}x the mean's, so "
+                + (
+                    f"under {ev.optimizer_kind} the lr acts {rows:,}x larger: use "
+                    "reduction='mean' (or divide the lr by the rows)"
+                    if severe
+                    else "an lr tuned for the mean does not carry over (an adaptive "
+                    "optimizer absorbs the scale; weight decay and clipping do not)"
+                ),
+                {"rows": rows, "optimizer": ev.optimizer_kind, "loss_ops": ops},
             )
-        break
+        )
     return out
-
-
-def _rows(ev: Evidence) -> int | None:
-    """Rows of the output the loss averages over: its elements over the class count."""
-    y = ev.output
-    if y is None:
-        return None
-    return y.numel() // y.shape[ev.class_dim] if ev.classes and y.dim() > 1 else y.numel()
 
 
 # --- a model that learns nothing from its inputs ------------------------------------------
@@ -1311,6 +1291,11 @@ def not_learning(ev: Evidence) -> list[Finding]:
             f"{jump[3]}), steps too large to learn more than the frequencies (see lr-too-high)"
         )
     causes.append(
+        "the lr, too large to learn more than the frequencies or too small to leave them "
+        "(verify tries lr/10 and 10x from the start: plumb doctor --verify, "
+        "diagnose(verify=True))"
+    )
+    causes.append(
         "the targets may not belong to their inputs: check that inputs and targets are "
         "shuffled, shifted and batched together (x[i] with y[i])"
     )
@@ -1380,6 +1365,70 @@ def lr_schedule(ev: Evidence) -> list[Finding]:
     ]
 
 
+def gradient_norms(ev: Evidence) -> list[float]:
+    """The global gradient norm at each clean record step, from the recorded statistics
+    of every parameter's gradient (sum of squares = std^2 (n - 1) + n mean^2, exact for
+    the unbiased std the probes keep): what ``clip_grad_norm_`` measures, after any
+    clipping the loop did before ``mon.step``. Steps where a parameter had no gradient
+    are left out."""
+    sizes = {p["name"]: math.prod(p["shape"]) for p in ev.params}
+    out = []
+    for r in ev.clean:
+        total, ok = 0.0, bool(sizes)
+        for name, n in sizes.items():
+            st = r["param"].get(name, {})
+            if "grad_std" not in st:
+                ok = False
+                break
+            total += st["grad_std"] ** 2 * max(n - 1, 0) + n * st.get("grad_mean", 0.0) ** 2
+        if ok and finite(total):
+            out.append(math.sqrt(total))
+    return out
+
+
+def gradients_clipped(ev: Evidence) -> list[Finding]:
+    """Every step's gradient was clipped: the global gradient norm is the same number at
+    every record step (within 1e-3, where unclipped norms vary by tens of percent from
+    batch to batch; clip_grad_norm_ rescales to max_norm to float rounding). Then the
+    threshold, not the gradient, sets the length of every step: SGD moves lr x max_norm
+    per step whatever the loss says (effectively normalised SGD; an adaptive optimizer
+    undoes the uniform scale). A warning when the steps are also tiny (median
+    update:data < 1e-4, the lr-too-low bound: a clip so small every step is a sliver);
+    otherwise info (clipping every step is a recipe too: normalised SGD for RNNs)."""
+    norms = gradient_norms(ev)
+    norms = norms[1:] if len(norms) > 3 else norms  # step 0 may come before clipping starts
+    if len(norms) < 3:
+        return []
+    c = float(np.median(norms))
+    if not c > 0 or (max(norms) - min(norms)) > CLIP_TOLERANCE * c:
+        return []
+    m = median_update(ev)
+    tiny = finite(m) and m < UPDATE_TARGET - UPDATE_BAND
+    return [
+        Finding(
+            "gradients-clipped",
+            "warning" if tiny else "info",
+            "model",
+            f"the gradient norm is {c:.3g} at every one of {len(norms)} record steps: the "
+            "loop clips every step, so the clip threshold, not the gradient, sets each step"
+            + (
+                f", and the weights move only 10^{m:.1f} of their size per step: raise "
+                "max_norm above the usual gradient norm (clipping is for rare spikes), or "
+                "raise the lr"
+                if tiny
+                else " (fine if meant: normalised SGD; clipping is usually for rare spikes)"
+            ),
+            {
+                "grad_norm": _r(c),
+                "spread": _r((max(norms) - min(norms)) / c),
+                "record_steps": len(norms),
+                "median_log10_update_data": _r(m),
+                "tolerance": CLIP_TOLERANCE,
+            },
+        )
+    ]
+
+
 RULES: list[Callable[[Evidence], list[Finding]]] = [
     non_finite,
     overconfident_init,
@@ -1399,6 +1448,7 @@ RULES: list[Callable[[Evidence], list[Finding]]] = [
     loss_expression,
     not_learning,
     lr_schedule,
+    gradients_clipped,
 ]
 
 CODES = (
@@ -1424,6 +1474,7 @@ CODES = (
     "not-learning",
     "double-sigmoid",
     "loss-summed",
+    "gradients-clipped",
     "step-failed",  # diagnose only: the user's step raised after step 0 (exception text)
 )
 
@@ -1445,6 +1496,8 @@ def apply_rules(ev: Evidence) -> list[Finding]:
     codes = {f.code for f in findings}
     if codes & CAUSES:  # uneven updates across depth follow from a depth trend: one cause
         findings = [f for f in findings if f.code != "uneven-updates"]
+    if "gradients-clipped" in codes:  # tiny updates from the clip: the note says it already
+        findings = [f for f in findings if not (f.code == "lr-too-low" and f.severity == "info")]
     return sort_findings(findings)
 
 
