@@ -30,7 +30,7 @@ def _strict_rules(monkeypatch):
         ("double-softmax", "(Softmax) removed"),
         ("lecture-unscaled-output", "weights x 0.01"),
         ("adamw-lr-1000x-low", "lr 1e-06 -> "),
-        ("lr-10x-high", "lr 0.5 -> 0.05"),
+        ("lr-10x-high", "lr 0.5 -> 0.0"),
         ("resmlp-summed-loss-sgd", "lr / 64"),
         ("vit-dropout-0.9", "p -> 0.1"),
     ],

@@ -1116,7 +1116,13 @@ def _fix_cell(o: Outcome) -> str:
     if v is None:
         replayed = o.setup.loop in (None, user_loop)
         return "no mechanical fix" if replayed else "(the user's loop: not replayed)"
-    change = "diverged -> finite" if v["change"] == -math.inf else f"{v['change']:+.3g} nats"
+    change = (
+        "diverged -> finite"
+        if v["change"] == -math.inf
+        else "both diverge"
+        if not math.isfinite(v["change"])
+        else f"{v['change']:+.3g} nats"
+    )
     return f"{change}{'' if v['helped'] else ' (no gain)'}"
 
 

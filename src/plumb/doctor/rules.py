@@ -1148,7 +1148,6 @@ def loss_expression(ev: Evidence) -> list[Finding]:
         out.append(
             Finding(
                 "loss-summed",
-                "gradients-clipped",
                 "warning" if severe else "info",
                 "loss",
                 f"the loss sums over {rows:,} rows instead of averaging: its gradient is "
@@ -1292,7 +1291,7 @@ def not_learning(ev: Evidence) -> list[Finding]:
         )
     causes.append(
         "the lr, too large to learn more than the frequencies or too small to leave them "
-        "(verify tries lr/10 and 10x from the start: plumb doctor --verify, "
+        "(verify tries lr/10, lr/100 and 10x from the start: plumb doctor --verify, "
         "diagnose(verify=True))"
     )
     causes.append(

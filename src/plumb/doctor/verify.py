@@ -112,12 +112,28 @@ def _fix_lr(f: Finding, t: Twin) -> str | None:
             group["lr"] = group.get("initial_lr", group["lr"])
         t.scheduler = None
         return "the scheduler removed (its initial lr, constant)"
+    factor = _lr_factor(f, t)
+    return _scaled(t, factor) if factor else None
+
+
+def _lr_factor(f: Finding, t: Twin) -> float | None:
+    """The lr change an lr finding advises, as a factor: to the suggested lr, else a
+    decade the finding's way."""
     if not t.lr:
         return None
     new = t.suggested_lr
-    if new is None or new == t.lr:  # no measured suggestion: a decade, the finding's way
+    if new is None or new == t.lr:
         new = t.lr * 10 if f.code == "lr-too-low" else t.lr / 10
-    return _scaled(t, new / t.lr)
+    return new / t.lr
+
+
+def _fix_lr_further(f: Finding, t: Twin) -> str | None:
+    """A decade beyond the advised lr, the same way: an lr 100x off is often still too
+    far off after one decade."""
+    if f.where == "schedule":
+        return None
+    factor = _lr_factor(f, t)
+    return _scaled(t, factor * (10 if factor > 1 else 0.1)) if factor else None
 
 
 def _scaled(t: Twin, factor: float) -> str:
@@ -217,18 +233,19 @@ def _lr_times(factor: float) -> Callable[[Finding, Twin], str | None]:
 
 #: code -> the fixes to try, in order; the one that lowers held-out loss most is reported
 FIXES: dict[str, tuple[Callable[[Finding, Twin], str | None], ...]] = {
-    "non-finite": (_fix_lr,),
-    "lr-too-high": (_fix_lr,),
-    "lr-too-low": (_fix_lr,),
+    # the suggested lr (else a decade the finding's way), and a decade beyond it
+    "non-finite": (_fix_lr, _fix_lr_further),
+    "lr-too-high": (_fix_lr, _fix_lr_further),
+    "lr-too-low": (_fix_lr, _fix_lr_further),
     "untrained-parameters": (_fix_untrained,),
     "overconfident-init": (_fix_overconfident,),
     "batchnorm-eval-mode-in-training": (_fix_bn_mode,),
     "double-softmax": (_fix_softmax,),
     "unnormalized-inputs": (_fix_inputs,),
     # a model stuck at the input-free baseline: its named cause when it has one (heavy
-    # dropout), and the lr a decade either way (the run's own steps may have been too
-    # large to learn more than the frequencies, or too small to leave them)
-    "not-learning": (_fix_dropout, _lr_times(0.1), _lr_times(10.0)),
+    # dropout), and the lr one or two decades down or one up (the run's own steps may have
+    # been too large to learn more than the frequencies, or too small to leave them)
+    "not-learning": (_fix_dropout, _lr_times(0.1), _lr_times(0.01), _lr_times(10.0)),
     "loss-summed": (_fix_sum,),
 }
 
@@ -293,9 +310,11 @@ def _measured(f: Finding, what: str, control: np.ndarray, fixed: np.ndarray, ste
         d = fixed - control
         mean = float(d.mean())
         se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.inf
-    else:  # one side diverged: the finite side wins outright
+    elif np.isfinite(fixed).all() or np.isfinite(control).all():  # one side diverged
         mean = -math.inf if np.isfinite(fixed).all() else math.inf
         se = 0.0
+    else:  # both diverged: the fix did not help, and there is no difference to state
+        mean, se = math.nan, math.nan
     c, x = float(np.mean(control)), float(np.mean(fixed))
     # significant (VERIFY_Z standard errors, paired) and practically large (2% of the
     # control's loss): the same two bars an lr suggestion must clear
@@ -305,6 +324,8 @@ def _measured(f: Finding, what: str, control: np.ndarray, fixed: np.ndarray, ste
     text = (
         f"held-out loss {c:.4g} -> {x:.4g} ({mean:+.3g} nats, standard error {se:.2g}) "
         f"after {steps} steps from the same start with the fix ({what})"
+        if math.isfinite(c) or math.isfinite(x)
+        else f"both copies diverged over {steps} steps, with the fix ({what}) too"
     )
     evidence = dict(f.evidence)
     evidence["verified"] = {
