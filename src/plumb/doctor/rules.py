@@ -16,8 +16,9 @@ activations-vanishing/-exploding   weight-layer input RMS changes > 10x along a 
                                    weight layers that feed each other (no norm between)
 gradients-vanishing/-exploding     per-example norm of dL/d(pre-activation) changes > 10x
                                    along such a chain, last hidden layer back to first
-lr-too-high                        the loss rose over the run (error); or, in diagnose's
-                                   lr test, a lower lr does better by > 3 standard errors
+lr-too-high                        the loss rose over the run and stayed up (error); or,
+                                   in diagnose's lr test, a lower lr does better by > 3
+                                   standard errors and 2% of the loss
 lr-too-low                         in the lr test a higher lr does better by > 3 standard
                                    errors *and* updates are < 1e-4 of the weights per step
                                    (without a test: info, from the update guide alone)
@@ -28,10 +29,19 @@ redundant-bias                     a bias whose output goes straight into a Batc
 batchnorm-train-mode-in-eval       a BatchNorm in train() mode under no_grad/inference
 batchnorm-eval-mode-in-training    a BatchNorm in eval() mode in a training forward
 unnormalized-inputs                input RMS outside [0.1, 10]
-double-softmax                     outputs already on the simplex (or log-simplex), fed
-                                   to a loss that is shift-invariant (applies softmax)
+double-softmax                     a softmax between the output and cross_entropy (the
+                                   loss's graph), or outputs on the simplex fed to a
+                                   loss that applies softmax
 gradients-accumulating             at most record steps, p.grad already held > 50% of its
                                    final size when the step's backward began
+untrained-parameters               a trainable parameter no optimizer holds, or whose
+                                   gradient is None / exactly 0 at every record step
+                                   (invariants); frozen ones (info)
+not-learning                       the loss stalled at the targets' own entropy and the
+                                   inputs do not move it (diagnose's input test)
+double-sigmoid                     a sigmoid fed to BCE-with-logits (the loss's graph)
+loss-summed                        the loss op sums over rows (an lr x rows under SGD)
+gradients-clipped                  the global gradient norm is the same at every step
 =================================  =====================================================
 """
 
