@@ -14,6 +14,7 @@ from torch import nn
 
 from plumb.doctor import Diagnosis, LrTest, diagnose, rules
 from plumb.doctor.evidence import Evidence, trainability
+from plumb.errors import PlumbError
 from plumb.monitor import Monitor
 from plumb.probes import logits_of, loss_path
 
@@ -216,6 +217,8 @@ def test_diagnose_follows_the_users_scheduler():
     diag = diagnose(model, batches, F.cross_entropy, opt, steps=60, scheduler=sched)
     assert diag.evidence.lrs[0] == 0.1 and diag.evidence.lrs[5] == pytest.approx(0.01)
     assert "lr-too-low" in diag.codes
+    with pytest.raises(PlumbError, match="scheduler must be an lr scheduler"):
+        diagnose(model, batches, F.cross_entropy, opt, steps=5, scheduler="cosine")
 
 
 # --- gradients clipped at every step -------------------------------------------------------

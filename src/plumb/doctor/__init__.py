@@ -486,6 +486,10 @@ def diagnose(
         raise PlumbError(
             f"optimizer must be a torch.optim optimizer, got {type(optimizer).__name__}"
         )
+    if scheduler is not None and not callable(getattr(scheduler, "step", None)):
+        raise PlumbError(
+            f"scheduler must be an lr scheduler (with .step()), got {type(scheduler).__name__}"
+        )
     stream = _batch_stream(batches)
     t0 = time.perf_counter()
     rank, size = world()
