@@ -44,6 +44,15 @@ def test_eval_reloads_the_same_numbers(run_dir, capsys):
         assert float(value) == pytest.approx(metrics["loss"][split], abs=1e-4)
 
 
+def test_eval_and_sample_take_the_run_positionally(run_dir, capsys):
+    """As report and compare do: `plumb eval RUN_DIR` is `plumb eval --run RUN_DIR`."""
+    for cmd, extra in (("eval", []), ("sample", ["-n", "5"])):
+        assert main([cmd, str(run_dir), *extra]) == 0
+        positional = capsys.readouterr().out
+        assert main([cmd, "--run", str(run_dir), *extra]) == 0
+        assert capsys.readouterr().out == positional and positional.strip()
+
+
 def test_sample_is_reproducible_and_marks_training_items(run_dir, capsys):
     args = ["sample", "--run", str(run_dir), "-n", "30", "--seed", "5"]
     assert main(args) == 0
@@ -107,9 +116,12 @@ def test_lecture_command_short(capsys, tmp_path):
 BAD = [
     (["train", "--data", "/nonexistent/names.txt"], "does not exist"),
     (["train", "--block-size", "0"], "--block-size must be a positive integer"),
-    (["train", "--steps", "-1"], "steps must be an integer >= 0"),
-    (["train", "--lr", "0"], "lr must be a finite number > 0"),
-    (["train", "--lr", "nan"], "lr must be a finite number > 0"),
+    (["train", "--steps", "-1"], "--steps must be an integer >= 1"),
+    (["train", "--steps", "0"], "--steps must be an integer >= 1"),
+    (["train", "--lr", "0"], "--lr must be a finite number > 0"),
+    (["train", "--lr", "nan"], "--lr must be a finite number > 0"),
+    (["eval"], "give the run directory: plumb eval RUN_DIR"),
+    (["sample", "a", "--run", "b"], "two run directories (a and b): give one"),
     (["train", "--preset", "nope"], "unknown preset"),
     (["train", "--norm", "group"], "invalid choice"),
     (["train", "--steps", "ten"], "invalid int value"),

@@ -272,7 +272,12 @@ def _flag_names(message: str) -> str:
         word = m.group(0)
         return "--" + word.replace("_", "-") if word in fields and "_" in word else word
 
-    return re.sub(r"(?<![-\w])[a-z]+(?:_[a-z0-9]+)+(?![\w-])", flag, message)
+    message = re.sub(r"(?<![-\w])[a-z]+(?:_[a-z0-9]+)+(?![\w-])", flag, message)
+    # a one-word field that the message is about: "lr must be ..." -> "--lr must be ..."
+    first = re.match(r"([a-z]+) must\b", message)
+    if first and first.group(1) in fields:
+        message = "--" + message
+    return message
 
 
 #: train flags that --resume allows (everything else would change the run's config)
@@ -304,6 +309,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from plumb.pipeline import resume_configs
     from plumb.runs import finished_steps
 
+    if args.steps is not None and args.steps < 1:
+        raise PlumbError(f"--steps must be an integer >= 1, got {args.steps}")
     if args.resume is not None:
         if args.out is not None and Path(args.out) != Path(args.resume):
             raise PlumbError("--resume DIR continues DIR: drop --out (or make it the same)")
@@ -491,8 +498,21 @@ def _train(args: argparse.Namespace, model_cfg, train_cfg, out: Path, rank: int)
     return run.exit_code
 
 
+def _run_dir(args: argparse.Namespace) -> str:
+    """The run directory of eval/sample: positional (as report and compare take it) or
+    --run; one of them, not two different ones."""
+    given = [r for r in (args.run_dir, args.run) if r is not None]
+    if not given:
+        raise PlumbError(f"give the run directory: plumb {args.command} RUN_DIR")
+    if len(set(given)) > 1:
+        raise PlumbError(f"two run directories ({given[0]} and {given[1]}): give one")
+    return given[0]
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from plumb.pipeline import eval_run
+
+    args.run = _run_dir(args)
 
     splits = [s.strip() for s in args.split.split(",") if s.strip()]
     for name, value in eval_run(args.run, splits, args.device, args.data).items():
@@ -502,6 +522,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from plumb.pipeline import sample_run
+
+    args.run = _run_dir(args)
 
     rows = sample_run(args.run, args.n, args.seed, args.temperature, args.top_k, args.device)
     for word, where in rows:
@@ -722,10 +744,11 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "eval",
         help="loss of a saved run on its splits",
-        epilog="example:\n  plumb eval --run runs/quick --split val,test",
+        epilog="examples:\n  plumb eval runs/quick --split val,test\n  plumb eval --run runs/quick",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="run directory")
+    p.add_argument("--run", help="run directory (the same as RUN_DIR)")
     p.add_argument(
         "--split", default="train,val,test", help="comma-separated splits (train,val,test)"
     )
@@ -736,10 +759,11 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "sample",
         help="sample items from a saved run",
-        epilog="example:\n  plumb sample --run runs/quick -n 20 --temperature 0.8 --top-k 10",
+        epilog="example:\n  plumb sample runs/quick -n 20 --temperature 0.8 --top-k 10",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="run directory")
+    p.add_argument("--run", help="run directory (the same as RUN_DIR)")
     p.add_argument("-n", type=int, default=20, help="number of samples (20)")
     p.add_argument("--seed", type=int, default=2147483647 + 10, help="sampling seed (2147483657)")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature, > 0 (1.0)")
