@@ -355,8 +355,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         out = Path(from_rank0(str(out)))  # one run directory, whatever each rank's clock said
         if rank != 0:
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - rank 0 prints, for the process
+    orderly = False
     try:
-        return _train(args, model_cfg, train_cfg, out, rank)
+        code = _train(args, model_cfg, train_cfg, out, rank)
+        orderly = True
+        return code
     except (RuntimeError, dist.DistError) as e:
         if size == 1:
             raise
@@ -366,7 +369,25 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise PlumbError(f"rank {rank} of {size} lost its peers ({first})") from None
     finally:
         if size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+            _leave_group(orderly)
+
+
+def _leave_group(orderly: bool) -> None:
+    """Leave the process group while the interpreter is whole. The DDP reducer and the
+    engines hold gloo work whose tensors have Python owners; freed only at interpreter
+    exit, a gloo thread that takes the GIL during finalization aborts the process
+    ("terminate called without an active exception", SIGABRT, about one 2-rank run in
+    ten here). So: free them now (one collection), meet the other ranks (no rank shuts
+    down a group another still talks to), then destroy the group."""
+    import gc
+
+    import torch.distributed as dist
+
+    gc.collect()
+    if orderly:
+        dist.barrier()
+    dist.destroy_process_group()
+    gc.collect()
 
 
 def _launch_argv(argv: list[str], out: Path) -> list[str]:
