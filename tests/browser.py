@@ -97,13 +97,21 @@ class Browser:
             if ev.get("method") == method:
                 return ev
 
-    def open(self, path: Path) -> str:
+    def open(self, path: Path, width: int | None = None) -> str:
+        """Load ``path`` in a new tab; ``width``: emulate a screen that many CSS pixels
+        wide (390: a phone, as a mobile browser lays it out)."""
         target = self.send("Target.createTarget", {"url": "about:blank"})["targetId"]
         session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})[
             "sessionId"
         ]
         for domain in ("Page", "Runtime", "Log"):
             self.send(f"{domain}.enable", session=session)
+        if width is not None:
+            self.send(
+                "Emulation.setDeviceMetricsOverride",
+                {"width": width, "height": 844, "deviceScaleFactor": 1, "mobile": True},
+                session=session,
+            )
         self.send("Page.navigate", {"url": path.resolve().as_uri()}, session=session)
         self.wait_event("Page.loadEventFired")
         return session
@@ -124,6 +132,29 @@ class Browser:
                 const imgs = [...document.images];
                 await Promise.all(imgs.map(i => i.decode().catch(() => null)));
                 return imgs.map(i => [i.complete, i.naturalWidth]);
+            })()""",
+        )
+
+    def layout(self, session: str) -> dict:
+        """How the page fits its window: the page's own horizontal overflow (px beyond
+        the window; a table that scrolls inside its box does not count), the left margin
+        of the text, and the smallest font size in use (px)."""
+        return self.evaluate(
+            session,
+            """(async () => {
+                for (let i = 0; i < 200 && document.readyState !== 'complete'; i++)
+                  await new Promise(r => setTimeout(r, 25));
+                const imgs = [...document.images];
+                await Promise.all(imgs.map(i => i.decode().catch(() => null)));
+                const w = window.innerWidth;
+                const texts = [...document.querySelectorAll('p, h1, h2, li, figcaption')]
+                  .filter(el => el.getClientRects().length);
+                const left = texts.length
+                  ? Math.min(...texts.map(el => el.getBoundingClientRect().left)) : -1;
+                const sizes = [...document.querySelectorAll('body *')].map(
+                  el => parseFloat(getComputedStyle(el).fontSize));
+                return {overflow: document.documentElement.scrollWidth - w, left: left,
+                        minFont: Math.min(...sizes), width: w};
             })()""",
         )
 

@@ -150,11 +150,16 @@ def test_report_renders_in_headless_chromium(hostile_run, tmp_path):
                 const imgs = [...document.images];
                 await Promise.all(imgs.map(i => i.decode().catch(() => null)));
                 const heads = [...document.querySelectorAll('h2')].map(h => h.innerText);
+                const h1 = document.querySelector('h1').nextElementSibling;
+                const first = h1.classList.contains('headline') ? 'headline' : h1.tagName;
+                const headline = h1.innerText;
                 const folded = document.querySelector('details') !== null
                   && !document.querySelector('details').open;
                 document.querySelectorAll('details').forEach(d => { d.open = true; });
                 return {
                   heads: heads,
+                  first: first,
+                  headline: headline,
                   folded: folded,
                   firstImage: imgs.length ? imgs[0].alt : null,
                   images: imgs.map(i => [i.alt, i.complete, i.naturalWidth, i.naturalHeight]),
@@ -173,9 +178,10 @@ def test_report_renders_in_headless_chromium(hostile_run, tmp_path):
     assert problems == []  # no console errors, no exceptions, no alert() dialog
     assert info["scripts"] == 0
     assert info["xssShownAsText"] is True
-    # the report leads with the picture: verdict, loss, the lecture's figures, the table;
-    # the run's details folded away
-    assert info["heads"][:4] == ["Verdict", "Loss", "Inside the network", "Layers"]
+    # the report answers first (the headline, the run's essentials), then the findings,
+    # the loss, the lecture's figures, the table; the run's details folded away
+    assert info["heads"][:4] == ["Findings", "Loss", "Inside the network", "Layers"]
+    assert info["first"] == "headline" and info["headline"].startswith(("Healthy", "Needs"))
     assert info["folded"] is True and info["firstImage"] == "loss"
     assert len(info["images"]) == 7
     assert all(c and w > 100 and h > 100 for _, c, w, h in info["images"]), info["images"]
@@ -185,6 +191,36 @@ def test_report_renders_in_headless_chromium(hostile_run, tmp_path):
     dark = (img < 128).mean()  # text and lines on a white page
     assert 0.001 < dark < 0.5, dark
     assert len(np.unique(img)) > 20
+
+
+@pytest.mark.skipif(
+    chromium() is None and not os.environ.get("CI"),
+    reason="chromium not installed (CI installs it: apt-get install -y chromium)",
+)
+def test_report_and_compare_fit_a_phone(hostile_run, tmp_path):
+    """At 390 px (a phone) and 1280 px, the report and the compare page never scroll
+    sideways (wide tables scroll inside their own box, figures scale), text keeps a
+    margin from the screen's edge, and no font is below 10 px."""
+    from plumb.report.compare import write_compare
+
+    page = write_compare([hostile_run.out, hostile_run.out], tmp_path / "cmp.html")
+    browser = Browser()
+    try:
+        seen = {}
+        for path in (hostile_run.out / "report.html", page):
+            for width in (390, 1280):
+                session = browser.open(path, width=width)
+                browser.images(session)
+                seen[path.name, width] = browser.layout(session)
+        problems = browser.problems()
+    finally:
+        browser.close()
+    assert problems == []
+    for key, got in seen.items():
+        assert got["width"] == key[1], (key, got)
+        assert got["overflow"] <= 0, (key, got)  # no sideways scroll of the page
+        assert got["left"] >= 6, (key, got)  # text off the edge
+        assert got["minFont"] >= 10, (key, got)
 
 
 @pytest.mark.skipif(
@@ -243,7 +279,13 @@ def test_notebook_views(hostile_run):
 
     rec = load_run(hostile_run.out)
     html = rec._repr_html_()
-    assert "Verdict" in html and 'alt="loss"' in html and html.count("<svg") > 10
+    assert "Findings" in html and 'alt="loss"' in html and html.count("<svg") > 10
+    # one look for every view: the report's stylesheet, scoped to plumb's box, and its
+    # headline; the same for a diagnosis
+    from plumb.style import STYLE
+
+    assert html.startswith('<div class="plumb"><style>') and STYLE in html
+    assert 'class="headline' in html
     assert "<script>alert(1)</script>" not in html
     for name in FIGURES:
         fig = rec.plot(name)
@@ -258,6 +300,7 @@ def test_notebook_views(hostile_run):
     )
     d = diag._repr_html_()
     assert all(f"<code>{c}</code>" in d for c in diag.codes) and diag.codes
+    assert STYLE in d and '<div class="headline bad">' in d and "Needs attention" in d
     opt = torch.optim.SGD(model.parameters(), 0.1)
     with plumb.Monitor(model, every=1, doctor=True, report=False) as mon:
         for _ in range(3):
@@ -337,7 +380,10 @@ def test_compare_original_against_kaiming(tmp_path, capsys):
     assert "train.steps" not in diff  # the same in both: not listed
     found = text[text.index("<h2>Findings") : text.index("<h2>Layers")]
     assert found.count("overconfident-init") == 1  # the original's, and only there
-    assert found.index("overconfident-init") < found.index("healthy")
+    assert found.index("overconfident-init") < found.index("Healthy after")
+    # the page opens with which run is better and by how much
+    top = text[text.index("<h1>") : text.index("What differs")]
+    assert "kaiming beats original by" in top and "nats of val" in top
     browser = Browser()
     try:
         session = browser.open(page)

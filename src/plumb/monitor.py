@@ -25,6 +25,7 @@ from plumb import report as views
 from plumb.doctor import Diagnosis, Doctor, Finding
 from plumb.io import write_json
 from plumb.probes import Probes
+from plumb.style import styled
 
 
 class Monitor(Probes):
@@ -95,7 +96,7 @@ class Monitor(Probes):
             head += f", last loss {float(loss[-1]):.4f}"
         head += "</div>"
         diag = self.diagnosis._repr_html_() if self.diagnosis is not None else ""
-        return head + diag
+        return styled(head) + diag
 
     def __exit__(self, *exc: object) -> None:
         self.close(write_report=exc[0] is None, check=exc[0] in (None, KeyboardInterrupt))

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from plumb.dist import from_rank0, is_sharded, unwrap, world
 from plumb.doctor.evidence import Evidence, LrTest, gather, weight_symmetry
+from plumb.doctor.fixes import exact_fix, headline
 from plumb.doctor.rules import (
     CODES,
     LR_TEST_PRACTICAL,
@@ -49,6 +50,7 @@ from plumb.errors import PlumbError
 from plumb.init import expected_initial_loss
 from plumb.io import jsonable
 from plumb.probes import Probes, logits_of
+from plumb.style import styled
 from plumb.train import EagerEngine, loop
 
 __all__ = ["CODES", "Diagnosis", "Doctor", "Finding", "LrTest", "diagnose"]
@@ -170,44 +172,45 @@ class Diagnosis:
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
-        """Jupyter: the verdict, the losses, the lr test, each finding with its evidence."""
+        """Jupyter: the headline, the losses, the lr test, each finding with its fix and
+        its evidence; the report's stylesheet and renderer."""
         esc = html.escape
-        verdict = "healthy" if self.ok else "needs attention"
+        findings = [f.to_dict() for f in self.findings]
+        head = headline(findings, self.steps, f"loss {self.final_loss:.4g}").html()
         exp = f" (expected {self.expected_initial_loss:.3f})" if self.expected_initial_loss else ""
         parts = [
-            f"<div><b>plumb doctor: {esc(verdict)}</b> · {len(self.findings)} finding(s) in "
-            f"{self.steps} steps · loss {self.initial_loss:.4g}{esc(exp)} &rarr; "
-            f"{self.final_loss:.4g}</div>"
+            head,
+            f'<p class="essentials">plumb doctor · {self.steps} steps · loss '
+            f"{self.initial_loss:.4g}{esc(exp)} &rarr; {self.final_loss:.4g}</p>",
         ]
         if self.lr_test is not None:
-            parts.append(f"<div>lr test (held-out loss): {esc(self.lr_test.table())}</div>")
+            parts.append(f"<p>lr test (held-out loss): {esc(self.lr_test.table())}</p>")
         if self.suggested_lr is not None:
-            parts.append(
-                f"<div>suggested lr: {self.suggested_lr:.3g}{esc(self.keep_reason())}</div>"
-            )
-        parts += [finding_html(f.to_dict()) for f in self.findings]
-        return "".join(parts)
+            parts.append(f"<p>suggested lr: {self.suggested_lr:.3g}{esc(self.keep_reason())}</p>")
+        parts += [finding_html(f) for f in findings]
+        return styled("".join(parts))
 
 
-_SEVERITY_COLOR = {"error": "#b00020", "warning": "#b26a00", "info": "#2a6fb0"}
-
-
-def finding_html(f: dict[str, Any]) -> str:
+def finding_html(f: dict[str, Any], config: dict[str, Any] | None = None) -> str:
     """One finding (``Finding.to_dict()``, or a row of findings.json) as HTML: severity,
-    code, place and the message in a sentence; the evidence's JSON folded under
-    <details>. Classes for the report's stylesheet, and an inline border for a notebook
-    that has none. The one renderer the report and the Jupyter views share."""
+    code and place, the message (the sentence with its numbers), the exact fix on a line
+    of its own (``plumb train`` flags for a plumb run, whose ``config.json`` is
+    ``config``; a line of PyTorch for a user's loop: ``fixes.exact_fix``), the evidence's
+    JSON folded under <details>. Styled by ``plumb.style``; the one renderer of the
+    report, the compare page and the Jupyter views."""
     sev = f.get("severity", "info")
-    sev = sev if sev in _SEVERITY_COLOR else "info"
+    sev = sev if sev in ("error", "warning", "info") else "info"
+    esc = html.escape
     evidence = json.dumps(jsonable(f.get("evidence", {})), ensure_ascii=False, indent=1)
+    fix = exact_fix(f, config)
+    line = f'<div class="fix">fix: <code>{esc(fix)}</code></div>' if fix else ""
     return (
-        f'<div class="finding {sev}" style="border-left:4px solid {_SEVERITY_COLOR[sev]};'
-        f'padding:2px 8px;margin:4px 0"><b>{html.escape(sev)}</b> '
-        f"<code>{html.escape(str(f.get('code', '')))}</code> at "
-        f"<code>{html.escape(str(f.get('where', '')))}</code>: "
-        f"{html.escape(str(f.get('message', '')))}"
+        f'<div class="finding {sev}"><span class="sev">{esc(sev)}</span> '
+        f"<code>{esc(str(f.get('code', '')))}</code> at "
+        f"<code>{esc(str(f.get('where', '')))}</code>: "
+        f"{esc(str(f.get('message', '')))}{line}"
         f'<details><summary class="muted">evidence</summary><pre class="mono">'
-        f"{html.escape(evidence)}</pre></details></div>"
+        f"{esc(evidence)}</pre></details></div>"
     )
 
 

@@ -11,7 +11,17 @@ from plumb.errors import PlumbError
 from plumb.io import atomic_write_bytes
 from plumb.record import Record
 from plumb.report.figures import FIGURES, png, render_all
-from plumb.report.html import _figures, _findings, _layer_table, _losses, build_html, e
+from plumb.report.html import (
+    _essentials_html,
+    _figures,
+    _findings,
+    _layer_table,
+    _losses,
+    build_html,
+    e,
+    run_headline,
+)
+from plumb.style import styled
 
 
 class RunView(Record):
@@ -34,11 +44,12 @@ class RunView(Record):
     def _repr_html_(self) -> str:
         fig = FIGURES["loss"](self)
         pngs = {"loss": png(fig)} if fig is not None else {}
-        return (
-            f"<div><b>plumb run {e(self.path.name)}</b> · {len(self.loss):,} steps, "
-            f"{len(self.rows)} record steps<h4>Verdict</h4>{_findings(self)}"
+        return styled(
+            f"<p><b>plumb run {e(self.path.name)}</b> · {len(self.rows)} record steps</p>"
+            f"{run_headline(self).html()}{_essentials_html(self)}"
+            f"<h4>Findings</h4>{_findings(self)}"
             f"<h4>Loss</h4>{_losses(self)}{_figures(pngs, ('loss',))}"
-            f"<h4>Layers</h4>{_layer_table(self)}</div>"
+            f"<h4>Layers</h4>{_layer_table(self)}"
         )
 
 

@@ -15,7 +15,7 @@ from plumb.doctor import finding_html
 from plumb.errors import PlumbError
 from plumb.io import atomic_write_bytes
 from plumb.record import Record, load_run
-from plumb.report.figures import png
+from plumb.report.figures import classes_of, loss_axis, png
 from plumb.report.html import e, page, sparkline
 from plumb.report.tables import HEADERS, fmt, layer_rows
 
@@ -30,8 +30,8 @@ def _labels(recs: list[Record]) -> list[str]:
 
 
 def loss_figure(recs: list[Record], labels: list[str]) -> bytes | None:
-    """Training loss (window means, log10) and the validation curve of every run, in one
-    colour per run; the legend outside the axes."""
+    """Training loss (window means) and the validation curve of every run, in one colour
+    per run, in nats on a log axis with ln C marked; the legend outside the axes."""
     if not any(len(r.loss) for r in recs):
         return None
     fig, ax = plt.subplots(figsize=(11, 4.2), layout="constrained")
@@ -43,16 +43,17 @@ def loss_figure(recs: list[Record], labels: list[str]) -> bytes | None:
         n = len(loss) // w * w
         means = loss[:n].reshape(-1, w).mean(1) if n else loss
         x = np.arange(len(means)) * w + w / 2
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ax.plot(x, np.log10(means), color=f"C{i}", lw=1, label=f"{label}: train")
-            val = getattr(rec, "val", np.zeros((0, 2)))
-            if len(val):
-                ax.plot(
-                    val[:, 0], np.log10(val[:, 1]), "o--", ms=3, color=f"C{i}",
-                    label=f"{label}: val (eval mode)",
-                )  # fmt: skip
+        pos = np.where(means > 0, means, np.nan)  # a log axis drops <= 0
+        ax.plot(x, pos, color=f"C{i}", lw=1, label=f"{label}: train")
+        val = getattr(rec, "val", np.zeros((0, 2)))
+        if len(val):
+            ax.plot(
+                val[:, 0], np.where(val[:, 1] > 0, val[:, 1], np.nan), "o--", ms=3,
+                color=f"C{i}", label=f"{label}: val (eval mode)",
+            )  # fmt: skip
     ax.set_xlabel("step")
-    ax.set_ylabel("log10 loss")
+    classes = {classes_of(r) for r in recs} - {None}
+    loss_axis(ax, classes.pop() if len(classes) == 1 else None)
     ax.set_title("loss: training (window means) and validation")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     return png(fig)
@@ -68,9 +69,34 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_diff(recs: list[Record]) -> tuple[list[str], dict[str, list[Any]]]:
-    """(fields that are the same everywhere, {field: value per run} for those that differ)
-    over the model and training configuration (data: path and sha256)."""
+#: fields that change how a run is watched or saved, not what it learns
+BOOKKEEPING = (
+    "train.print_every",
+    "train.checkpoint_every",
+    "train.probe_every",
+    "train.hist_every",
+    "train.eval_every",
+    "train.probes",
+    "train.doctor",
+    "train.threads",
+    "train.engine",
+    "train.compile",
+    "train.on_nonfinite",
+)
+
+
+def _decays(rec: Record) -> bool:
+    t = (rec.config or {}).get("train", {})
+    decay = t.get("lr_decay_step")
+    return decay is not None and decay < int(t.get("steps", 0))
+
+
+def config_diff(recs: list[Record]) -> tuple[list[str], dict[str, list[Any]], dict[str, list[Any]]]:
+    """(fields that are the same everywhere, {field: value per run} for those that differ
+    and matter, {field: values} for those that differ and do not) over the model and
+    training configuration (data: path and sha256). Not mattering: bookkeeping
+    (``BOOKKEEPING``), and the lr decay's step and final lr when no run reaches its
+    decay step."""
     flats = []
     for r in recs:
         cfg = r.config or {}
@@ -82,7 +108,49 @@ def config_diff(recs: list[Record]) -> tuple[list[str], dict[str, list[Any]]]:
     keys = sorted({k for f in flats for k in f})
     differ = {k: [f.get(k, "-") for f in flats] for k in keys}
     same = [k for k, v in differ.items() if all(x == v[0] for x in v)]
-    return same, {k: v for k, v in differ.items() if k not in same}
+    idle = set(BOOKKEEPING)
+    if not any(_decays(r) for r in recs):
+        idle |= {"train.lr_decay_step", "train.lr_final"}
+    matter = {k: v for k, v in differ.items() if k not in same and k not in idle}
+    rest = {k: v for k, v in differ.items() if k not in same and k in idle}
+    return same, matter, rest
+
+
+def _score(rec: Record) -> tuple[str, float] | None:
+    """What a run reached: (what, loss): the eval-mode val loss, else the mean training
+    loss of its last 100 steps."""
+    val = ((rec.metrics or {}).get("loss") or {}).get("val")
+    if isinstance(val, int | float) and np.isfinite(val):
+        return "val", float(val)
+    if len(rec.loss):
+        tail = np.asarray(rec.loss[-min(len(rec.loss), 100) :], np.float64)
+        if np.isfinite(tail).all():
+            return "training loss", float(tail.mean())
+    return None
+
+
+def summary(recs: list[Record], labels: list[str]) -> str:
+    """Which run is better and by how much: "kaiming beats original by 0.55 nats of val
+    loss (2.07 vs 2.62)", each other run in turn; plain text."""
+    scores = [_score(r) for r in recs]
+    kinds = {s[0] for s in scores if s}
+    if len(kinds) != 1 or any(s is None for s in scores):
+        return "The runs have no common loss to rank them by."
+    what = kinds.pop()
+    order = sorted(range(len(recs)), key=lambda i: scores[i][1])  # type: ignore[index]
+    best = order[0]
+    b = scores[best][1]  # type: ignore[index]
+    parts = []
+    for i in order[1:]:
+        v = scores[i][1]  # type: ignore[index]
+        if v - b < 5e-4:
+            parts.append(f"{labels[best]} and {labels[i]} tie on {what} ({b:.4f})")
+        else:
+            parts.append(
+                f"{labels[best]} beats {labels[i]} by {v - b:.3f} nats of {what} "
+                f"({b:.4f} vs {v:.4f})"
+            )
+    return "; ".join(parts)
 
 
 def _losses_table(recs: list[Record], labels: list[str]) -> str:
@@ -93,6 +161,7 @@ def _losses_table(recs: list[Record], labels: list[str]) -> str:
     rows = []
     for s in splits:
         vals = [(r.metrics or {}).get("loss", {}).get(s) for r in recs]
+        vals = [v if isinstance(v, int | float) and np.isfinite(v) else None for v in vals]
         best = min((v for v in vals if v is not None), default=None)
         cells = "".join(
             "<td></td>"
@@ -113,6 +182,7 @@ def _losses_table(recs: list[Record], labels: list[str]) -> str:
 
 def _layers_table(recs: list[Record], labels: list[str]) -> str:
     per_run = [{row.name: row for row in layer_rows(r)} for r in recs]
+    short = {n: row.short for rows in per_run for n, row in rows.items()}
     order: list[str] = []
     for rows in per_run:
         order += [n for n in rows if n not in order]
@@ -134,22 +204,40 @@ def _layers_table(recs: list[Record], labels: list[str]) -> str:
                     cells.append(
                         f"<td>{e(fmt(c, r.latest[c]))}<br>{sparkline(r.series[c], 60, 14)}</td>"
                     )
-        body.append(f"<tr><td class='l'><code>{e(name)}</code></td>{''.join(cells)}</tr>")
+        body.append(
+            f"<tr><td class='l'><code title='{e(name)}'>{e(short[name])}</code></td>"
+            f"{''.join(cells)}</tr>"
+        )
     return f"<table>{head1}</tr>{head2}{''.join(body)}</table>"
 
 
 def _findings_table(recs: list[Record], labels: list[str]) -> str:
+    from plumb.report.html import run_headline
+
     cols = []
     for r in recs:
+        head = run_headline(r).html()
         if r.doctor is None and not r.findings:
-            cols.append('<span class="muted">the doctor did not run</span>')
-        elif not r.findings:
-            cols.append("healthy: nothing to flag")
+            cols.append(head)
         else:
-            cols.append("".join(finding_html(f) for f in r.findings))
+            cols.append(head + "".join(finding_html(f, r.config) for f in r.findings))
     head = "".join(f"<th class='l'>{e(x)}</th>" for x in labels)
-    cells = "".join(f"<td class='l' style='vertical-align:top'>{c}</td>" for c in cols)
-    return f"<table style='table-layout:fixed;width:100%'><tr>{head}</tr><tr>{cells}</tr></table>"
+    cells = "".join(f"<td class='l top'>{c}</td>" for c in cols)
+    return f"<table class='fixed'><tr>{head}</tr><tr>{cells}</tr></table>"
+
+
+def _diff_table(differ: dict[str, list[Any]], labels: list[str]) -> str:
+    rows = "".join(
+        f"<tr><td class='l'><code>{e(k)}</code></td>"
+        + "".join(f"<td class='l'>{e(v)}</td>" for v in vals)
+        + "</tr>"
+        for k, vals in differ.items()
+    )
+    return (
+        "<table><tr><th class='l'>field</th>"
+        + "".join(f"<th class='l'>{e(x)}</th>" for x in labels)
+        + f"</tr>{rows}</table>"
+    )
 
 
 def build_compare(recs: list[Record]) -> str:
@@ -163,32 +251,29 @@ def build_compare(recs: list[Record]) -> str:
         if fig
         else '<p class="muted">No losses recorded.</p>'
     )
-    same, differ = config_diff(recs)
-    diff_rows = "".join(
-        f"<tr><td class='l'><code>{e(k)}</code></td>"
-        + "".join(f"<td class='l'>{e(v)}</td>" for v in vals)
-        + "</tr>"
-        for k, vals in differ.items()
-    )
-    diff = (
-        "<table><tr><th class='l'>field</th>"
-        + "".join(f"<th class='l'>{e(x)}</th>" for x in labels)
-        + f"</tr>{diff_rows}</table>"
-        if differ
-        else "<p>The configurations are identical.</p>"
+    same, differ, idle = config_diff(recs)
+    diff = _diff_table(differ, labels) if differ else "<p>No setting that matters differs.</p>"
+    idle_html = (
+        f"<details><summary>{len(idle)} more differ without changing what the runs learn "
+        "(bookkeeping, or an lr decay no run reaches)</summary>"
+        f"{_diff_table(idle, labels)}</details>"
+        if idle
+        else ""
     )
     body = f"""<h1>plumb compare: {e(" vs ".join(labels))}</h1>
-<p class="muted">{" · ".join(e(str(r.path)) for r in recs)}</p>
+<div class="headline unknown"><b>{e(summary(recs, labels))}</b></div>
+<h2>What differs</h2>
+{diff}
+{idle_html}
+<p class="muted">{len(same)} further configuration fields are the same in every run.</p>
 <h2>Loss</h2>
 {_losses_table(recs, labels)}
 {img}
-<h2>What differs</h2>
-{diff}
-<p class="muted">{len(same)} further configuration fields are the same in every run.</p>
 <h2>Findings</h2>
 {_findings_table(recs, labels)}
 <h2>Layers (latest record step; trend over the run)</h2>
-{_layers_table(recs, labels)}"""
+{_layers_table(recs, labels)}
+<p class="muted">{" · ".join(e(str(r.path)) for r in recs)}</p>"""
     return page("plumb compare: " + " vs ".join(labels), body)
 
 

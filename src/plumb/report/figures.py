@@ -7,6 +7,7 @@ when the record has nothing to draw. ``render_all`` returns {name: PNG bytes}.
 from __future__ import annotations
 
 import io
+import math
 import sys
 
 import matplotlib
@@ -138,6 +139,7 @@ def _distribution(rec: Record, section: str, names: list[str], title: str, label
         return None
     ax.set_title(f"{title} (step {step})")
     ax.set_ylabel("density")
+    ax.set_ylim(bottom=0)  # from 0: a U shape is as deep as it is
     _legend(ax, len(names))
     return fig
 
@@ -206,7 +208,26 @@ def update_ratio(rec: Record) -> Figure | None:
     return fig
 
 
+def classes_of(rec: Record) -> int | None:
+    """The number of classes of a plumb run (its vocabulary), else None."""
+    v = ((rec.config or {}).get("model") or {}).get("vocab_size")
+    return int(v) if isinstance(v, int) and v > 1 else None
+
+
+def loss_axis(ax, classes: int | None) -> None:
+    """Losses in nats on a log axis (plain numbers on the ticks), ln C marked: the loss
+    of guessing uniformly among C classes, where a calibrated model starts."""
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    if classes:
+        ax.axhline(math.log(classes), ls=":", color="0.4", lw=1, label=f"ln {classes} = {math.log(classes):.3f} (uniform guess)")  # fmt: skip
+    ax.set_ylabel("loss (nats, log axis)")
+
+
 def loss_curve(rec: Record, window: int | None = None) -> Figure | None:
+    """The training loss (window means) and, when evaluated during training, the
+    validation curve with its best point; in nats on a log axis, ln C marked."""
     loss = np.asarray(rec.loss, np.float64)
     if len(loss) == 0:
         return None
@@ -214,34 +235,33 @@ def loss_curve(rec: Record, window: int | None = None) -> Figure | None:
     n = len(loss) // window * window
     fig, ax = _figure()
     val = getattr(rec, "val", np.zeros((0, 2)))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        if n >= window and window > 1:
-            means = loss[:n].reshape(-1, window).mean(1)
-            ax.plot(
-                np.arange(len(means)) * window + window / 2,
-                np.log10(means),
-                label=f"train (training mode, mean of {window} steps)",
-            )
-        else:
-            ax.plot(np.arange(len(loss)), np.log10(loss), label="train (training mode)")
-        if len(val):
-            ax.plot(val[:, 0], np.log10(val[:, 1]), "o-", ms=3, label="val (eval mode)")
-        if np.isfinite(val[:, 1]).any():  # (a diverged run's evaluations are NaN)
-            best = int(np.nanargmin(val[:, 1]))
-            ax.plot(
-                val[best, 0],
-                np.log10(val[best, 1]),
-                "*",
-                ms=12,
-                color="C3",
-                label=f"best val {val[best, 1]:.4f} at step {int(val[best, 0]):,}",
-            )
+    pos = lambda a: np.where(a > 0, a, np.nan)  # noqa: E731 - a log axis drops <= 0
+    if n >= window and window > 1:
+        means = loss[:n].reshape(-1, window).mean(1)
+        ax.plot(
+            np.arange(len(means)) * window + window / 2,
+            pos(means),
+            label=f"train (training mode, mean of {window} steps)",
+        )
+    else:
+        ax.plot(np.arange(len(loss)), pos(loss), label="train (training mode)")
     if len(val):
-        ax.legend(loc="upper right", fontsize=8)
+        ax.plot(val[:, 0], pos(val[:, 1]), "o-", ms=3, label="val (eval mode)")
+    if len(val) and np.isfinite(val[:, 1]).any():  # (a diverged run's evaluations are NaN)
+        best = int(np.nanargmin(val[:, 1]))
+        ax.plot(
+            val[best, 0],
+            pos(val[best : best + 1, 1]),
+            "*",
+            ms=12,
+            color="C3",
+            label=f"best val {val[best, 1]:.4f} at step {int(val[best, 0]):,}",
+        )
+    loss_axis(ax, classes_of(rec))
+    ax.legend(loc="upper right", fontsize=8)
     every = f", mean of {window} steps" if window > 1 else ""
-    ax.set_title("loss (log10)" if len(val) else f"training loss (log10{every})")
+    ax.set_title("loss" if len(val) else f"training loss{every}")
     step_axis(ax)
-    ax.set_ylabel("log10 loss")
     return fig
 
 
@@ -297,7 +317,7 @@ def histogram_heatmaps(rec: Record, section: str = "layer") -> Figure | None:
             centers = a + (np.arange(len(c)) + 0.5) * (b - a) / len(c)
             idx = np.clip(np.searchsorted(grid, centers) - 1, 0, len(grid) - 2)
             np.add.at(image[:, j], idx, c)
-        ax.imshow(
+        im = ax.imshow(
             np.log1p(image),
             origin="lower",
             aspect="auto",
@@ -307,6 +327,10 @@ def histogram_heatmaps(rec: Record, section: str = "layer") -> Figure | None:
         )
         ax.set_title(short[name], fontsize=9)
         ax.set_xlabel("step", fontsize=8)
+        ax.set_ylabel("value", fontsize=8)
+        bar = fig.colorbar(im, ax=ax, pad=0.01)
+        bar.set_label("log(1 + count)", fontsize=7)
+        bar.ax.tick_params(labelsize=7)
         step_axis(ax, bins=4)
         ax.tick_params(labelsize=8)
     for ax in list(axes.flat)[len(names) :]:

@@ -16,30 +16,14 @@ import time
 from typing import Any
 
 from plumb.doctor import finding_html
+from plumb.doctor.fixes import Headline, headline
 from plumb.doctor.rules import CODES
 from plumb.record import UPDATE_DATA, Record
 from plumb.report.figures import FIGURES
-from plumb.report.tables import COLUMNS, HEADERS, fmt, layer_rows
+from plumb.report.tables import COLUMNS, HEADERS, flagged_cells, fmt, layer_rows
+from plumb.style import STYLE
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
-
-STYLE = """
-body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1150px; color: #222; }
-h1 { font-size: 1.5em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 1.6em; }
-table { border-collapse: collapse; margin: .5em 0; }
-td, th { padding: .2em .6em; border-bottom: 1px solid #eee; text-align: right; vertical-align: middle; }
-th { background: #f5f5f5; } td.l, th.l { text-align: left; }
-code, .mono { font-family: ui-monospace, monospace; }
-.grid { display: flex; flex-wrap: wrap; gap: 2em; }
-figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
-figcaption { color: #555; font-size: .9em; }
-.finding { border-left: 4px solid #999; padding: .3em .8em; margin: .5em 0; background: #fafafa; }
-.error { border-color: #c00; } .warning { border-color: #e90; } .info { border-color: #39c; }
-.muted { color: #777; }
-.quick { border-left: 4px solid #e90; background: #fff8e8; padding: .4em .8em; }
-.headline { font-size: 1.15em; } .nowrap { white-space: nowrap; }
-table.results th { vertical-align: bottom; }
-"""
 
 CAPTIONS = {
     "activations": "Distribution of each activation layer's outputs at the last histogram step "
@@ -49,8 +33,8 @@ CAPTIONS = {
     "weight_gradients": "Distribution of each weight's gradient, with grad:data = std(grad)/std(W).",
     "update_ratio": f"update:data = {UPDATE_DATA} per weight over training; the dashed line is "
     "the lecture's ~1e-3 guide.",
-    "loss": "Training loss (training mode, log10, averaged over windows of steps) and, when "
-    "evaluated during training, the validation loss in eval mode with its best point.",
+    "loss": "Training loss in nats (training mode, averaged over windows of steps) on a log "
+    "axis; the dotted line is ln C, the loss of a uniform guess among C classes.",
     "saturation": "Saturation map of one layer for one batch: white = the unit passes "
     "(almost) no gradient for that example; an all-white column is a dead unit.",
     "histograms_over_time": "Histogram of each activation layer at every histogram step "
@@ -75,7 +59,7 @@ def page(title: str, body: str, refresh: int | None = None) -> str:
 {again}
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{e(title)}</title><style>{STYLE}</style></head>
-<body>
+<body class="plumb">
 {body}
 </body></html>
 """
@@ -134,6 +118,11 @@ def _ended_early(rec: Record) -> str:
     return f'<div class="finding error"><b>This run ended early:</b> {e(text)}</div>'
 
 
+def _loss(v: Any) -> str:
+    """A loss to 4 decimals; a non-finite one (null in JSON) as "not finite"."""
+    return f"{float(v):.4f}" if isinstance(v, int | float) and math.isfinite(v) else "not finite"
+
+
 def _losses(rec: Record) -> str:
     """The eval-mode losses of the splits, the best validation point, the training loss."""
     parts = []
@@ -141,7 +130,7 @@ def _losses(rec: Record) -> str:
     losses = m.get("loss", {})
     if losses:
         cells = "".join(f"<th>{e(k)}</th>" for k in losses)
-        vals = "".join(f"<td>{float(v):.4f}</td>" for v in losses.values())
+        vals = "".join(f"<td>{_loss(v)}</td>" for v in losses.values())
         parts.append(f"<table><tr><th>eval mode</th>{cells}</tr><tr><td></td>{vals}</tr></table>")
     best = m.get("best_val")
     if best:
@@ -209,14 +198,76 @@ def _summary(rec: Record) -> str:
 
 def _findings(rec: Record) -> str:
     if rec.doctor is not None and not rec.findings:
-        checked = ", ".join(c for c in CODES if c != "step-failed")
         return (
-            '<div class="finding info"><b>healthy</b>: the doctor checked this run and found '
-            f"nothing to flag. Checked: {e(checked)} (docs/doctor.md).</div>"
+            '<p class="muted">The doctor checked this run and found nothing to flag '
+            f"({len(CODES) - 1} checks: docs/doctor.md).</p>"
         )
     if not rec.findings:
         return '<p class="muted">No findings recorded for this run.</p>'
-    return "\n".join(finding_html(f) for f in rec.findings)
+    return "\n".join(finding_html(f, rec.config) for f in rec.findings)
+
+
+def run_headline(rec: Record) -> Headline:
+    """The run's verdict: problems and the first fix, or healthy with what it reached."""
+    m = rec.metrics or {}
+    val = (m.get("loss") or {}).get("val")
+    if isinstance(val, int | float):
+        result = f"val {val:.4f}"
+    elif len(rec.loss):
+        tail = rec.loss[-min(len(rec.loss), 100) :]
+        result = f"training loss {float(tail.mean()):.4f}"
+    else:
+        result = ""
+    steps = int(m.get("steps", len(rec.loss)))
+    findings = rec.findings if rec.doctor is not None or rec.findings else None
+    return headline(findings, steps, result, rec.config)
+
+
+def essentials(rec: Record) -> list[tuple[str, str]]:
+    """What the run was, in a few (name, value) pairs: model, steps and batch, optimizer
+    and lr schedule, the engine that ran, time, device."""
+    cfg, m = rec.config or {}, rec.metrics or {}
+    model, train = cfg.get("model", {}), cfg.get("train", {})
+    out = []
+    if model:
+        norm = model.get("norm")
+        out.append(
+            (
+                "model",
+                f"{model.get('n_layers')} x {model.get('n_hidden')} {model.get('activation')}"
+                + (f", {norm} norm" if norm and norm != "none" else "")
+                + f", init {model.get('init')}",
+            )
+        )
+    if "num_parameters" in m:
+        out.append(("parameters", f"{int(m['num_parameters']):,}"))
+    steps = m.get("steps", train.get("steps", len(rec.loss)))
+    if train:
+        out.append(("steps", f"{int(steps):,} x batch {train.get('batch_size')}"))
+        lr, decay = train.get("lr"), train.get("lr_decay_step")
+        sched = f"{lr:g}"
+        if decay is not None and decay < int(train.get("steps", 0)):
+            sched += f" -> {train.get('lr_final'):g} at step {int(decay):,}"
+        else:
+            sched += " (constant)"
+        out.append(("optimizer", f"{train.get('optimizer')}, lr {sched}"))
+    else:
+        out.append(("steps", f"{len(rec.loss):,}"))
+    if "engine" in m:
+        out.append(("engine", str(m["engine"])))
+    if "train_seconds" in m:
+        t = f"{float(m['train_seconds']):.1f} s"
+        if m.get("compile_seconds"):
+            t += f" ({float(m['compile_seconds']):.1f} s compiling)"
+        out.append(("time", t))
+    if train.get("device"):
+        out.append(("device", str(train["device"])))
+    return out
+
+
+def _essentials_html(rec: Record) -> str:
+    pairs = essentials(rec)
+    return '<p class="essentials">' + " · ".join(f"{e(k)} <b>{e(v)}</b>" for k, v in pairs) + "</p>"
 
 
 def _layer_table(rec: Record) -> str:
@@ -226,6 +277,7 @@ def _layer_table(rec: Record) -> str:
     head = '<tr><th class="l">layer</th><th class="l">kind</th>' + "".join(
         f"<th>{e(HEADERS[c])}</th>" for c in COLUMNS
     )
+    flags = flagged_cells(rec)
     body = []
     for r in rows:
         cells = []
@@ -233,8 +285,13 @@ def _layer_table(rec: Record) -> str:
             if c not in r.latest:
                 cells.append("<td></td>")
                 continue
+            hot = (
+                ' class="flag" title="a finding rests on this"'
+                if c in flags.get(r.name, ())
+                else ""
+            )
             cells.append(
-                f"<td>{e(fmt(c, r.latest[c]))}<br>{sparkline(r.series[c])}"
+                f"<td{hot}>{e(fmt(c, r.latest[c]))}<br>{sparkline(r.series[c])}"
                 f'<br><span class="muted">from {e(fmt(c, r.first[c]))}</span></td>'
             )
         body.append(
@@ -246,7 +303,7 @@ def _layer_table(rec: Record) -> str:
         f"<p>Latest values at step {e(step)}, the trend over all record steps, and the "
         "first recorded value. sat/zero: fraction of outputs saturated (tanh |t| &gt; 0.97, "
         "sigmoid) or zero (ReLU family); dead: units saturated/zero for every example; "
-        "W: the layer's weight.</p>"
+        "W: the layer's weight. Cells a finding rests on are marked.</p>"
         f"<table>{head}</tr>{''.join(body)}</table>"
     )
 
@@ -257,10 +314,13 @@ LECTURE_FIGURES = ("activations", "gradients", "weight_gradients", "update_ratio
 MORE_FIGURES = ("saturation", "histograms_over_time")
 
 
-def _caption(name: str, kinds: set[str]) -> str:
+def _caption(name: str, kinds: set[str], val: bool = False) -> str:
     """The figure's caption, naming saturation only for the activations the model has
-    (a GELU model's page does not talk of tanh units at +-1)."""
+    (a GELU model's page does not talk of tanh units at +-1), and a validation curve
+    only when the run has one."""
     text = CAPTIONS.get(name, name)
+    if name == "loss" and val:
+        text += " The validation loss (eval mode) is drawn with its best point."
     if name == "activations" and "tanh" not in kinds:
         text = text.replace(" Saturated tanh units sit at ±1.", "")
         if "sigmoid" in kinds:
@@ -268,11 +328,11 @@ def _caption(name: str, kinds: set[str]) -> str:
     return text
 
 
-def _figures(pngs: dict[str, bytes], names: tuple[str, ...], kinds: set[str] = frozenset({"tanh"})) -> str:  # fmt: skip
+def _figures(pngs: dict[str, bytes], names: tuple[str, ...], kinds: set[str] = frozenset({"tanh"}), val: bool = False) -> str:  # fmt: skip
     return "".join(
         f'<figure><img alt="{e(name)}" src="data:image/png;base64,'
         f'{base64.b64encode(pngs[name]).decode("ascii")}"><figcaption>'
-        f"{e(_caption(name, kinds))}</figcaption></figure>"
+        f"{e(_caption(name, kinds, val))}</figcaption></figure>"
         for name in names
         if name in pngs and name in FIGURES
     )
@@ -284,19 +344,21 @@ def build_html(rec: Record, pngs: dict[str, bytes], refresh: int | None = None) 
     lecture = _figures(pngs, LECTURE_FIGURES, kinds)
     more = _figures(pngs, MORE_FIGURES)
     body = f"""<h1>{e(title)}</h1>
-<p class="muted">{e(str(rec.path))} · {len(rec.rows)} record steps (every {e(rec.meta.get("every"))},
-histograms every {e(rec.meta.get("hist_every"))}) · written {e(time.strftime("%Y-%m-%d %H:%M:%S"))}</p>
+{run_headline(rec).html()}
+{_essentials_html(rec)}
 {_ended_early(rec)}
-<h2>Verdict</h2>
+<h2>Findings</h2>
 {_findings(rec)}
 <h2>Loss</h2>
 {_losses(rec)}
-{_figures(pngs, ("loss",)) or '<p class="muted">No losses yet.</p>'}
+{_figures(pngs, ("loss",), val=len(getattr(rec, "val", ())) > 0) or '<p class="muted">No losses yet.</p>'}
 <h2>Inside the network</h2>
 {lecture or '<p class="muted">Nothing to plot yet.</p>'}
 <h2>Layers</h2>
 {_layer_table(rec)}
 {"<h2>More figures</h2>" + more if more else ""}
+<p class="muted">{e(str(rec.path))} · {len(rec.rows)} record steps (every {e(rec.meta.get("every"))},
+histograms every {e(rec.meta.get("hist_every"))}) · written {e(time.strftime("%Y-%m-%d %H:%M:%S"))}</p>
 <details><summary>Run, model, training, data and samples</summary>
 {_summary(rec)}
 </details>"""

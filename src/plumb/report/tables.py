@@ -89,17 +89,68 @@ HEADERS = {
 }
 
 
+#: the terminal's shorter column titles (the table fits 100 columns)
+TERMINAL_HEADERS = {**HEADERS, "grad_data": "grad:data", "update_data": "log upd"}
+NAME_WIDTH = 18  # longer layer names are cut in the middle (the report has them whole)
+
+
+def _cut(name: str, width: int) -> str:
+    if len(name) <= width:
+        return name
+    half = (width - 1) // 2
+    return name[:half] + "~" + name[-(width - 1 - half) :]
+
+
 def terminal_table(rec: Record) -> str:
-    """The notebook's per-layer printouts as one table (latest record step)."""
+    """The notebook's per-layer printouts as one table (latest record step), at most 100
+    columns wide: W grad:data and the weight's log10 update:data; a cell a finding rests
+    on is marked with "!"."""
     rows = layer_rows(rec)
     if not rows:
         return "(no layer statistics recorded)"
     step = rec.rows[-1]["step"] if rec.rows else 0
-    width = max(len(r.short) for r in rows) + 2
-    header = f"{'layer':<{width}}{'kind':<11}" + "".join(f"{HEADERS[c]:>17}" for c in COLUMNS)
+    flags = flagged_cells(rec)
+    width = min(max(len(r.short) for r in rows), NAME_WIDTH) + 2
+    header = f"{'layer':<{width}}{'kind':<10}" + "".join(
+        f"{TERMINAL_HEADERS[c]:>10}" for c in COLUMNS
+    )
     lines = [f"layer statistics at step {step} (training forward/backward):", header]
     lines.append("-" * len(header))
     for r in rows:
-        cells = "".join(f"{fmt(c, r.latest.get(c)):>17}" for c in COLUMNS)
-        lines.append(f"{r.short:<{width}}{r.kind:<11}{cells}")
+        cells = "".join(
+            f"{fmt(c, r.latest.get(c)) + ('!' if c in flags.get(r.name, ()) else ''):>10}"
+            for c in COLUMNS
+        )
+        lines.append(f"{_cut(r.short, width - 2):<{width}}{r.kind[:9]:<10}{cells}")
     return "\n".join(lines)
+
+
+#: finding code -> the per-layer column its evidence is read from
+FLAG_COLUMNS = {
+    "saturated-activations": "saturated",
+    "dead-units": "dead",
+    "activations-vanishing": "std",
+    "activations-exploding": "std",
+    "gradients-vanishing": "grad_std",
+    "gradients-exploding": "grad_std",
+    "overconfident-init": "std",
+    "uneven-updates": "update_data",
+    "untrained-parameters": "update_data",
+    "symmetric-weights": "grad_data",
+}
+
+
+def flagged_cells(rec: Record) -> dict[str, set[str]]:
+    """layer -> the columns of the layer table that a finding of ``rec`` rests on (a
+    finding at a parameter marks its layer)."""
+    names = set(rec.layer_names())
+    out: dict[str, set[str]] = {}
+    for f in rec.findings or []:
+        col = FLAG_COLUMNS.get(f.get("code", ""))
+        where = str(f.get("where", ""))
+        if col is None:
+            continue
+        layer = where if where in names else where.rpartition(".")[0]
+        if layer in names:
+            out.setdefault(layer, set()).add(col)
+    return out
