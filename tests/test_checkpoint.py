@@ -533,7 +533,8 @@ def test_validation_during_training_survives_resume(tmp_path):
     """--eval-every: the val loss in eval mode at every N steps and at the end, in
     metrics.json (curve and best), val.json and the report; a resumed run continues
     the same curve, bit for bit."""
-    flags = ["--samples", "0", "--no-progress", "--threads", "1", "--eval-every", "50"]
+    # one lr schedule for both (a decay scaled to each run's own --steps would differ)
+    flags = ["--samples", "0", "--no-progress", "--threads", "1", "--eval-every", "50", "--lr-decay-step", "150000"]  # fmt: skip
     full, half = tmp_path / "full", tmp_path / "half"
     assert main(["train", "--steps", "200", "--out", str(full), *flags]) == 0
     assert main(["train", "--steps", "100", "--out", str(half), *flags]) == 0

@@ -105,7 +105,8 @@ def test_lecture_command_short(capsys, tmp_path):
         assert d_tr == pytest.approx(tr - pub_tr, abs=2e-4)
         assert d_va == pytest.approx(va - pub_va, abs=2e-4)
     out = tmp_path / "k"
-    argv = ["--steps", "50", "--engine", "eager", "--threads", "1", "--no-probes"]
+    # the loss log's lr schedule (the lecture's decay step, not one scaled to --steps)
+    argv = ["--steps", "50", "--lr-decay-step", "100000", "--engine", "eager", "--threads", "1", "--no-probes"]  # fmt: skip
     assert main(["train", "--preset", "lecture-mlp:kaiming", *argv, "--samples", "0", "--out", str(out)]) == 0  # fmt: skip
     loss = json.loads((out / "metrics.json").read_text())["loss"]
     assert rows["kaiming"][2:4] == [round(loss["train"], 4), round(loss["val"], 4)]

@@ -302,9 +302,10 @@ def ddp_runs(tmp_path_factory):
     the same run in two halves (100, then --resume to 200), and 1 process."""
     root = tmp_path_factory.mktemp("ddp")
     full, half = root / "full", root / "half"
-    r = _plumb("--nproc", "2", "--steps", "200", "--out", str(full), *FLAGS)
+    decay = ("--lr-decay-step", "150000")  # one schedule for both halves and the whole
+    r = _plumb("--nproc", "2", "--steps", "200", "--out", str(full), *FLAGS, *decay)
     assert r.returncode == 0, r.stderr
-    r = _plumb("--nproc", "2", "--steps", "100", "--out", str(half), *FLAGS)
+    r = _plumb("--nproc", "2", "--steps", "100", "--out", str(half), *FLAGS, *decay)
     assert r.returncode == 0, r.stderr
     r = _plumb("--nproc", "2", "--resume", str(half), "--steps", "200", *FLAGS[:4])
     assert r.returncode == 0, r.stderr

@@ -376,7 +376,24 @@ def test_every_page_renders_in_headless_chromium(suite):
             assert all(c and w > 50 for c, w in info["images"]), (path, info["images"])
             assert path.name != "index.html" or path.parent == root or info["images"], path
             assert 0.001 < (shot < 128).mean() < 0.5 and len(np.unique(shot)) > 10, path
+            # a phone (390 px): no sideways scroll of the page, text off the edge
+            phone = browser.layout(browser.open(path, width=390))
+            assert phone["overflow"] <= 0 and phone["left"] >= 6, (path, phone)
+            assert phone["minFont"] >= 10, (path, phone)
         problems = browser.problems()
     finally:
         browser.close()
     assert problems == []
+
+
+def test_one_experiment_alone_has_an_index_to_link_to(tmp_path):
+    """`plumb experiment NAME` alone writes ROOT/index.html (its page links there); a
+    second one run later joins the first in it."""
+    from plumb.experiments import run_experiment
+
+    run_experiment("calibration", tmp_path, Options(quick=True))
+    assert (tmp_path / "index.html").is_file()
+    run_experiment("zero-init", tmp_path, Options(quick=True))
+    listed = [x["name"] for x in json.loads((tmp_path / "index.json").read_text())]
+    assert listed == [n for n in NAMES if n in ("calibration", "zero-init")]
+    assert '<a href="../index.html">' in (tmp_path / "zero-init" / "index.html").read_text()

@@ -14,13 +14,17 @@ NOTEBOOK = Path(__file__).resolve().parent.parent / "examples" / "lecture.ipynb"
 def test_the_lecture_notebook_runs(tmp_path):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # jupyter_client's own
-        client = nbclient.NotebookClient(
-            nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
-        )
-        client.execute()  # raises CellExecutionError on any cell's error
+    for _ in range(2):  # Restart & Run All, twice: the notebook's runs start afresh
+        nb = nbformat.read(NOTEBOOK, as_version=4)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # jupyter_client's own
+            client = nbclient.NotebookClient(
+                nb,
+                timeout=600,
+                kernel_name="python3",
+                resources={"metadata": {"path": str(tmp_path)}},
+            )
+            client.execute()  # raises CellExecutionError on any cell's error
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     pngs = [o for o in outputs if "image/png" in o.get("data", {})]
@@ -31,7 +35,18 @@ def test_the_lecture_notebook_runs(tmp_path):
     assert "overconfident-init" in doctor and "saturated-activations" in doctor
     text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
     assert re.search(r"original: initial loss 2\d\.", text) and "kaiming: initial loss 3.3" in text
-    assert (tmp_path / "runs" / "nb-deep" / "report.html").is_file()
+    assert (tmp_path / "runs" / "notebook" / "nb-deep" / "report.html").is_file()
+    # BatchNorm's point, shown: one example in two batches moves in training mode only
+    moved = dict(
+        re.findall(r"(train|eval) mode: the same example's logits .* by up to ([\d.]+)", text)
+    )
+    assert float(moved["train"]) > 1e-3 and float(moved["eval"]) == 0.0, moved
+    # the figures "after training" are of the last histogram step, 90% through, not step 0
+    from plumb.record import load_run
+    from plumb.report.figures import hist_step, nonlinear_layers
+
+    rec = load_run(tmp_path / "runs" / "notebook" / "nb-kaiming")
+    assert hist_step(rec, "layer", nonlinear_layers(rec)) == 270
     _exported_page_renders(nb, tmp_path)
 
 

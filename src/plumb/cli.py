@@ -77,7 +77,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--preset",
         default="lecture-deep",
-        help="lecture-deep (default), lecture-mlp, lecture-mlp:STAGE",
+        help="lecture-deep (default), or one of: "
+        + ", ".join(n for n in _presets() if n != "lecture-deep"),
     )
     g.add_argument("--block-size", type=int, help="context length in characters (3)")
     g.add_argument("--n-embd", type=int, help="embedding dimension")
@@ -121,6 +122,12 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
             a.help = f"{a.help} (lecture-deep: {shown})"
 
 
+def _presets() -> list[str]:
+    from plumb.models import PRESETS
+
+    return list(PRESETS)
+
+
 def _add_step_flags(g) -> None:
     """What one training step needs, shared by `train` and `doctor`."""
     from plumb.train import OPTIMIZERS
@@ -146,7 +153,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--lr-decay-step",
         type=int,
-        help="step from which lr becomes --lr-final (the preset's: 150,000 for lecture-deep)",
+        help="step from which lr becomes --lr-final (default: the preset's fraction of "
+        "--steps: 3/4 for lecture-deep, 150,000 of 200,000)",
     )
     g.add_argument("--lr-final", type=float, help="learning rate after --lr-decay-step (0.01)")
     _add_step_flags(g)
@@ -164,7 +172,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         "--engine",
         choices=("auto", "eager", "fused"),
         help="auto (default): the fused engine (compiled whole step, hand-written backward) "
-        "for runs of 20,000+ steps of plumb's MLP, else eager; eager: autograd, bit-exact "
+        "for plumb's MLP when the run is long enough to pay for the compile (~27,000 steps "
+        "cold, ~1,400 with a cached compile), else eager; eager: autograd, bit-exact "
         "with the notebook",
     )
     g.add_argument(
@@ -214,7 +223,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def build_configs(args: argparse.Namespace):
+def build_configs(args: argparse.Namespace, scale_decay: bool = False):
+    """The model and train configs of the flags over the preset's. ``scale_decay``
+    (``plumb train``): a ``--steps`` without ``--lr-decay-step`` moves the preset's lr
+    decay to the same fraction of the new length (lecture-deep: 150k of 200k -> 3/4 of
+    ``--steps``), so that a shorter run still decays instead of never reaching its
+    preset's step; ``args._decay_scaled`` says it was."""
     from plumb.models import PRESET_TRAIN, ModelConfig, preset_config
     from plumb.train import TrainConfig
 
@@ -246,12 +260,26 @@ def build_configs(args: argparse.Namespace):
         # `is` checks: 0 == False in Python, and a flag like --lr 0 must reach validation.
         if getattr(args, f.name, None) is not None and getattr(args, f.name) is not False
     }
+    preset_train = PRESET_TRAIN.get(args.preset, {})
+    args._decay_scaled = None
+    if (
+        scale_decay
+        and "steps" in train_over
+        and "lr_decay_step" not in train_over
+        and preset_train.get("lr_decay_step")
+        and preset_train.get("steps")
+        and isinstance(train_over["steps"], int)
+        and train_over["steps"] > 0
+    ):
+        frac = preset_train["lr_decay_step"] / preset_train["steps"]
+        train_over["lr_decay_step"] = max(1, round(train_over["steps"] * frac))
+        args._decay_scaled = frac
     if getattr(args, "no_probes", False):
         train_over["probes"] = False
     if getattr(args, "no_doctor", False):
         train_over["doctor"] = False
     try:
-        train_cfg = TrainConfig(**{**PRESET_TRAIN.get(args.preset, {}), **train_over})
+        train_cfg = TrainConfig(**{**preset_train, **train_over})
     except PlumbError as e:
         raise PlumbError(_flag_names(str(e))) from None
     return model_cfg, train_cfg
@@ -336,7 +364,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
             return 0
     else:
-        model_cfg, train_cfg = build_configs(args)
+        model_cfg, train_cfg = build_configs(args, scale_decay=True)
         out = Path(
             args.out or f"runs/{args.preset.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
         )
@@ -390,6 +418,23 @@ def _leave_group(orderly: bool) -> None:
     gc.collect()
 
 
+def _verdict_lines(rec) -> str:
+    """The run's verdict for the terminal's last lines: the headline, then each finding
+    again (they were printed when found, above the progress bar) with its fix."""
+    from plumb.doctor.fixes import exact_fix
+    from plumb.report.html import run_headline
+
+    lines = [f"doctor: {run_headline(rec).plain()}"]
+    for f in rec.findings:
+        lines.append(
+            f"  [{f.get('severity')}] {f.get('code')} @ {f.get('where')}: {f.get('message')}"
+        )
+        fix = exact_fix(f, rec.config)
+        if fix:
+            lines.append(f"      fix: {fix}")
+    return "\n".join(lines)
+
+
 def _launch_argv(argv: list[str], out: Path) -> list[str]:
     """``argv`` without ``--nproc N``, with ``--out`` pinned (one directory for all ranks)."""
     rest, skip = [], False
@@ -422,7 +467,14 @@ def _train(args: argparse.Namespace, model_cfg, train_cfg, out: Path, rank: int)
             f"(batch {train_cfg.batch_size}, {train_cfg.optimizer} lr {train_cfg.lr:g}"
             + (
                 f" -> {train_cfg.lr_final:g} at step {train_cfg.lr_decay_step:,}"
+                + (
+                    f", the preset's {args._decay_scaled:.0%} of the steps"
+                    if getattr(args, "_decay_scaled", None)
+                    else ""
+                )
                 if train_cfg.lr_decay_step is not None and train_cfg.lr_decay_step < train_cfg.steps
+                else ", no decay"
+                if train_cfg.lr_decay_step is not None
                 else ""
             )
             + f", device {train_cfg.device})"
@@ -486,11 +538,7 @@ def _train(args: argparse.Namespace, model_cfg, train_cfg, out: Path, rank: int)
         rec = load_run(out)
         print(terminal_table(rec))
         if rec.doctor is not None:
-            problems = [f for f in rec.findings if f.get("severity") in ("error", "warning")]
-            print(
-                f"doctor: {len(rec.findings)} finding(s), {len(problems)} warning/error"
-                + ("" if rec.findings else " - healthy")
-            )
+            print(_verdict_lines(rec))
         if not args.no_report:
             print(f"report: {out / 'report.html'}")
     if tensorboard is not None:
@@ -648,6 +696,15 @@ def _watch(run_dir: str, every: float) -> int:
     return 0
 
 
+def default_compare_path(runs: list[str]) -> Path:
+    """Beside the first run: ``PARENT/compare-A-vs-B.html`` (not the current directory,
+    where pages of unrelated comparisons would pile up)."""
+    names = "-vs-".join(Path(r).resolve().name for r in runs)
+    if len(names) > 80:
+        names = names[:80]
+    return Path(runs[0]).parent / f"compare-{names}.html"
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from plumb.report.compare import write_compare
 
@@ -657,7 +714,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 f"{d} is not a run directory with a probe record (plumb train --out, or "
                 "Monitor(out=...)): give run directories"
             )
-    out = Path(args.out or "compare.html")
+    out = Path(args.out) if args.out else default_compare_path(args.runs)
     if out.is_dir():
         raise PlumbError(f"--out {out} is a directory: give a file name, e.g. {out}/compare.html")
     path = write_compare(args.runs, out)
@@ -679,6 +736,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         outcomes = run_catalogue(names)
         print(confusion_table(outcomes))
         return 0 if all(o.passed for o in outcomes) else 1
+    if args.run is not None:
+        return _doctor_saved(args)
     from plumb.pipeline import doctor_run
 
     if not isinstance(args.steps, int) or args.steps < 1:
@@ -689,6 +748,45 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     diag = doctor_run(model_cfg, train_cfg, args.data, steps=steps, verify=args.verify)
     print(diag.to_json() if args.json else diag)
     return 0 if diag.ok else 1
+
+
+def _doctor_saved(args: argparse.Namespace) -> int:
+    """``plumb doctor RUN_DIR``: the diagnosis the doctor wrote into a saved run's record
+    (its rules ran on the live model while it trained: trainability, the loss's graph
+    and the input test need it), with the headline and each finding's fix; exit 1 when
+    it needs attention. Flags that describe a new diagnosis run are refused."""
+    import json
+
+    from plumb.record import load_run
+
+    given = [a for a in args._argv[1:] if a.startswith("--") and a not in ("--json",)]
+    if given:
+        raise PlumbError(
+            f"plumb doctor RUN_DIR reads the saved run: drop {', '.join(given)} (or drop "
+            "RUN_DIR to diagnose a new run with them)"
+        )
+    if not (Path(args.run) / "probes" / "meta.json").is_file():
+        raise PlumbError(
+            f"{args.run} is not a run directory with a probe record (plumb train --out, or "
+            "Monitor(out=...))"
+        )
+    rec = load_run(args.run)
+    if rec.doctor is None and not rec.findings:
+        raise PlumbError(
+            f"the doctor did not run on {args.run} (trained with --no-doctor, or a Monitor "
+            "without doctor=True): plumb doctor diagnoses a new run without RUN_DIR"
+        )
+    if args.json:
+        print(json.dumps({"headline": _headline(rec).plain(), "findings": rec.findings}, indent=2))
+    else:
+        print(_verdict_lines(rec))
+    return 1 if _headline(rec).kind == "bad" else 0
+
+
+def _headline(rec):
+    from plumb.report.html import run_headline
+
+    return run_headline(rec)
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
@@ -823,7 +921,9 @@ def make_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="two or more run directories")
-    p.add_argument("--out", help="the page to write (default: compare.html)")
+    p.add_argument(
+        "--out", help="the page to write (default: compare-A-vs-B.html beside the first run)"
+    )
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser(
@@ -833,8 +933,16 @@ def make_parser() -> argparse.ArgumentParser:
         "  plumb doctor --preset lecture-mlp:original --json\n"
         "  plumb doctor --preset lecture-mlp:original --verify   # measure each fix\n"
         "  plumb doctor --norm none --gain 0.5 --n-layers 10\n"
-        "  plumb doctor --catalogue                   # the fault catalogue's confusion table",
+        "  plumb doctor --catalogue                   # the fault catalogue's confusion table\n"
+        "  plumb doctor runs/a                        # a saved run's diagnosis and fixes",
         formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "run",
+        nargs="?",
+        metavar="RUN_DIR",
+        help="a saved run (plumb train, or Monitor(out=...)): print its diagnosis, each "
+        "finding with its fix, instead of training a new one",
     )
     _add_model_flags(p)
     g = p.add_argument_group("the diagnosis run (defaults come from --preset)")
@@ -880,7 +988,7 @@ def make_parser() -> argparse.ArgumentParser:
         help="rerun one of the lecture's experiments (or all) into a folder with figures, "
         "tables and a page",
         epilog="examples:\n  plumb experiment list\n  plumb experiment gain-sweep --gains 0.5,1,5/3,2,3\n"
-        "  plumb experiment all --out runs/experiments          # < 60 min on 2 cores\n"
+        "  plumb experiment all --out runs/experiments          # ~14 min on 2 cores\n"
         "  plumb experiment all --quick                         # seconds each",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

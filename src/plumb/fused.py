@@ -30,6 +30,8 @@ resume work unchanged.
 
 from __future__ import annotations
 
+import sys
+import threading
 import time
 import types
 from dataclasses import dataclass
@@ -63,6 +65,42 @@ class LayerSpec:
     track_unbiased: bool  # running_var gets the unbiased variance (torch convention)
     activation: str  # tanh | relu | leaky_relu | sigmoid | linear | none (output)
     slope: float = 0.01
+
+
+def _ticker(what: str):
+    """On a terminal, a live line while ``what`` runs ("plumb: compiling ... 12 s"),
+    once a second; returns the function that ends it. Nothing off a terminal."""
+    if not sys.stderr.isatty():
+        return None
+    done = threading.Event()
+    t0 = time.perf_counter()
+
+    def tick() -> None:
+        while not done.wait(1.0):
+            sys.stderr.write(f"\rplumb: {what} ... {time.perf_counter() - t0:.0f} s")
+            sys.stderr.flush()
+
+    thread = threading.Thread(target=tick, daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        done.set()
+        thread.join()
+        sys.stderr.write(f"\rplumb: {what}: done in {time.perf_counter() - t0:.0f} s\n")
+        sys.stderr.flush()
+
+    return stop
+
+
+def _mark(path: Any, seconds: float) -> None:
+    """Say that this configuration's step is now in inductor's cache (best effort)."""
+    import json
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"compile_seconds": round(seconds, 1)}))
+    except OSError:
+        pass
 
 
 def supports(model: nn.Module, optimizer: Any) -> str | None:
@@ -407,6 +445,7 @@ class FusedStep:
         self._record_hist = wrap(self._run_record_hist)
         self.compiled = compile
         self.compile_seconds = 0.0  # first calls of the compiled variants (compile time)
+        self.marker: Any = None  # a file to write once compiled (``train.compile_marker``)
         self._first = {"step", "record", "hist"}
 
     @staticmethod
@@ -545,9 +584,16 @@ class FusedStep:
             return fn(*args)
         self._first.discard(variant)
         t0 = time.perf_counter()
-        out = fn(*args)
+        stop = _ticker(f"compiling the fused {variant} step") if self.compiled else None
+        try:
+            out = fn(*args)
+        finally:
+            if stop is not None:
+                stop()
         if self.compiled:
             self.compile_seconds += time.perf_counter() - t0
+            if self.marker is not None and variant == "step":
+                _mark(self.marker, time.perf_counter() - t0)
         return out
 
     def __call__(self, X: Tensor, Y: Tensor, lr: float) -> tuple[Tensor, Tensor]:

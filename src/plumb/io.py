@@ -88,8 +88,22 @@ def jsonable(x: Any) -> Any:
     return float(x) if hasattr(x, "__float__") else str(x)
 
 
+def finite_or_null(x: Any) -> Any:
+    """A copy with every non-finite float as None: strict JSON (no bare NaN, which
+    Python writes and most readers refuse), the value written as null."""
+    if isinstance(x, dict):
+        return {k: finite_or_null(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [finite_or_null(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
 def write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    """``obj`` as strict JSON (non-finite floats as null), atomically."""
+    text = json.dumps(finite_or_null(obj), indent=2, sort_keys=False, allow_nan=False)
+    atomic_write_bytes(path, (text + "\n").encode())
 
 
 def write_tensors(

@@ -101,7 +101,25 @@ def run_experiment(
     name: str, root: str | Path = "runs/experiments", options: Options | None = None
 ) -> Path:
     """Run experiment ``name`` and write ``root/name/``; returns the page's path."""
-    return _run(name, root, options or Options())[0]
+    page, entry = _run(name, root, options or Options())
+    update_index(Path(root), [entry])
+    return page
+
+
+def update_index(root: Path, entries: list[dict[str, Any]]) -> Path:
+    """Write ``root/index.html`` listing ``entries`` and every experiment already in
+    ``root/index.json`` (a page's "all experiments" link always lands), in NAMES order."""
+    import json
+
+    known: dict[str, dict[str, Any]] = {}
+    try:
+        old = json.loads((root / "index.json").read_text())
+        known = {x["name"]: x for x in old if isinstance(x, dict) and (root / str(x.get("name")) / "index.html").is_file()}  # fmt: skip
+    except (OSError, ValueError, TypeError, KeyError):
+        known = {}
+    known.update({x["name"]: x for x in entries})
+    order = {n: i for i, n in enumerate(NAMES)}
+    return write_index(root, sorted(known.values(), key=lambda x: order.get(x["name"], 99)))
 
 
 def _run(name: str, root: str | Path, options: Options) -> tuple[Path, dict[str, Any]]:
@@ -157,7 +175,7 @@ def run_all(
         entries.append(entry)
         if on_done:
             on_done(n, entry)
-    return write_index(Path(root), entries)
+    return update_index(Path(root), entries)
 
 
 __all__ = ["NAMES", "Options", "Result", "run_all", "run_experiment", "spec"]
