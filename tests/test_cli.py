@@ -1,5 +1,6 @@
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -93,9 +94,12 @@ def test_lecture_command_short(capsys, tmp_path):
     from plumb import reference
 
     assert main(["lecture", "--steps", "50", "--stages", "original,kaiming", "--jobs", "1"]) == 0
+    cap = capsys.readouterr()
+    # progress inside each stage, on stderr, at the notebook's printed steps
+    assert re.search(r"^  kaiming: step 0 of 50, loss 3\.\d{4} \(\d+ s\)$", cap.err, re.M)
     rows = {
         line.split()[0]: [float(x) for x in line.split()[1:]]
-        for line in capsys.readouterr().out.splitlines()
+        for line in cap.out.splitlines()
         if line.split() and line.split()[0] in ("original", "kaiming")
     }
     assert set(rows) == {"original", "kaiming"}
@@ -330,7 +334,7 @@ def _small(argv: list[str]) -> list[str]:
     elif cmd == "doctor":
         if "--catalogue" in argv:
             argv[argv.index("--catalogue") :] = ["--catalogue", "lecture-deep"]
-        else:
+        elif len(argv) < 2 or argv[1].startswith("--"):  # not `plumb doctor RUN_DIR`
             setflag("--steps", "20")
     elif cmd == "lecture":
         setflag("--steps", "30")

@@ -69,7 +69,7 @@ def test_diagnosis_api_json_and_str():
     data = json.loads(diag.to_json())
     assert data["ok"] is True and data["findings"] == [] and data["steps"] == 40
     assert diag.to_json() == json.dumps(data, indent=2, sort_keys=True)
-    assert "healthy" in str(diag)
+    assert str(diag).startswith("plumb doctor: Healthy after 40 steps")
 
 
 def test_findings_are_json_and_readable():
@@ -283,7 +283,7 @@ def test_doctor_does_not_change_training(tmp_path):
 def test_cli_doctor_exit_codes_and_json(capsys):
     assert main(["doctor", "--steps", "40"]) == 0
     out = capsys.readouterr().out
-    assert "healthy" in out
+    assert out.startswith("plumb doctor: Healthy after 40 steps")
     assert main(["doctor", "--preset", "lecture-mlp:original", "--steps", "30", "--json"]) == 1
     data = json.loads(capsys.readouterr().out)
     assert "overconfident-init" in data["codes"] and data["ok"] is False

@@ -52,8 +52,23 @@ def test_the_readme_sample_is_what_train_prints(tmp_path, capsys):
     assert main([*argv.split(), "--out", str(tmp_path / "r"), "--no-report"]) == 0
     out = capsys.readouterr().out
     printed = out[out.index("doctor: ") :].splitlines()[: len(sample.splitlines())]
-    for want, got in zip(sample.splitlines(), printed, strict=True):
+    _same(sample.splitlines(), printed)
+
+
+def _same(sample: list[str], printed: list[str]) -> None:
+    for want, got in zip(sample, printed, strict=True):
         (w, wn), (g, gn) = _masked(want), _masked(got)
-        assert w == g, f"README: {want}\nprints: {got}"
+        assert w == g, f"docs: {want}\nprints: {got}"
         for a, b in zip(wn, gn, strict=True):
-            assert b == pytest.approx(a, rel=0.05, abs=0.01), f"README: {want}\nprints: {got}"
+            assert b == pytest.approx(a, rel=0.05, abs=0.01), f"docs: {want}\nprints: {got}"
+
+
+def test_the_doctor_sample_in_the_docs_is_current(capsys):
+    """docs/doctor.md's `plumb doctor --preset lecture-mlp:original` is today's output."""
+    text = (README.parent / "docs" / "doctor.md").read_text()
+    start = "$ plumb doctor --preset lecture-mlp:original; echo $?\n"
+    block = text[text.index(start) + len(start) :]
+    sample = block[: block.index("```")].rstrip("\n").splitlines()
+    assert sample[-1] == "1"  # the exit code
+    assert main(["doctor", "--preset", "lecture-mlp:original"]) == 1
+    _same(sample[:-1], capsys.readouterr().out.rstrip("\n").splitlines())

@@ -516,6 +516,7 @@ def _train(args: argparse.Namespace, model_cfg, train_cfg, out: Path, rank: int)
         on_finding=on_finding,
         resume=args.resume is not None,
         steps=args.steps,
+        preset=None if args.resume is not None else args.preset,
     )
     if rank != 0:  # rank 0 reports
         return run.exit_code
@@ -652,7 +653,7 @@ def cmd_lecture(args: argparse.Namespace) -> int:
                 f"{'':<12} {'(running stats, not calibrated)':>31}   {r.train:>11.4f} {r.val:>7.4f}"
             )
 
-    run_lecture(stages, args.data, args.steps, args.threads, args.jobs, on_result=row)
+    run_lecture(stages, args.data, args.steps, args.threads, args.jobs, on_result=row, echo=True)
     return 0
 
 
@@ -746,7 +747,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     args.steps = None  # the train config's steps: not the doctor's
     model_cfg, train_cfg = build_configs(args)
     diag = doctor_run(model_cfg, train_cfg, args.data, steps=steps, verify=args.verify)
-    print(diag.to_json() if args.json else diag)
+    config = {"model": model_cfg.to_dict(), "train": train_cfg.to_dict()}
+    print(diag.to_json() if args.json else diag.describe(config))
     return 0 if diag.ok else 1
 
 
@@ -934,7 +936,7 @@ def make_parser() -> argparse.ArgumentParser:
         "  plumb doctor --preset lecture-mlp:original --verify   # measure each fix\n"
         "  plumb doctor --norm none --gain 0.5 --n-layers 10\n"
         "  plumb doctor --catalogue                   # the fault catalogue's confusion table\n"
-        "  plumb doctor runs/a                        # a saved run's diagnosis and fixes",
+        "  plumb doctor runs/demo                     # a saved run's diagnosis and fixes",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(

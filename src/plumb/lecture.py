@@ -10,6 +10,8 @@ Stages are independent, so they run in parallel processes (one thread each).
 from __future__ import annotations
 
 import os
+import sys
+import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -49,8 +51,10 @@ def run_stage(
     steps: int | None = None,
     threads: int | None = 1,
     progress: bool = False,
+    echo: bool = False,
 ) -> StageResult:
-    """Train one stage of the loss-log table and evaluate it."""
+    """Train one stage of the loss-log table and evaluate it; ``echo``: a line on stderr
+    at each of the notebook's printed steps (every 10,000), so a long stage shows progress."""
     if threads is not None:
         torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(LECTURE_SEED)
@@ -64,9 +68,18 @@ def run_stage(
         **{**tdefaults, "steps": tdefaults["steps"] if steps is None else steps, "engine": "eager"}
     )
     printed: list[tuple[int, float]] = []
-    result = train(
-        model, data, tcfg, g, progress=progress, on_print=lambda i, v: printed.append((i, v))
-    )
+    t0 = time.perf_counter()
+
+    def on_print(i: int, v: float) -> None:
+        printed.append((i, v))
+        if echo:  # one whole line per write: the stages' processes share the terminal
+            sys.stderr.write(
+                f"  {stage}: step {i:,} of {tcfg.steps:,}, loss {v:.4f} "
+                f"({time.perf_counter() - t0:.0f} s)\n"
+            )
+            sys.stderr.flush()
+
+    result = train(model, data, tcfg, g, progress=progress, on_print=on_print)
     train_loss, val_loss = split_loss(model, data.train), split_loss(model, data.val)
     calibrated = None
     if calibrate_batchnorm(model, data.train):
@@ -84,9 +97,9 @@ def run_stage(
     )
 
 
-def _worker(args: tuple[str, str | None, int | None, int | None]) -> StageResult:
-    stage, path, steps, threads = args
-    return run_stage(stage, load_dataset(path), steps, threads)
+def _worker(args: tuple[str, str | None, int | None, int | None, bool]) -> StageResult:
+    stage, path, steps, threads, echo = args
+    return run_stage(stage, load_dataset(path), steps, threads, echo=echo)
 
 
 def run_lecture(
@@ -96,11 +109,15 @@ def run_lecture(
     threads: int | None = 1,
     jobs: int | None = None,
     on_result: Callable[[StageResult], None] | None = None,
+    echo: bool = False,
 ) -> list[StageResult]:
-    """Run ``stages`` (default: all five) in up to ``jobs`` processes; results in stage order."""
+    """Run ``stages`` (default: all five) in up to ``jobs`` processes; results in stage
+    order. ``echo``: each stage says its progress on stderr (``run_stage``)."""
     stages = list(LECTURE_STAGES) if stages is None else stages
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(stages)))
-    args = [(s, None if data_path is None else str(data_path), steps, threads) for s in stages]
+    args = [
+        (s, None if data_path is None else str(data_path), steps, threads, echo) for s in stages
+    ]
     if jobs == 1:
         results = []
         for a in args:

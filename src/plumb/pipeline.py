@@ -133,6 +133,7 @@ def train_run(
     resume: bool = False,
     steps: int | None = None,
     on_engine=None,
+    preset: str | None = None,
 ) -> TrainedRun:
     """Load data, build the model (vocab size and block size from the data), train with
     the probes attached (unless ``train_cfg.probes`` is off), evaluate every split in eval
@@ -161,6 +162,7 @@ def train_run(
     ckpt = None
     if resume:
         ckpt, model_cfg, train_cfg, data_path = resume_configs(out, steps, data_path)
+        preset = ckpt.state["config"].get("preset")
     elif (out / CHECKPOINT).exists() or (out / "config.json").exists():
         raise PlumbError(
             f"{out} already holds a run: continue it with `plumb train --resume {out}`, "
@@ -174,6 +176,8 @@ def train_run(
         restore(ckpt, model, optimizer, g)
     data_info = _data_info(data)
     config = {"model": model.config.to_dict(), "train": train_cfg.to_dict(), "data": data_info}
+    if preset:
+        config["preset"] = preset  # the name the run was built from (pages show it)
     lock = RunLock(out) if rank == 0 else contextlib.nullcontext()
     with lock, StopSignals() as signals:
         for tmp in out.glob(".*.tmp") if rank == 0 else ():  # left by a run killed mid-write
@@ -240,8 +244,9 @@ def train_run(
         diagnosis = monitor.diagnosis if monitor is not None else None
         if rank == 0:
             run = _finish(
-                out, model, data, device, train_cfg, data_info, result, diagnosis, samples, val
-            )
+                out, model, data, device, train_cfg, data_info, result, diagnosis, samples, val,
+                preset=preset,
+            )  # fmt: skip
         else:
             run = TrainedRun(out, model, data, result, {}, [])
         run.status = status
@@ -278,7 +283,7 @@ def _monitor(out, model, optimizer, data, train_cfg, tensorboard, on_finding) ->
 
 
 def _finish(
-    out, model, data, device, train_cfg, data_info, result, diagnosis, samples, val=()
+    out, model, data, device, train_cfg, data_info, result, diagnosis, samples, val=(), preset=None
 ) -> TrainedRun:
     """Evaluate, and write config, weights, metrics, losses, findings and samples."""
     calibrated = train_cfg.calibrate_bn and calibrate_batchnorm(model, data.train, device) > 0
@@ -309,7 +314,7 @@ def _finish(
         "threads": torch.get_num_threads(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    save_run(out, model.cpu(), train_cfg, data_info, result.losses, result.lrs)
+    save_run(out, model.cpu(), train_cfg, data_info, result.losses, result.lrs, preset=preset)
     stop = result.nonfinite
     nonfinite = None
     if stop is not None:

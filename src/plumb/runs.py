@@ -34,15 +34,18 @@ def save_run(
     data_info: dict[str, Any],
     losses: torch.Tensor | None = None,
     lrs: torch.Tensor | None = None,
+    preset: str | None = None,
 ) -> None:
-    """Write the run's config, weights and losses (``mark_finished`` writes its metrics,
-    last)."""
+    """Write the run's config (with the preset it was built from, when given), weights
+    and losses (``mark_finished`` writes its metrics, last)."""
     config = {
         "format": FORMAT_VERSION,
         "model": model.config.to_dict(),
         "train": train_cfg.to_dict(),
         "data": data_info,
     }
+    if preset:
+        config["preset"] = preset
     write_json(out / "config.json", config)
     write_tensors(out / "model.safetensors", model.state_dict())
     if losses is not None:

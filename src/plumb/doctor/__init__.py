@@ -156,10 +156,20 @@ class Diagnosis:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     def __str__(self) -> str:
-        head = f"plumb doctor: {len(self.findings)} finding(s) in {self.steps} steps"
-        lines = [head + (" - healthy" if self.ok else "")]
+        return self.describe()
+
+    def describe(self, config: dict[str, Any] | None = None) -> str:
+        """The diagnosis for a terminal: the headline with the first fix, the losses,
+        the lr test, then each finding with its fix on a line of its own (``plumb
+        train`` flags when ``config`` is a plumb run's config, else a line of PyTorch)."""
+        findings = [f.to_dict() for f in self.findings]
+        head = headline(findings, self.steps, f"loss {self.final_loss:.4g}", config)
+        lines = [f"plumb doctor: {head.plain()}"]
         exp = f" (expected {self.expected_initial_loss:.3f})" if self.expected_initial_loss else ""
-        lines.append(f"  loss {self.initial_loss:.4g}{exp} -> {self.final_loss:.4g}")
+        lines.append(
+            f"  {len(self.findings)} finding(s) in {self.steps} steps; loss "
+            f"{self.initial_loss:.4g}{exp} -> {self.final_loss:.4g}"
+        )
         if self.lr_test is not None:
             t = self.lr_test
             lines.append(
@@ -167,8 +177,11 @@ class Diagnosis:
             )
         if self.suggested_lr is not None:
             lines.append(f"  suggested lr: {self.suggested_lr:.3g}{self.keep_reason()}")
-        for f in self.findings:
-            lines.append(f"  [{f.severity}] {f.code} @ {f.where}: {f.message}")
+        for f in findings:
+            lines.append(f"  [{f['severity']}] {f['code']} @ {f['where']}: {f['message']}")
+            fix = exact_fix(f, config)
+            if fix:
+                lines.append(f"      fix: {fix}")
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:

@@ -104,6 +104,7 @@ def config_diff(recs: list[Record]) -> tuple[list[str], dict[str, list[Any]], di
         flats.append(
             _flat({"model": cfg.get("model", {}), "train": cfg.get("train", {})})
             | {"data.path": data.get("path"), "data.sha256": data.get("sha256")}
+            | {"preset": cfg.get("preset", "-")}
         )
     keys = sorted({k for f in flats for k in f})
     differ = {k: [f.get(k, "-") for f in flats] for k in keys}

@@ -229,6 +229,8 @@ def essentials(rec: Record) -> list[tuple[str, str]]:
     cfg, m = rec.config or {}, rec.metrics or {}
     model, train = cfg.get("model", {}), cfg.get("train", {})
     out = []
+    if cfg.get("preset"):
+        out.append(("preset", str(cfg["preset"])))
     if model:
         norm = model.get("norm")
         out.append(
