@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	rm -rf runs/demo  # the demo's own output, regenerated (plumb train refuses to overwrite a run)
-	.venv/bin/plumb train --preset lecture-deep --steps $(DEMO_STEPS) --lr-decay-step $$(( $(DEMO_STEPS) * 3 / 4 )) --threads 1 --out runs/demo
+	.venv/bin/plumb train --preset lecture-deep --steps $(DEMO_STEPS) --threads 1 --out runs/demo
 
 experiments: $(STAMP)
 	.venv/bin/plumb experiment all --out runs/experiments

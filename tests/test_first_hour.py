@@ -154,8 +154,8 @@ def test_a_shorter_run_keeps_its_presets_decay_in_proportion(tmp_path, capsys):
 
 
 def test_auto_engine_counts_the_compile(tmp_path, monkeypatch):
-    """auto compiles when the steps save more than the compile costs: cold ~27k steps,
-    ~1.4k once this configuration's step is in inductor's cache (plumb's marker)."""
+    """auto compiles when the steps save more than the compile costs: cold ~34k steps,
+    ~3k once this configuration's step is in inductor's cache (plumb's marker)."""
     from plumb.models import MLP, preset_config
     from plumb.train import (
         COLD_COMPILE_S,
@@ -170,7 +170,7 @@ def test_auto_engine_counts_the_compile(tmp_path, monkeypatch):
 
     cold = COLD_COMPILE_S / SAVED_S_PER_STEP
     warm = WARM_COMPILE_S / SAVED_S_PER_STEP
-    assert 20_000 < cold < 40_000 and warm < 2_000
+    assert 20_000 < cold < 40_000 and warm < 5_000
     assert auto_choice(int(cold) + 1, warm=False)[0] and not auto_choice(int(cold) - 1, False)[0]
     assert auto_choice(int(warm) + 1, warm=True)[0]
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))

@@ -172,8 +172,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         "--engine",
         choices=("auto", "eager", "fused"),
         help="auto (default): the fused engine (compiled whole step, hand-written backward) "
-        "for plumb's MLP when the run is long enough to pay for the compile (~27,000 steps "
-        "cold, ~1,400 with a cached compile), else eager; eager: autograd, bit-exact "
+        "for plumb's MLP when the run is long enough to pay for the compile (~34,000 steps "
+        "cold, ~3,000 with a cached compile), else eager; eager: autograd, bit-exact "
         "with the notebook",
     )
     g.add_argument(

@@ -3,7 +3,7 @@ experiment pages, and the Jupyter views of a run, a Monitor and a Diagnosis. Eve
 is scoped under ``.plumb`` (a page's body, or the box a notebook output sits in), so a
 notebook's own styles are left alone; it is inlined in each page and each notebook
 output, which stay self-contained. Narrow screens (a 390 px phone): tables scroll inside
-their box, figures scale to the width."""
+their box; figures keep a readable 760 px and scroll inside theirs."""
 
 from __future__ import annotations
 
@@ -40,6 +40,10 @@ body.plumb { margin: 2em auto; max-width: 1150px; padding: 0 1em; }
   body.plumb { margin: .6em auto; padding: 0 .6em; }
   .plumb { font-size: 15px; }
   .plumb .grid { gap: .8em; }
+  /* a figure shrunk to a phone's width has unreadable legends: keep it at 760 px and
+     let it scroll sideways inside its own box */
+  .plumb figure { overflow-x: auto; }
+  .plumb figure img { max-width: none; width: 760px; }
 }
 """
 
