@@ -31,13 +31,14 @@ bench: $(STAMP)
 	$(PY) bench/bench_doctor.py
 	$(PY) bench/bench_checkpoint.py
 	$(PY) bench/bench_dist.py
+	$(PY) bench/bench_integrations.py
 
 bench-gpu: $(STAMP)
 	$(PY) bench/bench_gpu.py
 
 lint: $(STAMP)
-	.venv/bin/ruff check src tests bench
-	.venv/bin/ruff format --check src tests bench
+	.venv/bin/ruff check src tests bench examples
+	.venv/bin/ruff format --check src tests bench examples
 
 format: $(STAMP)
 	.venv/bin/ruff format src tests bench

@@ -25,7 +25,7 @@ def _commands(text: str) -> list[list[str]]:
     for block in _blocks(text):
         for line in block.splitlines():
             line = line.split("  #")[0].strip()
-            if line.startswith("plumb "):
+            if line.startswith("plumb ") and not line.split()[1].endswith(":"):  # not output
                 out.append(shlex.split(line, comments=True)[1:])
     return out
 

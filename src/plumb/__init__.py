@@ -18,6 +18,19 @@ from plumb.report import RunView, load_run, write_report
 from plumb.runs import Run
 from plumb.train import TrainConfig, split_loss, train
 
+#: integrations, imported on first use (``plumb.lightning.Doctor``): importing plumb never
+#: imports Lightning, transformers, W&B or MLflow
+_LAZY = ("lightning", "hf", "trackers")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f"plumb.{name}")
+    raise AttributeError(f"module 'plumb' has no attribute {name!r}")
+
+
 __all__ = [
     "MLP",
     "PRESETS",

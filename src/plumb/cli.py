@@ -421,17 +421,12 @@ def _leave_group(orderly: bool) -> None:
 def _verdict_lines(rec) -> str:
     """The run's verdict for the terminal's last lines: the headline, then each finding
     again (they were printed when found, above the progress bar) with its fix."""
-    from plumb.doctor.fixes import exact_fix
+    from plumb.doctor.fixes import finding_lines
     from plumb.report.html import run_headline
 
     lines = [f"doctor: {run_headline(rec).plain()}"]
     for f in rec.findings:
-        lines.append(
-            f"  [{f.get('severity')}] {f.get('code')} @ {f.get('where')}: {f.get('message')}"
-        )
-        fix = exact_fix(f, rec.config)
-        if fix:
-            lines.append(f"      fix: {fix}")
+        lines += finding_lines(f, rec.config)
     return "\n".join(lines)
 
 

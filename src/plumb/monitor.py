@@ -108,10 +108,25 @@ class Monitor(Probes):
         self._disarm()
         if self.doctor is not None and check and self.step_count:
             self.doctor.check()
-        super().close()
-        if self.out is None or self.rank != 0:  # under torch.distributed rank 0 writes
+        super().close(close_sinks=False)
+        if self.rank != 0:  # under torch.distributed rank 0 writes
             return
-        if self.diagnosis is not None:
-            write_json(Path(self.out) / "findings.json", self.diagnosis.to_dict())
-        if self.report and write_report:
-            views.write_report(self.out)
+        if self.out is not None:
+            if self.diagnosis is not None:
+                write_json(Path(self.out) / "findings.json", self.diagnosis.to_dict())
+            if self.report and write_report:
+                views.write_report(self.out)
+        self._close_sinks()
+
+    def _close_sinks(self) -> None:
+        """Hand each sink the verdict (``findings``) and the run's files (``artifacts``)
+        where it takes them, then close it."""
+        from plumb.doctor.fixes import headline
+
+        for sink in self.sinks:
+            if self.diagnosis is not None and hasattr(sink, "findings"):
+                found = [f.to_dict() for f in self.diagnosis.findings]
+                sink.findings(headline(found, self.step_count), found, None)
+            if self.out is not None and hasattr(sink, "artifacts"):
+                sink.artifacts(Path(self.out))
+            sink.close()

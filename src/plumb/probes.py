@@ -614,8 +614,10 @@ class Probes:
                     self._mode_handles.append(m.register_forward_pre_hook(self._bn_hook(name)))
         self._arm()
 
-    def close(self) -> None:
-        """Remove every hook, flush what is on the device and write the record."""
+    def close(self, close_sinks: bool = True) -> None:
+        """Remove every hook, flush what is on the device and write the record (and close
+        the sinks, unless ``close_sinks`` is False: the Monitor hands them its findings
+        first)."""
         if not self._attached:
             return
         self._disarm()
@@ -625,7 +627,7 @@ class Probes:
         self._attached = False
         _ACTIVE.discard(self.model)
         self.flush()
-        for sink in self.sinks if self.rank == 0 else ():
+        for sink in self.sinks if self.rank == 0 and close_sinks else ():
             sink.close()
 
     def _is_record(self, step: int) -> bool:

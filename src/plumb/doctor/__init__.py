@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from plumb.dist import from_rank0, is_sharded, unwrap, world
 from plumb.doctor.evidence import Evidence, LrTest, gather, weight_symmetry
-from plumb.doctor.fixes import exact_fix, headline
+from plumb.doctor.fixes import exact_fix, finding_lines, headline
 from plumb.doctor.rules import (
     CODES,
     LR_TEST_PRACTICAL,
@@ -178,10 +178,7 @@ class Diagnosis:
         if self.suggested_lr is not None:
             lines.append(f"  suggested lr: {self.suggested_lr:.3g}{self.keep_reason()}")
         for f in findings:
-            lines.append(f"  [{f['severity']}] {f['code']} @ {f['where']}: {f['message']}")
-            fix = exact_fix(f, config)
-            if fix:
-                lines.append(f"      fix: {fix}")
+            lines += finding_lines(f, config)
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:

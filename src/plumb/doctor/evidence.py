@@ -281,12 +281,19 @@ class Evidence:
 
     def summed_loss(self) -> bool:
         """The loss op (the first node of the loss's graph with a reduction) sums rather
-        than averages: reduction='sum', or reduction='none' followed by a sum."""
+        than averages: reduction='sum', or reduction='none' followed by a sum, and the
+        sum is not divided afterwards. A division (or a multiplication) between the sum
+        and the loss is the user's own normalisation: the Hugging Face Trainer sums the
+        tokens' losses and divides by the tokens of the whole accumulation window. Its
+        divisor is freed with the graph after backward, so plumb cannot check it and
+        takes the division as a mean."""
         path = self.loss_graph or []
         ops = [p["op"] for p in path]
         for i, p in enumerate(path):
             if "reduction" in p:
-                return p["reduction"] == 2 or (p["reduction"] == 0 and "SumBackward0" in ops[:i])
+                scaled = any(op.startswith(("DivBackward", "MulBackward")) for op in ops[:i])
+                summed = p["reduction"] == 2 or (p["reduction"] == 0 and "SumBackward0" in ops[:i])
+                return summed and not scaled
         return False
 
     def output_rows(self) -> int | None:
@@ -309,10 +316,24 @@ class Evidence:
 
 
 def optimizers_of(optimizer: Any) -> list[Any]:
-    """``optimizer`` as a list: one optimizer, several (a list or tuple), or none."""
+    """``optimizer`` as a list: one optimizer, several (a list or tuple), or none; a
+    framework's wrapper (Accelerate's ``AcceleratedOptimizer``, Lightning's
+    ``LightningOptimizer``) is seen through to the torch optimizer inside it."""
     if optimizer is None:
         return []
-    return list(optimizer) if isinstance(optimizer, list | tuple) else [optimizer]
+    opts = list(optimizer) if isinstance(optimizer, list | tuple) else [optimizer]
+    return [_unwrap_optimizer(o) for o in opts]
+
+
+def _unwrap_optimizer(opt: Any) -> Any:
+    for _ in range(4):
+        if isinstance(opt, torch.optim.Optimizer):
+            return opt
+        inner = getattr(opt, "optimizer", None) or getattr(opt, "_optimizer", None)
+        if inner is None:
+            return opt
+        opt = inner
+    return opt
 
 
 def trainability(model: nn.Module, optimizer: Any) -> dict[str, Any]:

@@ -178,3 +178,28 @@ def headline(
     if fix is None:
         text += f" — first: {first.get('code')} at {first.get('where')}"
     return Headline("bad", text, fix)
+
+
+def finding_lines(f: dict[str, Any], config: dict[str, Any] | None = None) -> list[str]:
+    """A finding for a terminal: ``[severity] code @ where: message``, then its fix on a
+    line of its own when it has one."""
+    lines = [f"  [{f.get('severity')}] {f.get('code')} @ {f.get('where')}: {f.get('message')}"]
+    fix = exact_fix(f, config)
+    if fix:
+        lines.append(f"      fix: {fix}")
+    return lines
+
+
+def verdict_lines(
+    findings: list[dict[str, Any]] | None,
+    steps: int,
+    result: str = "",
+    config: dict[str, Any] | None = None,
+    prefix: str = "doctor",
+) -> list[str]:
+    """The end of a run for a terminal: ``PREFIX: <headline>``, then every finding with
+    its fix (they were printed when found, maybe far above)."""
+    lines = [f"{prefix}: {headline(findings, steps, result, config).plain()}"]
+    for f in findings or []:
+        lines += finding_lines(f, config)
+    return lines
