@@ -48,6 +48,12 @@ def test_the_flags_the_report_gives_fix_the_run(tmp_path, capsys):
     assert main(["doctor", str(tmp_path / "a")]) == 1
     assert f"fix first: {first}" in capsys.readouterr().out
     assert main(["doctor", str(tmp_path / "b")]) == 0
+    # plumb compare without --out: beside the runs, opening with which is better
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    page = tmp_path / "compare-a-vs-b.html"
+    assert capsys.readouterr().out.strip() == f"compare: {page}"
+    assert "b beats a by " in page.read_text()
     m = [json.loads((tmp_path / r / "metrics.json").read_text()) for r in "ab"]
     assert m[1]["loss"]["val"] < m[0]["loss"]["val"] - 1.0
     assert m[1]["step0_loss"] < 3.5 < m[0]["step0_loss"]  # ln 27 = 3.30
