@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 DEMO_STEPS ?= 40000
 
-.PHONY: demo test test-fast bench bench-gpu experiments lint format clean
+.PHONY: demo test test-all bench bench-gpu experiments lint format clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -18,11 +18,13 @@ demo: $(STAMP)
 experiments: $(STAMP)
 	.venv/bin/plumb experiment all --out runs/experiments
 
+# make test: every test but the slow ones (full-length reproductions, the 20-kill soak,
+# compiled curves), on both cores (pytest-xdist). make test-all: that, then the slow ones.
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n 2 -m "not slow" --durations=15
 
-test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+test-all: test
+	$(PY) -m pytest -q -m slow --durations=15
 
 bench: $(STAMP)
 	$(PY) bench/bench_step.py

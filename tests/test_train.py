@@ -30,10 +30,12 @@ def test_lecture_deep_1001_steps(names):
     assert abs(val_loss - reference.DEEP_1001[1]) < 1e-6
 
 
-def test_batchnorm_stage_first_10000_steps(names):
-    r = run_stage("batchnorm", names, steps=10_001, threads=1)
+def test_batchnorm_stage_first_20000_steps(names):
+    """The notebook's printed losses at steps 0, 10,000 and 20,000, to the last printed
+    digit (make test's guard of the full reproduction, which make test-all runs)."""
+    r = run_stage("batchnorm", names, steps=20_001, threads=1)
     assert [printed(v) for _, v in r.printed] == [
-        printed(v) for v in reference.BATCHNORM_PRINTED[:2]
+        printed(v) for v in reference.BATCHNORM_PRINTED[:3]
     ]
 
 

@@ -51,7 +51,6 @@ class Doctor(transformers.TrainerCallback):
         self.monitor: Any = None
         self.diagnosis: Any = None
         self._loss: Any = None
-        self._hook: Any = None
         self._main = True
 
     def _sinks(self, args: Any) -> list[Any]:
@@ -78,14 +77,13 @@ class Doctor(transformers.TrainerCallback):
 
         self._main = main = state.is_world_process_zero
 
-        def keep_loss(module: Any, inputs: Any, output: Any) -> None:
+        def keep_loss(output: Any) -> None:
             loss = getattr(output, "loss", None)
             if loss is None and isinstance(output, dict):
                 loss = output.get("loss")
             if loss is not None and getattr(loss, "requires_grad", False):
                 self._loss = loss
 
-        self._hook = model.register_forward_hook(keep_loss)
         self.monitor = Monitor(
             model,
             self.every,
@@ -99,6 +97,7 @@ class Doctor(transformers.TrainerCallback):
             **self.probes,
         )
         self.monitor.__enter__()
+        self.monitor.on_output(keep_loss)  # the loss the model returns, with its graph
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         if self.monitor is None or self._loss is None:
@@ -108,9 +107,6 @@ class Doctor(transformers.TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         mon, self.monitor = self.monitor, None
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
         if mon is None:
             return
         mon.close()

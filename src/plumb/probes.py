@@ -614,6 +614,15 @@ class Probes:
                     self._mode_handles.append(m.register_forward_pre_hook(self._bn_hook(name)))
         self._arm()
 
+    def on_output(self, fn: Callable[[Any], None]) -> None:
+        """Call ``fn(output)`` after every forward of the model while attached: a
+        framework callback reads what the model returns there (a Hugging Face
+        ``ModelOutput.loss``). Removed with the other hooks by ``close``."""
+        if not self._attached:
+            raise PlumbError("on_output() needs an attached Monitor: call it inside the block")
+        hook = self.model.register_forward_hook(lambda module, args, output: fn(output))
+        self._mode_handles.append(hook)
+
     def close(self, close_sinks: bool = True) -> None:
         """Remove every hook, flush what is on the device and write the record (and close
         the sinks, unless ``close_sinks`` is False: the Monitor hands them its findings
