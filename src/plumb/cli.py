@@ -755,6 +755,7 @@ def _doctor_saved(args: argparse.Namespace) -> int:
     import json
 
     from plumb.record import load_run
+    from plumb.report.html import run_headline
 
     given = [a for a in args._argv[1:] if a.startswith("--") and a not in ("--json",)]
     if given:
@@ -773,17 +774,12 @@ def _doctor_saved(args: argparse.Namespace) -> int:
             f"the doctor did not run on {args.run} (trained with --no-doctor, or a Monitor "
             "without doctor=True): plumb doctor diagnoses a new run without RUN_DIR"
         )
+    head = run_headline(rec)
     if args.json:
-        print(json.dumps({"headline": _headline(rec).plain(), "findings": rec.findings}, indent=2))
+        print(json.dumps({"headline": head.plain(), "findings": rec.findings}, indent=2))
     else:
         print(_verdict_lines(rec))
-    return 1 if _headline(rec).kind == "bad" else 0
-
-
-def _headline(rec):
-    from plumb.report.html import run_headline
-
-    return run_headline(rec)
+    return 1 if head.kind == "bad" else 0
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:

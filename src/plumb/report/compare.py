@@ -16,7 +16,7 @@ from plumb.errors import PlumbError
 from plumb.io import atomic_write_bytes
 from plumb.record import Record, load_run
 from plumb.report.figures import classes_of, loss_axis, png
-from plumb.report.html import e, page, sparkline
+from plumb.report.html import e, page, run_headline, sparkline
 from plumb.report.tables import HEADERS, fmt, layer_rows
 
 #: The per-layer columns compared (the latest value of each run).
@@ -213,8 +213,6 @@ def _layers_table(recs: list[Record], labels: list[str]) -> str:
 
 
 def _findings_table(recs: list[Record], labels: list[str]) -> str:
-    from plumb.report.html import run_headline
-
     cols = []
     for r in recs:
         head = run_headline(r).html()
