@@ -195,6 +195,52 @@ def test_hooks_only_on_record_steps_and_removed_on_exception():
         pass
 
 
+def test_sparse_embedding_gradients_are_measured_as_the_dense_gradient(tmp_path):
+    """nn.Embedding(sparse=True) with SparseAdam: the Monitor measures the sparse gradient
+    as the dense one it stands for (the same numbers a dense embedding gives), and the
+    user's loop runs to the end."""
+
+    class Bag(nn.Module):
+        def __init__(self, sparse: bool):
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb = nn.Embedding(50, 16, sparse=sparse)
+            self.fc = nn.Linear(16, 50)
+
+        def forward(self, x):
+            return self.fc(self.emb(x).mean(1))
+
+    grads = {}
+    for sparse in (True, False):
+        model = Bag(sparse)
+        emb_opt = (torch.optim.SparseAdam if sparse else torch.optim.Adam)(
+            list(model.emb.parameters()), lr=1e-2
+        )
+        fc_opt = torch.optim.Adam(model.fc.parameters(), lr=1e-2)
+        g = torch.Generator().manual_seed(1)
+        out = tmp_path / str(sparse)
+        with Monitor(model, every=1, hist_every=2, out=out) as mon:
+            for _ in range(6):
+                x, y = (
+                    torch.randint(0, 50, (8, 5), generator=g),
+                    torch.randint(0, 50, (8,), generator=g),
+                )
+                loss = F.cross_entropy(model(x), y)
+                emb_opt.zero_grad()
+                fc_opt.zero_grad()
+                loss.backward()
+                emb_opt.step()
+                fc_opt.step()
+                mon.step(loss)
+        rec = plumb.load_run(out)
+        assert [r["step"] for r in rec.rows] == list(range(6))
+        grads[sparse] = rec.rows[0]["param"]["emb.weight"]
+    # step 0: the same weights and batch, so the same gradient, whichever way it is held
+    for stat in ("grad_mean", "grad_std", "grad_data"):
+        assert grads[True][stat] == pytest.approx(grads[False][stat], rel=1e-5, abs=1e-9)
+    assert grads[True]["grad_std"] > 0
+
+
 def test_attach_twice_and_bad_arguments():
     model = nn.Sequential(nn.Linear(2, 2))
     with Monitor(model), pytest.raises(PlumbError, match="already attached"), Monitor(model):

@@ -846,7 +846,7 @@ class Probes:
         if i in self._carried or not self._armed:
             return
         p = self.params[i][1]
-        g = local(p.grad) if p.grad is not None else None
+        g = dense(local(p.grad)) if p.grad is not None else None
         self._carried[i] = (
             g.detach().float().square().sum()
             if g is not None
@@ -987,7 +987,7 @@ class Probes:
             tensors.append(data)
             if p.grad is not None:
                 rows.append(Row("param_grad", name, tuple(data.shape)))
-                tensors.append(local(p.grad))
+                tensors.append(dense(local(p.grad)))
                 if i in self._carried:
                     carry.append(name)
                     carried.append(self._carried[i])
@@ -1179,6 +1179,13 @@ class Probes:
             self.writer.write(self.history, rows, hists)
         for sink in self.sinks if self.rank == 0 else ():  # one writer: rank 0
             sink.write(self.history, rows, hists)
+
+
+def dense(t: Tensor) -> Tensor:
+    """A sparse gradient (``nn.Embedding(sparse=True)``) as the dense tensor it stands
+    for (rows no example touched are zeros), so that its statistics are those of the same
+    gradient held densely: a copy the size of the parameter, on record steps only."""
+    return t.to_dense() if t.layout != torch.strided else t
 
 
 def _as_rows(merged: Merged) -> RowStats:
