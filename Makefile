@@ -19,12 +19,15 @@ experiments: $(STAMP)
 	.venv/bin/plumb experiment all --out runs/experiments
 
 # make test: every test but the slow ones (full-length reproductions, the 20-kill soak,
-# compiled curves), on both cores (pytest-xdist). make test-all: that, then the slow ones.
+# compiled curves), on both cores (pytest-xdist), property tests on a fixed fifth of their
+# examples (tests/hyp.py). make test-all: the same with every example drawn afresh, then
+# the slow ones.
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 -m "not slow" --durations=15
 
-test-all: test
-	$(PY) -m pytest -q -m slow --durations=15
+test-all: $(STAMP)
+	PLUMB_HYPOTHESIS=full $(PY) -m pytest -q -n 2 -m "not slow" --durations=15
+	PLUMB_HYPOTHESIS=full $(PY) -m pytest -q -m slow --durations=15
 
 bench: $(STAMP)
 	$(PY) bench/bench_step.py

@@ -1,5 +1,6 @@
 import functools
 
+import hyp  # noqa: F401  (the hypothesis profile, before any test module)
 import pytest
 import torch
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hyp import examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
@@ -317,7 +318,7 @@ def test_checkpoint_from_another_config(tmp_path, capsys):
 # --- fuzz: the checkpoint loader and the data loader -----------------------------------
 
 FUZZ = settings(
-    max_examples=10_000,
+    max_examples=examples(10_000),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
     database=None,

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from hyp import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -22,7 +23,7 @@ def _pair(dim, momentum, eps, affine, track):
     return torch_bn, ours
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(
     n=st.integers(2, 40),
     dim=st.integers(1, 24),
@@ -59,7 +60,7 @@ def test_batchnorm_matches_torch(n, dim, length, momentum, eps, affine, track, s
     torch.testing.assert_close(ours(x), torch_bn(x))
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @given(n=st.integers(2, 30), dim=st.integers(1, 16), seed=st.integers(0, 2**16))
 def test_batchnorm_lecture_convention(n, dim, seed):
     """Lecture convention: unbiased variance both to normalise and to track."""
@@ -101,7 +102,7 @@ def test_batchnorm_eval_is_batch_independent():
     torch.testing.assert_close(bn(x)[:3], bn(x[:3]))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(
     shape=st.lists(st.integers(1, 9), min_size=1, max_size=3),
     eps=st.sampled_from([1e-5, 1e-2]),

@@ -1,14 +1,8 @@
-"""plumb under ``torch.distributed``: the statistics of the *global* step.
-
-Each rank measures its own share (its examples' activations, its shard of a sharded
-parameter) as sufficient statistics (``plumb.stats``: n, mean, M2, min, max, off and
-per-unit masks), and one ``all_gather`` of those few numbers per record step merges them
-with the same formula that pools a module's calls (Chan et al.):
-
-    N = sum_r n_r,  mean = sum_r n_r mean_r / N,
-    M2 = sum_r M2_r + sum_r n_r (mean_r - mean)^2,  min, max, off: min, max, sum.
-
-Full tensors are never gathered, and steps that record nothing run no collective.
+"""plumb under ``torch.distributed``: the process group, the global step (its loss and
+an agreed stop), the names and shards wrappers add, and the collectives the probes use.
+This module knows nothing of what is measured: ``plumb.stats.merge_ranks`` pools each
+rank's sufficient statistics with ``all_gather`` below (one collective of a few numbers
+per record step; full tensors are never gathered, steps that record nothing run none).
 
 What is pooled over ranks and what is not:
 
@@ -35,7 +29,6 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from plumb import nn as pnn
-from plumb.stats import N_STATS, Merged
 
 #: Path components that wrappers insert into module and parameter names.
 WRAPPER_PARTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
@@ -128,65 +121,12 @@ def is_sharded(p: Tensor) -> bool:
     return is_dtensor(p) and any(pl.is_shard() for pl in p.placements)
 
 
-def _all_gather(out: Tensor, t: Tensor) -> None:
+def all_gather(t: Tensor) -> Tensor:
+    """Every rank's ``t`` (1-D, the same size on each), concatenated in rank order."""
+    out = t.new_empty(world()[1] * t.numel())
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     gather(out, t)
-
-
-def merge_ranks(
-    merged: Merged,
-    replicated: set[tuple[str, str]],
-    extra: Tensor | None = None,
-    summed: list[bool] | None = None,
-) -> tuple[Merged, Tensor | None]:
-    """The global statistics of ``merged`` (this rank's, per key) merged over the ranks
-    of the default group: one ``all_gather`` of the values and unit masks. Keys in
-    ``replicated`` keep this rank's values (the same on every rank). ``extra`` (1-D)
-    travels in the same collective: entries where ``summed`` is True come back summed
-    over the ranks, the others as this rank's. Every rank must record the same keys
-    (the same model and forward)."""
-    _, size = world()
-    if size == 1:
-        return merged, extra
-    keys = sorted(merged.keys)  # one order on every rank, whatever order each saw first
-    at = merged.index()
-    idx = torch.tensor([at[k] for k in keys], device=merged.values.device)
-    vals = merged.values.index_select(0, idx)
-    mask_keys = [k for k in keys if k in merged.unit_off]
-    parts = [vals.reshape(-1)] + [merged.unit_off[k].double().reshape(-1) for k in mask_keys]
-    n_extra = 0 if extra is None else extra.numel()
-    if extra is not None:
-        parts.append(extra.double().to(vals.device).reshape(-1))
-    payload = torch.cat(parts)
-    gathered = payload.new_empty(size * payload.numel())
-    _all_gather(gathered, payload)
-    per = gathered.view(size, -1)
-    K = len(keys)
-    V = per[:, : K * N_STATS].view(size, K, N_STATS)
-    n = V[..., 0]
-    N = n.sum(0)
-    w = torch.where(N > 0, n / N.clamp_min(1), torch.zeros_like(n))
-    mean = (w * V[..., 1].nan_to_num(0.0)).sum(0)
-    m2 = (V[..., 2].nan_to_num(0.0) + n * (V[..., 1].nan_to_num(0.0) - mean) ** 2).sum(0)
-    lo = torch.where(n > 0, V[..., 3], torch.full_like(n, float("inf"))).amin(0)
-    hi = torch.where(n > 0, V[..., 4], torch.full_like(n, float("-inf"))).amax(0)
-    out = torch.stack([N, mean, m2, lo, hi, V[..., 5].sum(0)], 1)
-    keep = [i for i, k in enumerate(keys) if k in replicated]
-    if keep:
-        ki = torch.tensor(keep, device=out.device)
-        out[ki] = vals[ki]
-    unit_off = {}
-    offset = K * N_STATS
-    for k in mask_keys:
-        m = merged.unit_off[k]
-        unit_off[k] = per[:, offset : offset + m.numel()].prod(0).view_as(m).to(m.dtype)
-        offset += m.numel()
-    calls = [merged.calls[at[k]] for k in keys]
-    if extra is not None:
-        ex = per[:, offset : offset + n_extra]
-        mask = torch.tensor(summed or [False] * n_extra, device=ex.device)
-        extra = torch.where(mask, ex.sum(0), payload[offset : offset + n_extra])
-    return Merged(keys, out, calls, unit_off), extra
+    return out
 
 
 def sum_counts(counts: Tensor, local_rows: list[int]) -> Tensor:

@@ -8,7 +8,9 @@ the lecture's batch norm, none), any activation (tanh, relu, leaky_relu, sigmoid
 linear), an optional output norm, trained in training mode with cross-entropy by plumb's
 ``SGD`` or ``torch.optim.AdamW``. Outside it, the eager engine (autograd) runs.
 
-The math, per hidden layer (h: its input, B: batch, W stored (fan_in, fan_out)):
+The math, per hidden layer (h: its input, B: batch, W stored (fan_in, fan_out)); each
+norm and activation is one entry of the table of operations below (``NORM_OPS``,
+``ACTIVATION_OPS``: a new layer kind is one class there):
 
     z = h W + b                      dW = h^T dz,  db = sum_b dz,  dh = dz W^T
     batch norm (over the batch, c = 1 for the unbiased variance, else 0):
@@ -44,26 +46,28 @@ from plumb import nn as pnn
 from plumb.models import MLP
 from plumb.optim import SGD
 from plumb.probes import Measured, layer_kind
-from plumb.stats import Plan, Row, RowStats
+from plumb.stats import Plan, Row, RowStats, Stat
 
 COMPILE_OPTIONS = {"cpp_wrapper": True}  # the graph's wrapper in C++: less Python per step
 
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """One Linear [-> norm] [-> activation] block, as the fused step needs it."""
+    """One Linear [-> norm] [-> activation] block, as the fused step needs it: indices
+    into the step's flat parameter and buffer lists, and the block's operations by name
+    (``NORM_OPS``, ``ACTIVATION_OPS``)."""
 
-    weight: int  # index into the parameter list
+    weight: int
     bias: int | None
-    norm: str  # none | batch | layer | lecture-batch
-    gamma: int | None
-    beta: int | None
-    buffers: tuple[int, ...]  # running_mean, running_var (or running_std)
-    eps: float
-    momentum: float
-    correction: int  # 1: the variance that normalises is unbiased
-    track_unbiased: bool  # running_var gets the unbiased variance (torch convention)
-    activation: str  # tanh | relu | leaky_relu | sigmoid | linear | none (output)
+    modules: tuple[str, str | None, str | None]  # linear, norm, activation (module names)
+    norm: str = "none"  # a key of NORM_OPS, or none
+    gamma: int | None = None
+    beta: int | None = None
+    buffers: tuple[int | None, ...] = ()  # running_mean, running_var (or running_std)
+    eps: float = 0.0
+    momentum: float = 0.0
+    correction: int = 0  # 1: the variance that normalises is unbiased
+    activation: str = "linear"  # a key of ACTIVATION_OPS (the output block: linear)
     slope: float = 0.01
 
 
@@ -103,6 +107,243 @@ def _mark(path: Any, seconds: float) -> None:
         pass
 
 
+# --- the table of operations -------------------------------------------------------------
+# One entry per layer kind of the fused family: the plumb.nn classes it stands for, what
+# the spec keeps of a module, its forward and its hand-written backward (the math in its
+# docstring). ``supports``, ``build_spec`` and the probes' names all read this table; a
+# module of a kind not in it sends the model to the eager engine, with the reason.
+
+
+class Activation:
+    """a = act(y), backward dy = da * act'(y)."""
+
+    name = ""
+    types: tuple[type, ...] = ()
+
+    @staticmethod
+    def forward(y: Tensor, slope: float) -> Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def backward(da: Tensor, y: Tensor, a: Tensor, slope: float) -> Tensor:
+        raise NotImplementedError
+
+
+class Tanh(Activation):
+    """a = tanh(y);  dy = da (1 - a^2)."""
+
+    name, types = "tanh", (pnn.Tanh,)
+
+    @staticmethod
+    def forward(y, slope):
+        return torch.tanh(y)
+
+    @staticmethod
+    def backward(da, y, a, slope):
+        return da * (1 - a * a)
+
+
+class Sigmoid(Activation):
+    """a = 1 / (1 + e^-y);  dy = da a (1 - a)."""
+
+    name, types = "sigmoid", (pnn.Sigmoid,)
+
+    @staticmethod
+    def forward(y, slope):
+        return torch.sigmoid(y)
+
+    @staticmethod
+    def backward(da, y, a, slope):
+        return da * a * (1 - a)
+
+
+class ReLU(Activation):
+    """a = max(y, 0);  dy = da [y >= 0] (clamp_min's subgradient, as autograd's: 1 at 0)."""
+
+    name, types = "relu", (pnn.ReLU,)
+
+    @staticmethod
+    def forward(y, slope):
+        return y.clamp_min(0)
+
+    @staticmethod
+    def backward(da, y, a, slope):
+        return da * (y >= 0)
+
+
+class LeakyReLU(Activation):
+    """a = y if y > 0 else slope y;  dy = da if y > 0 else slope da."""
+
+    name, types = "leaky_relu", (pnn.LeakyReLU,)
+
+    @staticmethod
+    def forward(y, slope):
+        return torch.where(y > 0, y, y * slope)
+
+    @staticmethod
+    def backward(da, y, a, slope):
+        return torch.where(y > 0, da, da * slope)
+
+
+class Identity(Activation):
+    """a = y;  dy = da (``linear``, and the output layer's ``none``)."""
+
+    name, types = "linear", (nn.Identity,)
+
+    @staticmethod
+    def forward(y, slope):
+        return y
+
+    @staticmethod
+    def backward(da, y, a, slope):
+        return da
+
+
+class Norm:
+    """y = gamma xhat + beta over the normalised xhat; ``spec`` says what the step keeps
+    of the module (its parameters and buffers are added to the step's flat lists)."""
+
+    name = ""
+    types: tuple[type, ...] = ()
+
+    @staticmethod
+    def spec(m: nn.Module, param: Any, buffer: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @staticmethod
+    def forward(s: LayerSpec, z: Tensor, params: list[Tensor], buffers: list[Tensor]):
+        """(y, xhat, invstd) in training mode; updates the running buffers."""
+        raise NotImplementedError
+
+    @staticmethod
+    def backward(s: LayerSpec, dy: Tensor, xhat: Tensor, invstd: Tensor, params: list[Tensor]):
+        """(dz, dgamma, dbeta)."""
+        raise NotImplementedError
+
+
+class BatchNorm(Norm):
+    """Over the batch (B rows), c = 1 for the unbiased variance (``variance="lecture"``),
+    else 0:
+
+        xhat = (z - mean) / sqrt(var + eps),  var = sum (z - mean)^2 / (B - c)
+        dgamma = sum dy xhat,  dbeta = sum dy,  dxhat = gamma dy
+        dz = (dxhat - mean(dxhat) - xhat sum(dxhat xhat) / (B - c)) / sqrt(var + eps)
+
+    running_mean <- (1 - m) running_mean + m mean; running_var the same with the unbiased
+    variance (torch's convention)."""
+
+    name, types = "batch", (pnn.BatchNorm1d,)
+
+    @staticmethod
+    def spec(m, param, buffer):
+        return {
+            "buffers": (buffer(m.running_mean), buffer(m.running_var)),
+            "eps": m.eps,
+            "momentum": m.momentum,
+            "correction": 1 if m.variance == "lecture" else 0,
+        }
+
+    @classmethod
+    def forward(cls, s, z, params, buffers):
+        n = z.shape[0]
+        mean = z.mean(0, keepdim=True)
+        d = z - mean
+        ss = (d * d).sum(0, keepdim=True)
+        var = ss / (n - s.correction)
+        with torch.no_grad():
+            cls.running(s, buffers[s.buffers[0]], buffers[s.buffers[1]], mean, ss, n)
+        invstd = torch.rsqrt(var + s.eps) if s.eps else torch.rsqrt(var)
+        xhat = d * invstd
+        return params[s.gamma] * xhat + params[s.beta], xhat, invstd
+
+    @staticmethod
+    def running(s: LayerSpec, rm: Tensor, rv: Tensor, mean: Tensor, ss: Tensor, n: int):
+        m = s.momentum
+        rm.mul_(1 - m).add_(mean.view(-1) * m)
+        rv.mul_(1 - m).add_((ss / (n - 1)).view(-1) * m)
+
+    @staticmethod
+    def backward(s, dy, xhat, invstd, params):
+        gamma = params[s.gamma]
+        dxhat = dy * gamma
+        n = dy.shape[0]
+        dgamma, dbeta = (dy * xhat).sum(0, keepdim=True), dy.sum(0, keepdim=True)
+        dz = invstd * (
+            dxhat
+            - dxhat.mean(0, keepdim=True)
+            - xhat * (dxhat * xhat).sum(0, keepdim=True) / (n - s.correction)
+        )
+        return dz, dgamma.view(gamma.shape), dbeta.view(params[s.beta].shape)
+
+
+class LectureBatchNorm(BatchNorm):
+    """The lecture's first batch norm: BatchNorm's math with c = 1 and no eps, and a
+    running *std*: running_std <- (1 - m) running_std + m sqrt(sum (z - mean)^2 / (B - 1))
+    (written as the notebook does, so the stage stays bit-exact)."""
+
+    name, types = "lecture-batch", (pnn.LectureBatchNorm1d,)
+
+    @staticmethod
+    def spec(m, param, buffer):
+        return {
+            "buffers": (buffer(m.running_mean), buffer(m.running_std)),
+            "eps": 0.0,
+            "momentum": m.momentum,
+            "correction": 1,
+        }
+
+    @staticmethod
+    def running(s, rm, rv, mean, ss, n):
+        m = s.momentum
+        rm.copy_((1 - m) * rm + m * mean.view(rm.shape))
+        rv.copy_((1 - m) * rv + m * (ss / (n - 1)).sqrt().view(rv.shape))
+
+
+class LayerNorm(Norm):
+    """Over the F features of each example:
+
+    xhat = (z - mean) / sqrt(var + eps),  var = sum_f (z - mean)^2 / F
+    dgamma = sum_b dy xhat,  dbeta = sum_b dy,  dxhat = gamma dy
+    dz = (dxhat - mean_f(dxhat) - xhat mean_f(dxhat xhat)) / sqrt(var + eps)"""
+
+    name, types = "layer", (pnn.LayerNorm,)
+
+    @staticmethod
+    def spec(m, param, buffer):
+        return {"eps": m.eps}
+
+    @staticmethod
+    def forward(s, z, params, buffers):
+        mean = z.mean(1, keepdim=True)
+        d = z - mean
+        var = (d * d).mean(1, keepdim=True)
+        invstd = torch.rsqrt(var + s.eps)
+        xhat = d * invstd
+        return params[s.gamma] * xhat + params[s.beta], xhat, invstd
+
+    @staticmethod
+    def backward(s, dy, xhat, invstd, params):
+        dxhat = dy * params[s.gamma]
+        dz = invstd * (
+            dxhat - dxhat.mean(1, keepdim=True) - xhat * (dxhat * xhat).mean(1, keepdim=True)
+        )
+        return dz, (dy * xhat).sum(0), dy.sum(0)
+
+
+ACTIVATION_OPS: dict[str, type[Activation]] = {
+    op.name: op for op in (Tanh, Sigmoid, ReLU, LeakyReLU, Identity)
+}
+NORM_OPS: dict[str, type[Norm]] = {op.name: op for op in (BatchNorm, LectureBatchNorm, LayerNorm)}
+_BY_TYPE: dict[type, type[Activation] | type[Norm]] = {
+    t: op for op in (*ACTIVATION_OPS.values(), *NORM_OPS.values()) for t in op.types
+}
+_FRAME = (pnn.Embedding, pnn.Flatten)  # the fixed front of every MLP
+
+
+def _op(m: nn.Module) -> type[Activation] | type[Norm] | None:
+    return _BY_TYPE.get(type(m))
+
+
 def supports(model: nn.Module, optimizer: Any) -> str | None:
     """None when the fused engine covers ``model`` and ``optimizer``, else the reason."""
     if not isinstance(model, MLP):
@@ -113,6 +354,9 @@ def supports(model: nn.Module, optimizer: Any) -> str | None:
         group = optimizer.param_groups[0]
         if group.get("amsgrad") or group.get("maximize") or len(optimizer.param_groups) > 1:
             return "AdamW with amsgrad, maximize or several param groups"
+    for name, m in model.layers.named_children():
+        if not isinstance(m, (pnn.Linear, *_FRAME)) and _op(m) is None:
+            return f"layers.{name} is a {type(m).__name__}, which has no fused operation"
     for m in model.modules():
         if isinstance(m, pnn.BatchNorm1d) and not (m.affine and m.track_running_stats):
             return "a BatchNorm1d without affine parameters or running statistics"
@@ -122,145 +366,46 @@ def supports(model: nn.Module, optimizer: Any) -> str | None:
 
 
 def build_spec(model: MLP) -> tuple[list[LayerSpec], list[Tensor], list[Tensor], list[str]]:
-    """The layers of ``model`` as specs over flat lists of its parameters and buffers
-    (the model's own tensors: the step updates them in place), and the parameter names."""
+    """The blocks of ``model`` (Linear [-> norm] [-> activation]) as specs over flat lists
+    of its parameters and buffers (the model's own tensors: the step updates them in
+    place), and the parameter names."""
     names = {id(p): n for n, p in model.named_parameters()}
     params: list[Tensor] = [model.layers.embedding.weight]
     buffers: list[Tensor] = []
 
-    def add(t: Tensor | None, into: list[Tensor]) -> int | None:
-        if t is None:
-            return None
-        into.append(t)
-        return len(into) - 1
+    def add(into: list[Tensor]):
+        def put(t: Tensor | None) -> int | None:
+            if t is None:
+                return None
+            into.append(t)
+            return len(into) - 1
 
-    mods = list(model.layers.children())
+        return put
+
+    param, buffer = add(params), add(buffers)
+    mods = [(f"layers.{n}", m) for n, m in model.layers.named_children()]
     specs: list[LayerSpec] = []
-    i = 0
-    while i < len(mods):
-        m = mods[i]
-        if not isinstance(m, pnn.Linear):
-            i += 1
+    for k, (lin_name, lin) in enumerate(mods):
+        if not isinstance(lin, pnn.Linear):
             continue
-        w, b = add(m.weight, params), add(m.bias, params)
-        norm, nm, act, slope = "none", None, "none", 0.01
-        j = i + 1
-        if j < len(mods) and isinstance(
-            mods[j], pnn.BatchNorm1d | pnn.LayerNorm | pnn.LectureBatchNorm1d
-        ):
-            nm = mods[j]
-            norm = {
-                pnn.BatchNorm1d: "batch",
-                pnn.LayerNorm: "layer",
-                pnn.LectureBatchNorm1d: "lecture-batch",
-            }[type(nm)]
-            j += 1
-        if j < len(mods) and not isinstance(mods[j], pnn.Linear):
-            a = mods[j]
-            act = {
-                pnn.Tanh: "tanh",
-                pnn.ReLU: "relu",
-                pnn.LeakyReLU: "leaky_relu",
-                pnn.Sigmoid: "sigmoid",
-                nn.Identity: "linear",
-            }[type(a)]
-            slope = getattr(a, "negative_slope", 0.01)
-            j += 1
-        gamma = beta = None
-        bufs: tuple[int, ...] = ()
-        eps, momentum, correction, unbiased = 0.0, 0.0, 0, True
-        if nm is not None:
-            gamma, beta = add(nm.weight, params), add(nm.bias, params)
-            if norm == "batch":
-                bufs = (add(nm.running_mean, buffers), add(nm.running_var, buffers))
-                eps, momentum = nm.eps, nm.momentum
-                correction = 1 if nm.variance == "lecture" else 0
-            elif norm == "lecture-batch":
-                bufs = (add(nm.running_mean, buffers), add(nm.running_std, buffers))
-                momentum, correction = nm.momentum, 1
+        w, b = param(lin.weight), param(lin.bias)
+        fields: dict[str, Any] = {}
+        norm_name = act_name = None
+        for other, m in mods[k + 1 : k + 3]:
+            op = _op(m)
+            if isinstance(m, pnn.Linear) or op is None:
+                break
+            if issubclass(op, Norm) and norm_name is None and act_name is None:
+                norm_name = other
+                fields.update(norm=op.name, gamma=param(m.weight), beta=param(m.bias))
+                fields.update(op.spec(m, param, buffer))
+            elif issubclass(op, Activation) and act_name is None:
+                act_name = other
+                fields.update(activation=op.name, slope=getattr(m, "negative_slope", 0.01))
             else:
-                eps = nm.eps
-        specs.append(
-            LayerSpec(
-                w, b, norm, gamma, beta, bufs, eps, momentum, correction, unbiased, act, slope
-            )
-        )
-        i = j
+                break
+        specs.append(LayerSpec(w, b, (lin_name, norm_name, act_name), **fields))
     return specs, params, buffers, [names[id(p)] for p in params]
-
-
-# --- the math ------------------------------------------------------------------------------
-def _norm_forward(s: LayerSpec, z: Tensor, params: list[Tensor], buffers: list[Tensor]):
-    """(y, xhat, invstd) of a norm layer in training mode; updates running buffers."""
-    gamma, beta = params[s.gamma], params[s.beta]
-    if s.norm == "layer":
-        mean = z.mean(1, keepdim=True)
-        d = z - mean
-        var = (d * d).mean(1, keepdim=True)
-        invstd = torch.rsqrt(var + s.eps)
-        xhat = d * invstd
-        return gamma * xhat + beta, xhat, invstd
-    n = z.shape[0]
-    mean = z.mean(0, keepdim=True)
-    d = z - mean
-    ss = (d * d).sum(0, keepdim=True)
-    var = ss / (n - s.correction)
-    with torch.no_grad():
-        m = s.momentum
-        rm, rv = buffers[s.buffers[0]], buffers[s.buffers[1]]
-        if s.norm == "lecture-batch":  # running std, no eps
-            rm.copy_((1 - m) * rm + m * mean.view(rm.shape))
-            rv.copy_((1 - m) * rv + m * (ss / (n - 1)).sqrt().view(rv.shape))
-        else:
-            rm.mul_(1 - m).add_(mean.view(-1) * m)
-            rv.mul_(1 - m).add_((ss / (n - 1)).view(-1) * m)
-    invstd = torch.rsqrt(var + s.eps) if s.norm == "batch" else torch.rsqrt(var)
-    xhat = d * invstd
-    return gamma * xhat + beta, xhat, invstd
-
-
-def _norm_backward(s: LayerSpec, dy: Tensor, xhat: Tensor, invstd: Tensor, params: list[Tensor]):
-    gamma = params[s.gamma]
-    dgamma_full = dy * xhat
-    dxhat = dy * gamma
-    if s.norm == "layer":
-        dgamma, dbeta = dgamma_full.sum(0), dy.sum(0)
-        dz = invstd * (
-            dxhat - dxhat.mean(1, keepdim=True) - xhat * (dxhat * xhat).mean(1, keepdim=True)
-        )
-    else:
-        n = dy.shape[0]
-        dgamma, dbeta = dgamma_full.sum(0, keepdim=True), dy.sum(0, keepdim=True)
-        dz = invstd * (
-            dxhat
-            - dxhat.mean(0, keepdim=True)
-            - xhat * (dxhat * xhat).sum(0, keepdim=True) / (n - s.correction)
-        )
-    return dz, dgamma.view(params[s.gamma].shape), dbeta.view(params[s.beta].shape)
-
-
-def _act(s: LayerSpec, y: Tensor) -> Tensor:
-    if s.activation == "tanh":
-        return torch.tanh(y)
-    if s.activation == "sigmoid":
-        return torch.sigmoid(y)
-    if s.activation == "relu":
-        return y.clamp_min(0)
-    if s.activation == "leaky_relu":
-        return torch.where(y > 0, y, y * s.slope)
-    return y
-
-
-def _act_backward(s: LayerSpec, da: Tensor, y: Tensor, a: Tensor) -> Tensor:
-    if s.activation == "tanh":
-        return da * (1 - a * a)
-    if s.activation == "sigmoid":
-        return da * a * (1 - a)
-    if s.activation == "relu":  # clamp_min's subgradient, as autograd's: 1 at y == 0
-        return da * (y >= 0)
-    if s.activation == "leaky_relu":
-        return torch.where(y > 0, da, da * s.slope)
-    return da
 
 
 @dataclass
@@ -279,12 +424,11 @@ def forward_backward(
     buffers: list[Tensor],
     X: Tensor,
     Y: Tensor,
-    names: list[tuple[str, str | None, str | None]] | None = None,
+    measure: bool = False,
 ) -> tuple[Tensor, list[Tensor], Pass | None]:
     """One training-mode forward and the hand-written backward: (loss, gradients in
-    ``params`` order, and with ``names`` (per spec: linear, norm, activation module
-    names) the tensors the probes measure). Running buffers are updated as the modules'
-    forward would."""
+    ``params`` order, and with ``measure`` the tensors the probes measure, named by the
+    specs' modules). Running buffers are updated as the modules' forward would."""
     C = params[0]
     B = X.shape[0]
     ids = X.long()
@@ -296,10 +440,10 @@ def forward_backward(
         if s.bias is not None:
             z = z + params[s.bias]
         if s.norm != "none":
-            y, xhat, invstd = _norm_forward(s, z, params, buffers)
+            y, xhat, invstd = NORM_OPS[s.norm].forward(s, z, params, buffers)
         else:
             y, xhat, invstd = z, None, None
-        a = _act(s, y)
+        a = ACTIVATION_OPS[s.activation].forward(y, s.slope)
         saved.append((h, z, y, xhat, invstd, a))
         h = a
     logits = h
@@ -312,9 +456,10 @@ def forward_backward(
     back = []
     for s, (hin, _z, y, xhat, invstd, a) in zip(reversed(specs), reversed(saved), strict=True):
         da = dh
-        dy = _act_backward(s, da, y, a)
+        dy = ACTIVATION_OPS[s.activation].backward(da, y, a, s.slope)
         if s.norm != "none":
-            dz, grads[s.gamma], grads[s.beta] = _norm_backward(s, dy, xhat, invstd, params)
+            norm = NORM_OPS[s.norm]
+            dz, grads[s.gamma], grads[s.beta] = norm.backward(s, dy, xhat, invstd, params)
         else:
             dz = dy
         grads[s.weight] = hin.t() @ dz
@@ -324,13 +469,12 @@ def forward_backward(
         back.append((dz, dy, da))
     demb = dh.view(emb.shape)
     grads[0] = torch.zeros_like(C).index_add_(0, ids.reshape(-1), demb.reshape(-1, C.shape[1]))
-    if names is None:
+    if not measure:
         return loss, grads, None
     outputs = [("layers.embedding", emb, demb), ("layers.flatten", saved[0][0], dh)]
     inputs = {}
-    for (lin, norm, act), (hin, z, y, _, _, a), (dz, dy, da) in zip(
-        names, saved, reversed(back), strict=True
-    ):
+    for s, (hin, z, y, _, _, a), (dz, dy, da) in zip(specs, saved, reversed(back), strict=True):
+        lin, norm, act = s.modules
         outputs.append((lin, z, dz))
         inputs[lin] = hin
         if norm is not None:
@@ -414,7 +558,6 @@ class FusedStep:
             raise ValueError(f"the fused engine does not apply: {reason}")
         self.model, self.optimizer = model, optimizer
         self.specs, self.params, self.buffers, self.names = build_spec(model)
-        self.module_names = self._module_names(model)
         device = self.params[0].device
         self.lr = torch.zeros((), device=device)
         self.adamw = isinstance(optimizer, torch.optim.AdamW)
@@ -448,25 +591,6 @@ class FusedStep:
         self.marker: Any = None  # a file to write once compiled (``train.compile_marker``)
         self._first = {"step", "record", "hist"}
 
-    @staticmethod
-    def _module_names(model: MLP) -> list[tuple[str, str | None, str | None]]:
-        """(linear, norm, activation) module names per block, as named_modules() names them."""
-        out = []
-        mods = list(model.layers.named_children())
-        for k, (name, m) in enumerate(mods):
-            if not isinstance(m, pnn.Linear):
-                continue
-            norm = act = None
-            for other, om in mods[k + 1 : k + 3]:
-                if isinstance(om, pnn.Linear):
-                    break
-                if isinstance(om, pnn.BatchNorm1d | pnn.LayerNorm | pnn.LectureBatchNorm1d):
-                    norm = f"layers.{other}"
-                else:
-                    act = f"layers.{other}"
-            out.append((f"layers.{name}", norm, act))
-        return out
-
     # ----- the step, with and without measurements ---------------------------------------
     def _update(self, params, grads, opt, lr, ok) -> None:
         if self.adamw:
@@ -487,7 +611,7 @@ class FusedStep:
 
     def _run_record(self, params, buffers, opt, X, Y, lr, stacks: bool = False):
         with torch.no_grad():
-            loss, grads, ps = forward_backward(self.specs, params, buffers, X, Y, self.module_names)
+            loss, grads, ps = forward_backward(self.specs, params, buffers, X, Y, measure=True)
             ok = _all_finite(loss, grads)
             prev = {
                 numel: torch.stack([params[k].reshape(-1) for k in ks]).float()
@@ -503,7 +627,7 @@ class FusedStep:
             if stacks:  # histograms on each row's own [min, max], and the saturation map
                 rows = self._hist_rows
                 at = torch.tensor(self._hist_at, device=stats.values.device)
-                lo, hi = stats.values[at, 3].float(), stats.values[at, 4].float()
+                lo, hi = stats.values[at, Stat.MIN].float(), stats.values[at, Stat.MAX].float()
                 counts = self.plan.count(groups, rows, list(range(len(rows))), lo, hi, len(rows))
                 smap = self.plan.satmap(groups)
                 hist = (counts, torch.stack([lo, hi], 1), smap)
@@ -522,7 +646,7 @@ class FusedStep:
                 [b.clone() for b in self.buffers],
                 X,
                 torch.zeros(batch, dtype=torch.long, device=device),
-                self.module_names,
+                measure=True,
             )
         rows = []
         for name, out, _ in ps.outputs:
@@ -559,7 +683,7 @@ class FusedStep:
     def chains(self) -> list[list[str]]:
         """Weight layers that feed each other (``plumb.probes``'s chains): all the Linears
         when there is no norm between them, else each on its own."""
-        linears = [lin for lin, _, _ in self.module_names]
+        linears = [s.modules[0] for s in self.specs]
         if all(s.norm == "none" for s in self.specs[:-1]):
             return [linears]
         return [[lin] for lin in linears]

@@ -68,7 +68,6 @@ from plumb.dist import (
     is_sharded,
     local,
     mean_over_ranks,
-    merge_ranks,
     sum_counts,
     unwrap,
     world,
@@ -87,7 +86,9 @@ from plumb.stats import (
     Plan,
     Row,
     RowStats,
+    Stat,
     merge,
+    merge_ranks,
     unit_dim,
 )
 
@@ -1041,7 +1042,7 @@ class Probes:
                 counts = sum_counts(counts, once)
             at = merged.index()
             idx = torch.tensor([at[k] for k in hist_keys], device=merged.values.device)
-            ranges = merged.values[idx][:, 3:5].float()
+            ranges = merged.values[idx][:, [Stat.MIN, Stat.MAX]].float()
         smap = None
         if hist:
             smap = m.smap if m.smap is not None or not m.stacks else m.plan.satmap(m.stacks)

@@ -43,7 +43,7 @@ import torch
 
 from plumb.errors import PlumbError
 from plumb.io import atomic_write_bytes, read_json, read_tensors, write_json, write_tensors
-from plumb.stats import N_STATS, summarize
+from plumb.stats import N_STATS, Stat, summarize
 
 RECORD_FORMAT = 2
 READABLE_FORMATS = (1, 2)  # format 1 rows lack calls, in_rms, min/max, grad_carry
@@ -173,7 +173,8 @@ def decode(step: int, layout: Any, values: np.ndarray) -> dict[str, Any]:
                 d["mean"], d["std"], d["rms"] = s["mean"], s["std"], s["rms"]
             elif section == "param_grad":
                 d["grad_mean"], d["grad_std"] = s["mean"], s["std"]
-                grad_norm[name] = float(np.sqrt(v[2] + v[0] * v[1] * v[1]))
+                n, mean = v[Stat.N], v[Stat.MEAN]
+                grad_norm[name] = float(np.sqrt(v[Stat.M2] + n * mean * mean))
             else:
                 d["update_rms"] = s["rms"]
         for name, v in zip(layout.dead, rest[: len(layout.dead)].tolist(), strict=True):

@@ -21,7 +21,9 @@ cancellation when |mean| >> std). Merging is associative, so the same function p
 the k calls of a step, the partial results of a step that held more than its memory
 budget, and (``plumb at scale``) the ranks of a distributed job.
 
-Histograms use edges agreed first: the key's merged [min, max] split into ``bins`` equal
+Under ``torch.distributed`` the ranks' statistics of a key are pooled the same way
+(``merge_ranks``: one ``all_gather`` of these few numbers per record step; full tensors
+are never gathered). Histograms use edges agreed first: the key's merged [min, max] split into ``bins`` equal
 bins (``torch.histogram``'s default range), and every call's values are counted on those
 edges, all histograms of a step in one ``bincount``.
 """
@@ -30,9 +32,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from enum import IntEnum
 
 import torch
 from torch import Tensor
+
+from plumb.dist import all_gather, world
 
 TANH_SATURATION = 0.97  # |t| > 0.97, the lecture's threshold: tanh'(x) = 1 - t^2 < 0.06
 # s < 0.015 or s > 0.985: the same x as tanh's 0.97, since s(x) = (1 + tanh(x / 2)) / 2
@@ -43,7 +48,45 @@ NORMS = ("batchnorm", "layernorm", "groupnorm")
 WEIGHT_LAYERS = ("linear", "conv")
 HISTOGRAMS = ("layer", "layer_grad", "param_grad")  # sections that get histograms
 SECTIONS = ("layer", "layer_grad", "layer_in", "param_grad", "param", "param_update")
-N_STATS = 6  # n, mean, M2, min, max, off
+
+
+class Stat(IntEnum):
+    """The columns of a statistics row: the sufficient statistics of one tensor (or of
+    one key, pooled). Every reader indexes by name (``values[:, Stat.MIN]``)."""
+
+    N = 0  # number of values
+    MEAN = 1
+    M2 = 2  # sum of squared deviations from the mean
+    MIN = 3
+    MAX = 4
+    OFF = 5  # values in a saturating unit's flat tails / a rectifier's <= 0 side
+
+
+N_STATS = len(Stat)
+
+
+def pool(values: Tensor, idx: Tensor, K: int) -> Tensor:
+    """Rows ``values (R, N_STATS)`` pooled into ``K`` keys, row r into key ``idx[r]``: the
+    one merge plumb has (the calls of a step, the parts of a step over its memory budget,
+    the ranks of a distributed job). Chan et al.:
+
+        N = sum n_r,  mean = sum n_r mean_r / N,
+        M2 = sum M2_r + sum n_r (mean_r - mean)^2,  min, max, off: min, max, sum
+
+    A row with n = 0 (an empty share) adds nothing; a key with N = 0 has mean 0. NaN in a
+    row that holds values propagates (a non-finite activation stays visible)."""
+    n, mean, m2, lo, hi, off = values.unbind(1)
+    has = n > 0
+    mean = torch.where(has, mean, 0.0)
+    N = values.new_zeros(K).index_add_(0, idx, n)
+    mu = values.new_zeros(K).index_add_(0, idx, n * mean) / N.clamp_min(1)
+    dev = mean - mu[idx]
+    M2 = values.new_zeros(K).index_add_(0, idx, torch.where(has, m2 + n * dev * dev, 0.0))
+    inf = float("inf")
+    LO = values.new_full((K,), inf).scatter_reduce_(0, idx, torch.where(has, lo, inf), "amin")
+    HI = values.new_full((K,), -inf).scatter_reduce_(0, idx, torch.where(has, hi, -inf), "amax")
+    OFF = values.new_zeros(K).index_add_(0, idx, off)
+    return torch.stack([N, mu, M2, LO, HI, OFF], 1)
 
 
 def unit_dim(kind: str, ndim: int) -> int | None:
@@ -137,19 +180,8 @@ def merge(parts: list[RowStats], cache: dict | None = None) -> Merged:
                 cache.clear()
             cache[signature] = entry
     keys, idx, calls = entry
-    K = len(keys)
-    n, mean, m2, lo, hi, off = values.unbind(1)
-    if len(keys) == len(row_keys):  # nothing to pool: keep the rows' own numbers exactly
-        out = values
-    else:
-        N = values.new_zeros(K).index_add_(0, idx, n)
-        mu = values.new_zeros(K).index_add_(0, idx, n * mean) / N
-        dev = mean - mu[idx]
-        M2 = values.new_zeros(K).index_add_(0, idx, m2 + n * dev * dev)
-        LO = values.new_full((K,), float("inf")).scatter_reduce_(0, idx, lo, "amin")
-        HI = values.new_full((K,), float("-inf")).scatter_reduce_(0, idx, hi, "amax")
-        OFF = values.new_zeros(K).index_add_(0, idx, off)
-        out = torch.stack([N, mu, M2, LO, HI, OFF], 1)
+    # nothing to pool: keep the rows' own numbers exactly
+    out = values if len(keys) == len(row_keys) else pool(values, idx, len(keys))
     unit_off: dict[tuple[str, str], Tensor] = {}
     by_key: dict[tuple[str, str], list[Tensor]] = defaultdict(list)
     for p in parts:
@@ -331,8 +363,8 @@ class Plan:
         rows = self.hist_rows()
         keep = [(r, k) for r, k in rows if k in where]
         kidx = torch.tensor([at[k] for _, k in keep], device=merged.values.device)
-        lo = merged.values[kidx, 3].float()
-        hi = merged.values[kidx, 4].float()
+        lo = merged.values[kidx, Stat.MIN].float()
+        hi = merged.values[kidx, Stat.MAX].float()
         return self.count(
             stacks, [r for r, _ in keep], [where[k] for _, k in keep], lo, hi, len(hist_keys)
         )
@@ -386,7 +418,7 @@ def summarize(values: list[float], section: str, kind: str, units: float | None)
     off (``saturated`` for tanh/sigmoid, ``zero`` for the ReLU family)."""
     import math
 
-    n, mean, m2, lo, hi, off = values
+    n, mean, m2, lo, hi, off = (values[c] for c in Stat)
     std = math.sqrt(m2 / (n - 1)) if n > 1 and m2 == m2 else (0.0 if n == 1 else float("nan"))
     rms = math.sqrt(m2 / n + mean * mean) if n > 0 else float("nan")
     out = {"mean": mean, "std": std, "rms": rms, "min": lo, "max": hi}
@@ -395,3 +427,51 @@ def summarize(values: list[float], section: str, kind: str, units: float | None)
     if units is not None:
         out["dead"] = units
     return out
+
+
+def merge_ranks(
+    merged: Merged,
+    replicated: set[tuple[str, str]],
+    extra: Tensor | None = None,
+    summed: list[bool] | None = None,
+) -> tuple[Merged, Tensor | None]:
+    """The global statistics of ``merged`` (this rank's, per key) over the ranks of the
+    default process group: one ``all_gather`` of the values and unit masks, pooled by
+    ``pool`` (the ranks' rows of a key are its calls). Keys in ``replicated`` keep this
+    rank's values (a DDP parameter is the same on every rank); unit masks are ANDed.
+    ``extra`` (1-D) travels in the same collective: entries where ``summed`` is True come
+    back summed over the ranks, the others as this rank's. Every rank must record the
+    same keys (the same model and forward)."""
+    _, size = world()
+    if size == 1:
+        return merged, extra
+    keys = sorted(merged.keys)  # one order on every rank, whatever order each saw first
+    at = merged.index()
+    idx = torch.tensor([at[k] for k in keys], device=merged.values.device)
+    vals = merged.values.index_select(0, idx)
+    mask_keys = [k for k in keys if k in merged.unit_off]
+    parts = [vals.reshape(-1)] + [merged.unit_off[k].double().reshape(-1) for k in mask_keys]
+    n_extra = 0 if extra is None else extra.numel()
+    if extra is not None:
+        parts.append(extra.double().to(vals.device).reshape(-1))
+    payload = torch.cat(parts)
+    per = all_gather(payload).view(size, -1)
+    K = len(keys)
+    rows = per[:, : K * N_STATS].reshape(size * K, N_STATS)
+    out = pool(rows, torch.arange(K, device=rows.device).repeat(size), K)
+    keep = [i for i, k in enumerate(keys) if k in replicated]
+    if keep:
+        ki = torch.tensor(keep, device=out.device)
+        out[ki] = vals[ki]
+    unit_off = {}
+    offset = K * N_STATS
+    for k in mask_keys:
+        m = merged.unit_off[k]
+        unit_off[k] = per[:, offset : offset + m.numel()].prod(0).view_as(m).to(m.dtype)
+        offset += m.numel()
+    calls = [merged.calls[at[k]] for k in keys]
+    if extra is not None:
+        ex = per[:, offset : offset + n_extra]
+        mask = torch.tensor(summed or [False] * n_extra, device=ex.device)
+        extra = torch.where(mask, ex.sum(0), payload[offset : offset + n_extra])
+    return Merged(keys, out, calls, unit_off), extra
