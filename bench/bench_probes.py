@@ -1,10 +1,12 @@
 """Cost of the probes: microseconds per training step, with and without a Monitor.
 
-Two models, each with its usual recipe, same process, CPU, 1 thread:
+Three models, each with its usual recipe, same process, CPU, 1 thread:
 
     lecture-deep   plumb's 5 x [Linear, BatchNorm1d, Tanh] MLP, batch 32, SGD 0.1
     gpt            plumb.zoo.GPT (4 pre-LN blocks, n_embd 64, tied weights, SDPA),
                    16 x 32 characters, AdamW 1e-3
+    lstm           plumb.zoo.LSTMLM (returns a tuple: logits and the LSTM state), names,
+                   Adam 3e-3
 
 lecture-deep runs twice: under the eager engine (autograd and hooks) and under the fused
 engine (plumb.fused: a record step measures the same statistics inside its compiled graph).
@@ -20,11 +22,11 @@ Configurations:
                 every parameter, every step
 
 Blocks of 50 steps (one default record step each) alternate between the configurations so
-that drift in machine speed hits all alike; the figure is the median over blocks of the
-mean time per step (record steps included). Targets: default <= 1.05x (issues 3 and 12),
+that drift in machine speed hits all alike; the figures are the median and the mean over
+blocks of the mean time per step (record steps included). Targets: default <= 1.05x (issues 3 and 12),
 every-step <= 1.3x (issue 3; met only inside a compiled step, see the README).
 
-    python bench/bench_probes.py [--models lecture-deep,gpt] [--rounds 5] [--steps 500] [--json out.json]
+    python bench/bench_probes.py [--models lecture-deep,gpt,lstm] [--rounds 5] [--steps 500] [--json out.json]
 """
 
 from __future__ import annotations
@@ -81,7 +83,18 @@ def gpt():
     return build
 
 
-MODELS = {"lecture-deep": lecture_deep, "gpt": gpt}
+def lstm():
+    """A model that returns a tuple: plumb.zoo.LSTMLM, ``(logits, (h, c))``."""
+
+    def build():
+        model = zoo.LSTMLM(seed=1)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        return model, opt, zoo.name_sequences(seed=1), lambda out, y: zoo.sequence_loss(out[0], y)
+
+    return build
+
+
+MODELS = {"lecture-deep": lecture_deep, "gpt": gpt, "lstm": lstm}
 
 
 def make_fused(build, mode):
@@ -155,7 +168,16 @@ def bench(name: str, rounds: int, steps: int, fused: bool = False) -> dict[str, 
         if mon is not None:
             mon.close()
     med = {k: statistics.median(v) for k, v in per_block.items()}
-    return {k: {"us_per_step": us, "ratio": us / med["plain"]} for k, us in med.items()}
+    mean = {k: statistics.fmean(v) for k, v in per_block.items()}
+    return {
+        k: {
+            "us_per_step": med[k],
+            "ratio": med[k] / med["plain"],
+            "mean_us_per_step": mean[k],
+            "mean_ratio": mean[k] / mean["plain"],
+        }
+        for k in med
+    }
 
 
 def main() -> None:
@@ -183,7 +205,10 @@ def main() -> None:
         )
         for k, r in results.items():
             target = f"   (target <= {targets[k]})" if k in targets else ""
-            print(f"  {k:<11} {r['us_per_step']:9.1f} us/step   {r['ratio']:5.2f}x{target}")
+            print(
+                f"  {k:<11} {r['us_per_step']:9.1f} us/step   {r['ratio']:5.2f}x median, "
+                f"{r['mean_ratio']:5.2f}x mean{target}"
+            )
         cost = results["record"]["us_per_step"] - results["plain"]["us_per_step"]
         print(
             f"  one record step costs {cost / 1000:.2f} ms over a plain step (histograms: "

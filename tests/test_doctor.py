@@ -438,3 +438,19 @@ def test_simplex_tol_boundary(off, fires):
     logp = torch.log_softmax(torch.randn(64, 10, generator=g), 1).double() + off
     found = double_softmax(_evidence(output=logp, classes=10, softmax_loss=True))
     assert [(f.code, f.severity) for f in found] == ([("double-softmax", "info")] if fires else [])  # fmt: skip
+
+
+def test_codes_are_derived_from_the_rules_declarations(monkeypatch):
+    """One registry: CODES is what the @rule declarations say (step-failed aside), in
+    declaration order, and a rule whose finding carries a code it did not declare fails
+    under STRICT (tests) instead of sorting last unnoticed."""
+    declared = [c for r in rules.RULES for c in r.codes]
+    assert (*dict.fromkeys(declared), "step-failed") == CODES
+
+    def odd(ev):
+        return [Finding("not-declared", "warning", "model", "m")]
+
+    odd.codes = ("something-else",)
+    monkeypatch.setattr(rules, "RULES", [odd])
+    with pytest.raises(AssertionError, match="not-declared"):
+        rules.apply_rules(_evidence())

@@ -16,7 +16,7 @@ from plumb.doctor import Diagnosis, LrTest, diagnose, rules
 from plumb.doctor.evidence import Evidence, trainability
 from plumb.errors import PlumbError
 from plumb.monitor import Monitor
-from plumb.probes import logits_of, loss_path
+from plumb.probes.graph import logits_of, loss_path
 
 
 @pytest.fixture(autouse=True)

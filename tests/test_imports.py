@@ -77,7 +77,12 @@ def test_no_import_cycles():
 def test_the_floors():
     edges = _graph()
     assert edges["plumb.io"] <= {"plumb.errors"}  # the ground floor
-    for low in ("plumb.train", "plumb.probes", "plumb.stats", "plumb.record", "plumb.fused"):
+    assert edges["plumb.kinds"] <= {"plumb.nn"}  # what a layer is: read by every room
+    # process groups know nothing of what is measured (plumb.stats pools over ranks)
+    assert not edges["plumb.dist"] & {"plumb.stats", "plumb.probes", "plumb.record"}
+    low_floors = ("plumb.train", "plumb.probes", "plumb.stats", "plumb.record", "plumb.fused")
+    low_floors += (*tuple(m for m in edges if m.startswith("plumb.probes.")), "plumb.kinds")
+    for low in low_floors:
         reached = _reach(edges, low)
         assert not any(
             m.startswith(("plumb.doctor", "plumb.report", "plumb.monitor")) for m in reached

@@ -22,7 +22,8 @@ import plumb
 from plumb import Monitor, diagnose, zoo
 from plumb.catalogue import cnn_recipe, gpt, resmlp, rnn
 from plumb.doctor import rules, softmax_dim
-from plumb.probes import Probes, layer_kind
+from plumb.kinds import layer_kind
+from plumb.probes import Probes
 from plumb.report import figures, write_report
 from plumb.report.tables import layer_rows
 
@@ -411,7 +412,7 @@ def test_only_the_probes_attach_hooks():
         for node in ast.walk(tree):
             if isinstance(node, ast.Attribute) and node.attr in hooks:
                 offenders.append(f"{path.relative_to(SRC)}:{node.lineno}")
-    assert offenders and all(o.startswith("probes.py:") for o in offenders), offenders
+    assert offenders and all(o.startswith("probes/") for o in offenders), offenders
 
 
 def test_report_of_a_monitor_shows_the_doctors_findings(tmp_path):

@@ -16,7 +16,7 @@ from plumb.probes import Probes
 from plumb.record import Record
 from plumb.report import RunView, load_run, write_report
 from plumb.runs import Run
-from plumb.train import TrainConfig, split_loss, train
+from plumb.train import Callbacks, Resume, TrainConfig, split_loss, train
 
 #: integrations, imported on first use (``plumb.lightning.Doctor``): importing plumb never
 #: imports Lightning, transformers, W&B or MLflow
@@ -34,6 +34,7 @@ def __getattr__(name: str):
 __all__ = [
     "MLP",
     "PRESETS",
+    "Callbacks",
     "Dataset",
     "Diagnosis",
     "Finding",
@@ -42,6 +43,7 @@ __all__ = [
     "PlumbError",
     "Probes",
     "Record",
+    "Resume",
     "Run",
     "RunView",
     "TrainConfig",

@@ -783,7 +783,7 @@ def _doctor_saved(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from plumb.experiments import NAMES, Options, run_all, run_experiment, spec, sweep_flags
+    from plumb.experiments import NAMES, Options, run_all, run_experiment, spec, sweeps
     from plumb.experiments.base import parse_values
 
     if args.name == "list":
@@ -791,7 +791,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
             print(f"{n:<18} {spec(n).TITLE}")
         return 0
     sweep = {}
-    for flag in sweep_flags():
+    for flag in sweeps():
         text = getattr(args, flag.replace("-", "_"))
         if text is not None:
             sweep[flag] = parse_values(flag, text)
@@ -994,11 +994,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, help="configurations trained at once (default: cores)")
     p.add_argument("--data", help=argparse.SUPPRESS)
     g = p.add_argument_group("sweep values (comma-separated; fractions like 5/3 allowed)")
-    g.add_argument("--gains", help="gain-sweep (0.5,1,5/3,3)")
-    g.add_argument("--lrs", help="update-ratio (1e-3,3e-3,...,1)")
-    g.add_argument("--scales", help="bn-rescue weight scales (1e-3 ... 1e3)")
-    g.add_argument("--batch-sizes", help="eval-mode-bug and norm-alternatives (integers >= 2)")
-    g.add_argument("--out-scales", help="calibration output-layer scales (>= 0)")
+    from plumb.experiments import sweep_help, sweeps
+
+    for flag in sweeps():  # one flag per experiments' Sweep
+        g.add_argument(f"--{flag}", help=sweep_help(flag))
     p.set_defaults(func=cmd_experiment)
     return parser
 

@@ -43,9 +43,10 @@ import torch
 from torch import Tensor, nn
 
 from plumb import nn as pnn
+from plumb.kinds import layer_kind
 from plumb.models import MLP
 from plumb.optim import SGD
-from plumb.probes import Measured, layer_kind
+from plumb.probes.layout import Measured
 from plumb.stats import Plan, Row, RowStats, Stat
 
 COMPILE_OPTIONS = {"cpp_wrapper": True}  # the graph's wrapper in C++: less Python per step

@@ -23,7 +23,7 @@ import torch
 from plumb import reference
 from plumb.data import Dataset, load_dataset
 from plumb.models import LECTURE_SEED, LECTURE_STAGES, MLP, PRESET_TRAIN, preset_config
-from plumb.train import TrainConfig, calibrate_batchnorm, split_loss, train
+from plumb.train import Callbacks, TrainConfig, calibrate_batchnorm, split_loss, train
 
 
 @dataclass
@@ -79,7 +79,7 @@ def run_stage(
             )
             sys.stderr.flush()
 
-    result = train(model, data, tcfg, g, progress=progress, on_print=on_print)
+    result = train(model, data, tcfg, g, progress=progress, calls=Callbacks(on_print=on_print))
     train_loss, val_loss = split_loss(model, data.train), split_loss(model, data.val)
     calibrated = None
     if calibrate_batchnorm(model, data.train):

@@ -33,7 +33,7 @@ class Monitor(Probes):
     (every argument of :class:`plumb.probes.Probes`), and optionally diagnose them.
 
     ``doctor=True`` runs the doctor's rules in the loop: after the first step, every
-    ``check_every`` steps (default ``max(1000, 20 * every)``) and when the block ends;
+    ``check_every`` steps (default ``plumb.doctor.check_cadence``: ``max(1000, 20 * every)``) and when the block ends;
     ``diagnosis`` is the latest ``plumb.Diagnosis``, ``on_finding(finding, step)`` is
     called for each new finding. ``optimizer`` (one, or a list of them: for the lr each
     step used, and which parameters no optimizer holds) and
@@ -64,7 +64,7 @@ class Monitor(Probes):
                 self,
                 optimizer=optimizer,
                 classes=classes,
-                check_every=check_every or max(1000, 20 * self.every),
+                check_every=check_every,
                 on_finding=on_finding,
             )
 

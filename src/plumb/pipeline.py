@@ -17,7 +17,7 @@ from plumb._version import __version__
 from plumb.checkpoint import CHECKPOINT, Checkpoint, read_checkpoint, restore, save_checkpoint
 from plumb.data import Dataset, load_dataset
 from plumb.dist import world
-from plumb.doctor import Diagnosis, Finding, diagnose
+from plumb.doctor import Diagnosis, Finding, check_cadence, diagnose
 from plumb.doctor.rules import nonfinite_finding
 from plumb.errors import PlumbError
 from plumb.guard import RunLock, StopSignals
@@ -30,6 +30,8 @@ from plumb.report.tensorboard import TensorBoardSink
 from plumb.runs import Run, mark_finished, save_run
 from plumb.sample import sample
 from plumb.train import (
+    Callbacks,
+    Resume,
     TrainConfig,
     TrainResult,
     calibrate_batchnorm,
@@ -37,6 +39,7 @@ from plumb.train import (
     resolve_device,
     split_loss,
     train,
+    use_threads,
 )
 
 VAL_FILE = "val.json"  # the validation curve so far (step, loss), while the run trains
@@ -69,9 +72,7 @@ def build(
     data = load_dataset(data_path, block_size=model_cfg.block_size)
     model_cfg = dataclasses.replace(model_cfg, vocab_size=data.vocab.size)  # validates again
     train_cfg.validate()
-    if train_cfg.threads is not None:
-        torch.set_num_threads(train_cfg.threads)
-    device = resolve_device(train_cfg.device)
+    device = resolve_device(train_cfg.device)  # (threads: train sets them)
     g = torch.Generator().manual_seed(train_cfg.seed)
     return data, MLP(model_cfg, g).to(device), device, g
 
@@ -203,7 +204,7 @@ def train_run(
                         sink.val(done, val[-1][1])
 
         def checkpoint(step: int, losses: torch.Tensor, status: str = "running") -> None:
-            if monitor is not None and monitor._attached:
+            if monitor is not None and monitor.attached:
                 monitor.flush()  # the record on disk covers the checkpoint (every rank)
             if rank != 0:
                 return
@@ -220,22 +221,18 @@ def train_run(
             )
 
         with monitor if monitor is not None else contextlib.nullcontext():
-            result = train(
-                model,
-                data,
-                train_cfg,
-                g,
-                optimizer=optimizer,
-                progress=progress,
+            calls = Callbacks(
+                on_step=on_step,
                 on_print=on_print,
-                monitor=monitor,
-                start=ckpt.step if ckpt is not None else 0,
-                done_losses=ckpt.losses if ckpt is not None else None,
                 on_checkpoint=checkpoint,
                 should_stop=signals.requested,
                 on_engine=on_engine,
-                on_step=on_step,
             )
+            resumed = Resume(ckpt.step, ckpt.losses) if ckpt is not None else None
+            result = train(
+                model, data, train_cfg, g, optimizer=optimizer, monitor=monitor, calls=calls,
+                resume=resumed, progress=progress,
+            )  # fmt: skip
         status = {None: "complete", "signal": "interrupted", "nonfinite": "diverged"}[
             result.stopped
         ]
@@ -277,7 +274,7 @@ def _monitor(out, model, optimizer, data, train_cfg, tensorboard, on_finding) ->
         optimizer=optimizer,
         doctor=train_cfg.doctor,
         classes=data.vocab.size,
-        check_every=max(1000, train_cfg.steps // 20),
+        check_every=check_cadence(every, train_cfg.steps),
         on_finding=on_finding,
     )
 
@@ -440,6 +437,7 @@ def doctor_run(
     training steps of it (batches drawn as the training loop draws them, at the
     configured lr, optimizer and seed); ``verify``: measure each finding's fix."""
     data, model, device, g = build(model_cfg, train_cfg, data_path)
+    use_threads(train_cfg)  # (this path never reaches train(), which sets them there)
     X, Y = data.train.X.to(device), data.train.Y.to(device).long()
     if X.shape[0] == 0:
         raise PlumbError("the training split is empty: give a data file with more items")

@@ -466,3 +466,31 @@ def _points(pairs: Any) -> np.ndarray:
 def load_run(path: str | Path) -> Record:
     """Read a run directory's probe record (and config, metrics, samples, findings)."""
     return Record(path)
+
+
+def first_nonfinite(
+    row: dict[str, Any], order: list[str], params: list[str]
+) -> tuple[str, str] | None:
+    """Where a record step's first NaN/Inf is, in the order the step computes things:
+    outputs in forward order, the loss, output gradients in backward order, parameter
+    gradients, then parameters after the update. ``(where, what)`` or None."""
+
+    def bad(section: str, name: str, *stats: str) -> bool:
+        st = row.get(section, {}).get(name, {})
+        return any(s in st and not np.isfinite(st[s]) for s in stats)
+
+    for k in order:
+        if bad("layer", k, "mean", "std"):
+            return k, f"the output of layer '{k}' (first in forward order)"
+    if "loss" in row and not np.isfinite(row["loss"]):
+        return "loss", "the loss (every layer output was finite)"
+    for k in reversed(order):
+        if bad("layer", k, "grad_mean", "grad_std"):
+            return k, f"the gradient at the output of layer '{k}' (first in backward order)"
+    for p in params:
+        if bad("param", p, "grad_mean", "grad_std"):
+            return p, f"the gradient of parameter '{p}'"
+    for p in params:
+        if bad("param", p, "mean", "std"):
+            return p, f"parameter '{p}' after the update"
+    return None

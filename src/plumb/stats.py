@@ -38,14 +38,8 @@ import torch
 from torch import Tensor
 
 from plumb.dist import all_gather, world
+from plumb.kinds import RECTIFYING, SATURATING, SIGMOID_SATURATION, TANH_SATURATION
 
-TANH_SATURATION = 0.97  # |t| > 0.97, the lecture's threshold: tanh'(x) = 1 - t^2 < 0.06
-# s < 0.015 or s > 0.985: the same x as tanh's 0.97, since s(x) = (1 + tanh(x / 2)) / 2
-SIGMOID_SATURATION = 0.015
-SATURATING = ("tanh", "sigmoid")
-RECTIFYING = ("relu", "leaky_relu")
-NORMS = ("batchnorm", "layernorm", "groupnorm")
-WEIGHT_LAYERS = ("linear", "conv")
 HISTOGRAMS = ("layer", "layer_grad", "param_grad")  # sections that get histograms
 SECTIONS = ("layer", "layer_grad", "layer_in", "param_grad", "param", "param_update")
 

@@ -35,7 +35,8 @@ from plumb.errors import PlumbError
 from plumb.fused import FusedStep, supports
 from plumb.models import LECTURE_SEED
 from plumb.optim import SGD
-from plumb.probes import Probes, first_nonfinite
+from plumb.probes import Probes
+from plumb.record import first_nonfinite
 
 OPTIMIZERS = ("sgd", "adamw")
 NONFINITE = ("stop", "skip", "continue")  # continue: update anyway, as a plain loop would
@@ -129,6 +130,12 @@ class TrainConfig:
         """Steps between validation evaluations: ``eval_every``, else ~20 per run."""
         return self.eval_every or max(1, self.steps // 20)
 
+    def schedule(self) -> Schedule:
+        """The loop's view of this config."""
+        return Schedule(
+            self.steps, self.lr_at, self.print_every, self.checkpoint_every, self.on_nonfinite
+        )
+
     def lr_at(self, step: int) -> float:
         if self.lr_decay_step is not None and step >= self.lr_decay_step:
             return self.lr_final
@@ -144,6 +151,13 @@ class TrainConfig:
         if unknown:
             raise PlumbError(f"unknown train config field(s): {', '.join(unknown)}")
         return cls(**d)
+
+
+def use_threads(cfg: TrainConfig) -> None:
+    """Set torch's intra-op thread count to ``cfg.threads`` (None: leave it): once per
+    run, by ``train`` (and by ``plumb doctor``, which does not call it)."""
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -433,68 +447,102 @@ def select_engine(
 
 
 # --- the one training loop ---------------------------------------------------------------
+@dataclass(frozen=True)
+class Schedule:
+    """What the loop needs of a run: its length, the lr of each step (None: leave the
+    optimizer's own, e.g. a user's scheduler), how often to print and checkpoint, and what
+    a non-finite step does (``NONFINITE``). ``TrainConfig.schedule()`` gives plumb's."""
+
+    steps: int
+    lr_at: Callable[[int], float | None] = lambda i: None
+    print_every: int = 10_000
+    checkpoint_every: int = 1000
+    on_nonfinite: str = "stop"
+
+
+@dataclass
+class Callbacks:
+    """What the loop tells its caller, each optional: ``on_step(i, loss)`` after every
+    step; ``on_print(i, loss)`` every ``print_every`` steps (rank 0 only, under
+    ``train``); ``on_checkpoint(done, losses)`` every ``checkpoint_every`` steps;
+    ``should_stop()`` after every step (True: a signal arrived, the loop ends with
+    ``stopped="signal"``); ``on_engine(why)`` once, which engine runs and why;
+    ``locate(x, y, i)``: where a non-finite value first appeared (``train`` sets it)."""
+
+    on_step: Callable[[int, torch.Tensor], None] | None = None
+    on_print: Callable[[int, float], None] | None = None
+    on_checkpoint: Callable[[int, torch.Tensor], None] | None = None
+    should_stop: Callable[[], bool] | None = None
+    on_engine: Callable[[str], None] | None = None
+    locate: Callable[[Any, Any, int], Any] | None = None
+
+
+@dataclass(frozen=True)
+class Resume:
+    """A run continued: ``step`` steps are done, their losses in ``losses``, and the model,
+    optimizer and generator are as they were then (a checkpoint's)."""
+
+    step: int
+    losses: torch.Tensor
+
+
 def loop(
     engine: Any,
     next_batch: Callable[[int], tuple[Any, Any]],
-    steps: int,
+    schedule: Schedule,
     *,
-    lr_at: Callable[[int], float | None] = lambda i: None,
-    start: int = 0,
-    done_losses: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
     monitor: Any = None,
-    on_step: Callable[[int, torch.Tensor], None] | None = None,
-    on_print: Callable[[int, float], None] | None = None,
-    print_every: int = 10_000,
+    calls: Callbacks | None = None,
+    resume: Resume | None = None,
     progress: Progress | None = None,
-    on_checkpoint: Callable[[int, torch.Tensor], None] | None = None,
-    checkpoint_every: int = 1000,
-    should_stop: Callable[[], bool] | None = None,
-    on_nonfinite: str = "stop",
-    locate: Callable[[Any, Any, int], Any] | None = None,
 ) -> TrainResult:
-    """Steps ``start .. steps - 1`` of ``engine`` on ``next_batch(i)``: the loop that
-    ``plumb train``, ``diagnose`` and the experiments share.
+    """Steps ``resume.step .. schedule.steps - 1`` of ``engine`` on ``next_batch(i)``: the
+    loop that ``plumb train``, ``diagnose`` and the experiments share.
 
     After each step: the loss is kept (on the device), ``monitor.step(loss)`` (with the
-    engine's own measurements on a record step), ``on_step(i, loss)``, printing every
-    ``print_every`` steps, ``on_checkpoint(done, losses)`` every ``checkpoint_every``,
-    and ``should_stop()``. A non-finite loss or gradient (the engine did not update)
-    stops the loop (``on_nonfinite="stop"``: ``locate(x, y, i)`` says where it
-    appeared) or is skipped ("skip")."""
+    engine's own measurements on a record step), then the ``calls``: ``on_step``,
+    ``on_print`` every ``print_every`` steps, ``on_checkpoint`` every
+    ``checkpoint_every``, ``should_stop``. A non-finite loss or gradient (the engine did
+    not update) stops the loop (``on_nonfinite="stop"``: ``calls.locate`` says where it
+    appeared), is skipped ("skip"), or is stepped over as a plain loop would
+    ("continue")."""
+    sch, cb = schedule, calls or Callbacks()
+    steps, lr_at = sch.steps, sch.lr_at
+    start = resume.step if resume is not None else 0
     losses = torch.empty(steps, device=device)
     if start:
-        losses[:start] = done_losses[:start].to(device)
+        losses[:start] = resume.losses[:start].to(device)
     t0 = time.perf_counter()
-    step0 = done_losses[0].item() if start else float("nan")
+    step0 = resume.losses[0].item() if start else float("nan")
     done, stopped, where, skipped = start, None, None, []
     probes = monitor if monitor is not None and getattr(monitor, "external", False) else None
     for i in range(start, steps):
         x, y = next_batch(i)
         loss, ok, measured = engine(x, y, lr_at(i), i, probes)
         losses[i] = loss.detach()
-        if not ok and on_nonfinite != "continue":
-            if on_nonfinite == "stop":
-                where = locate(x, y, i) if locate is not None else None
+        if not ok and sch.on_nonfinite != "continue":
+            if sch.on_nonfinite == "stop":
+                where = cb.locate(x, y, i) if cb.locate is not None else None
                 stopped = "nonfinite"
                 break
             skipped.append(i)  # no update; the probes still see the bad step
         if monitor is not None:
             monitor.step(loss, measured)
-        if on_step is not None:
-            on_step(i, loss)
+        if cb.on_step is not None:
+            cb.on_step(i, loss)
         done = i + 1
-        if i % print_every == 0 or i == steps - 1:
+        if i % sch.print_every == 0 or i == steps - 1:
             value = loss.item()
             if i == 0:
                 step0 = value
-            if on_print is not None and i % print_every == 0:
-                on_print(i, value)
+            if cb.on_print is not None and i % sch.print_every == 0:
+                cb.on_print(i, value)
             if progress is not None:
                 progress.update(i + 1, value, lr_at(i) or 0.0)
-        if on_checkpoint is not None and done % checkpoint_every == 0 and done < steps:
-            on_checkpoint(done, losses[:done])
-        if should_stop is not None and should_stop():
+        if cb.on_checkpoint is not None and done % sch.checkpoint_every == 0 and done < steps:
+            cb.on_checkpoint(done, losses[:done])
+        if cb.should_stop is not None and cb.should_stop():
             stopped = "signal"
             break
     if progress is not None:
@@ -522,38 +570,30 @@ def train(
     generator: torch.Generator,
     *,
     optimizer: torch.optim.Optimizer | None = None,
-    on_print: Callable[[int, float], None] | None = None,
-    on_step: Callable[[int, torch.Tensor], None] | None = None,
-    progress: bool = True,
     monitor: Any = None,
-    start: int = 0,
-    done_losses: torch.Tensor | None = None,
-    on_checkpoint: Callable[[int, torch.Tensor], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    on_engine: Callable[[str], None] | None = None,
+    calls: Callbacks | None = None,
+    resume: Resume | None = None,
+    progress: bool = True,
 ) -> TrainResult:
-    """Train ``model`` in place for steps ``start .. cfg.steps - 1`` on ``data``'s
+    """Train ``model`` in place for steps ``resume.step .. cfg.steps - 1`` on ``data``'s
     training split, with the engine ``cfg.engine`` selects (``select_engine``;
-    ``on_engine(why)`` hears which).
+    ``calls.on_engine(why)`` hears which), on the device the model is on (the batches
+    follow it), with ``cfg.threads`` threads: the one place plumb sets them.
 
     ``generator`` must be the one the model was initialised from, for the lecture's
-    order of random draws; ``on_print(step, loss)`` is called every ``cfg.print_every``
-    steps (the notebook prints at steps 0, 10000, ...). ``monitor`` (a ``plumb.Monitor``
-    already attached to ``model``, with or without its doctor) is stepped after every
-    update; under the fused engine the step measures for it.
-
-    Resuming: ``start`` steps are done, their losses in ``done_losses``, and the model,
-    optimizer and generator are as they were then. ``on_checkpoint(step, losses)`` is
-    called every ``cfg.checkpoint_every`` steps; ``should_stop()`` is asked after every
-    step (a signal arrived): then the loop ends with ``stopped="signal"``.
+    order of random draws; ``calls.on_print(step, loss)`` is called every
+    ``cfg.print_every`` steps (the notebook prints at steps 0, 10000, ...). ``monitor``
+    (a ``plumb.Monitor`` already attached to ``model``, with or without its doctor) is
+    stepped after every update; under the fused engine the step measures for it. The
+    other ``calls`` and ``resume``: see ``loop``.
 
     A non-finite loss or gradient either stops the loop before the update
     (``cfg.on_nonfinite="stop"``: ``stopped="nonfinite"`` and ``nonfinite`` the first
     place it appeared), skips that step's update ("skip") or updates anyway
     ("continue", eager engine only)."""
-    device = resolve_device(cfg.device)
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
+    use_threads(cfg)
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    cb = dataclasses.replace(calls) if calls is not None else Callbacks()
     opt = optimizer or make_optimizer(model, cfg)
     rank, size = world()
     if size > 1:  # N ranks x batch B/N train as one process with batch B
@@ -563,11 +603,11 @@ def train(
             )
         sync_batchnorm(model)
     engine, why = select_engine(cfg.engine, model, opt, cfg)
-    if on_engine is not None:
-        on_engine(why)
+    if cb.on_engine is not None:
+        cb.on_engine(why)
     if size > 1:
-        engine = GlobalStep(engine, should_stop)
-        should_stop = engine.stopped
+        engine = GlobalStep(engine, cb.should_stop)
+        cb.should_stop = engine.stopped  # every rank stops after the same step
         share = cfg.batch_size // size
     if monitor is not None:
         monitor.external = engine.name == "fused"
@@ -581,25 +621,19 @@ def train(
         ix = ix.to(device)
         return X[ix], Y[ix].long()
 
+    if rank != 0:
+        cb.on_print = None
+    cb.locate = lambda x, y, i: locate_nonfinite(model, x, y, i, cfg.lr_at(i))
     model.train()
     return loop(
         engine,
         next_batch,
-        cfg.steps,
-        lr_at=cfg.lr_at,
-        start=start,
-        done_losses=done_losses,
+        cfg.schedule(),
         device=device,
         monitor=monitor,
-        on_step=on_step,
-        on_print=on_print if rank == 0 else None,
-        print_every=cfg.print_every,
+        calls=cb,
+        resume=resume,
         progress=Progress(cfg.steps, enabled=progress and rank == 0),
-        on_checkpoint=on_checkpoint,
-        checkpoint_every=cfg.checkpoint_every,
-        should_stop=should_stop,
-        on_nonfinite=cfg.on_nonfinite,
-        locate=lambda x, y, i: locate_nonfinite(model, x, y, i, cfg.lr_at(i)),
     )
 
 

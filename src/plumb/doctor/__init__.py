@@ -51,7 +51,7 @@ from plumb.init import expected_initial_loss
 from plumb.io import jsonable
 from plumb.probes import Probes, logits_of
 from plumb.style import styled
-from plumb.train import EagerEngine, loop
+from plumb.train import EagerEngine, Schedule, loop
 
 __all__ = ["CODES", "Diagnosis", "Doctor", "Finding", "LrTest", "diagnose"]
 
@@ -544,15 +544,10 @@ def diagnose(
     device = next(iter(model.parameters()), torch.empty(0)).device
     with probes:
         try:
-            loop(
-                engine,
-                next_batch,
-                steps,
-                device=device,
-                monitor=probes,
-                print_every=steps + 1,
-                on_nonfinite="continue",
-            )
+            # the user's optimizer keeps its own lr (and scheduler); a NaN is the
+            # user's loop's to meet, as it would without the doctor
+            plain = Schedule(steps, print_every=steps + 1, on_nonfinite="continue")
+            loop(engine, next_batch, plain, device=device, monitor=probes)
         except PlumbError:
             raise
         except Exception as exc:  # the user's code failed: at step 0 it is the set-up
@@ -668,12 +663,21 @@ def _crash(step: int, exc: Exception) -> Finding:
 
 
 # --- during training ---------------------------------------------------------------------
+def check_cadence(every: int, steps: int | None = None) -> int:
+    """Steps between the doctor's checks in a training loop (the one default, for
+    ``plumb train``, ``plumb.Monitor`` and the callbacks): at least 1,000 steps and 20
+    record steps, so each check has new rows to judge trends on, and, when the run's
+    length is known, at most ~20 checks per run (a check flushes and runs every rule)."""
+    return max(1000, 20 * every, (steps or 0) // 20)
+
+
 class Doctor:
     """The same rules inside a training loop, reading a ``Probes`` (``plumb.Monitor(model,
     optimizer=opt, doctor=True)`` builds one).
 
     ``observe(loss)`` after each ``probes.step(loss)``: the doctor checks after the first
-    step (what init shows), every ``check_every`` steps and at ``finish()``, and calls
+    step (what init shows), every ``check_every`` steps (default ``check_cadence``) and at
+    ``finish()``, and calls
     ``on_finding(finding, step)`` for each finding it has not reported before (same code
     and place). ``classes``: the class count of a softmax cross-entropy loss; None: found
     from the first recorded output and its gradient (``softmax_dim``), else the rules
@@ -686,13 +690,13 @@ class Doctor:
         *,
         optimizer: Any = None,
         classes: int | None = None,
-        check_every: int = 1000,
+        check_every: int | None = None,
         on_finding: Callable[[Finding, int], None] | None = None,
     ):
         self.probes, self.optimizer = probes, optimizer
         self.classes, self.class_dim = classes, 1
         self.softmax_loss = classes is not None
-        self.check_every = max(int(check_every), 1)
+        self.check_every = max(int(check_every or check_cadence(probes.every)), 1)
         self.on_finding = on_finding
         self.reported: dict[tuple[str, str], Finding] = {}
         self.diagnosis: Diagnosis | None = None

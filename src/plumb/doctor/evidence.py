@@ -15,8 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from plumb import nn as pnn
-from plumb.probes import BatchNormEvent, Probes, layer_kind
-from plumb.stats import NORMS, WEIGHT_LAYERS
+from plumb.kinds import NORMS, WEIGHT_LAYERS, layer_kind
+from plumb.probes import Probes
+from plumb.probes.watch import BatchNormEvent
 
 
 def finite(x: Any) -> bool:
@@ -396,7 +397,7 @@ def gather(
     history = probes.history
     rows = history.rows if history is not None else []
     loss = history.loss.astype(np.float64) if history is not None else np.empty(0)
-    kinds = {n: layer_kind(m) for n, m in probes._named.items()}
+    kinds = {n: layer_kind(m) for n, m in probes.modules.items()}
     kinds.update(probes.kinds)
     x = probes.model_input
     model_input = None

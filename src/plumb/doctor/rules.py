@@ -58,7 +58,7 @@ import torch
 from plumb.doctor.evidence import Evidence, finite, median
 from plumb.init import expected_initial_loss
 from plumb.io import jsonable
-from plumb.probes import first_nonfinite
+from plumb.record import first_nonfinite
 
 SEVERITIES = ("error", "warning", "info")
 
@@ -112,6 +112,24 @@ def _r(x: float, digits: int = 4) -> float:
 
 
 # --- rules -----------------------------------------------------------------------------
+Rule = Callable[[Evidence], list[Finding]]
+RULES: list[Rule] = []  # in registration order: the order the doctor applies them
+
+
+def rule(*codes: str) -> Callable[[Rule], Rule]:
+    """Register a rule with the codes its findings may carry: ``RULES`` and ``CODES`` are
+    built from these declarations only (a rule is added in this file, plus its test and its
+    line in docs/doctor.md)."""
+
+    def register(fn: Rule) -> Rule:
+        fn.codes = codes  # type: ignore[attr-defined]
+        RULES.append(fn)
+        return fn
+
+    return register
+
+
+@rule("non-finite")
 def non_finite(ev: Evidence) -> list[Finding]:
     """NaN or Inf anywhere. Once one value is non-finite everything downstream is, so the
     useful fact is the *first* place: at the first bad step, in the order the step computes
@@ -146,6 +164,7 @@ def nonfinite_finding(step: int, what: str, where: str, loss: float, lr: float |
     )
 
 
+@rule("overconfident-init")
 def overconfident_init(ev: Evidence) -> list[Finding]:
     """Initial loss above ln C, uniform guessing. With logits of std s independent of the
     target, E[cross-entropy] ~ ln C + s^2 / 2, and the largest of C such logits leads by
@@ -208,6 +227,7 @@ def _param_rms(ev: Evidence, row: dict[str, Any] | None, name: str) -> float:
     return row["param"].get(name, {}).get("rms", math.nan) if row else math.nan
 
 
+@rule("saturated-activations")
 def saturated_activations(ev: Evidence) -> list[Finding]:
     """tanh/sigmoid outputs in the flat tails (|t| > 0.97: local gradient < 6% of its
     maximum). A unit-variance Gaussian pre-activation, what Kaiming's gain aims at, puts
@@ -263,6 +283,7 @@ def saturated_activations(ev: Evidence) -> list[Finding]:
     return out
 
 
+@rule("dead-units")
 def dead_units(ev: Evidence) -> list[Finding]:
     """Units that never pass gradient (ReLU output <= 0, tanh/sigmoid saturated) for any
     example of the window. Over >= 300 examples a unit active for >= 1% of inputs shows
@@ -297,6 +318,7 @@ def dead_units(ev: Evidence) -> list[Finding]:
     return out
 
 
+@rule("activations-vanishing", "activations-exploding")
 def activation_depth(ev: Evidence) -> list[Finding]:
     """The RMS of what each weight layer receives, along a chain of weight layers that
     feed each other (through activations, no normalisation or residual sum between:
@@ -351,6 +373,7 @@ def activation_depth(ev: Evidence) -> list[Finding]:
     return [worst[1]] if worst else []
 
 
+@rule("gradients-vanishing", "gradients-exploding")
 def gradient_depth(ev: Evidence) -> list[Finding]:
     """The per-example norm of dL/d(pre-activation) of each hidden weight layer along a
     chain of >= 3 hidden layers (as in activation_depth). Kaiming init (fan_in) preserves it layer to layer:
@@ -496,6 +519,7 @@ def suggested_lr(ev: Evidence) -> float | None:
     return lr
 
 
+@rule("lr-too-high", "lr-too-low")
 def learning_rate(ev: Evidence) -> list[Finding]:
     """Learning-rate findings rest on measurements of the loss, never on update:data
     alone. update:data ~ 1e-3 is the lecture's guide for plain SGD; with momentum, Adam
@@ -672,6 +696,7 @@ def _measure_loss_rise(ev: Evidence) -> tuple[float, float, int, int, float, boo
     return worst[1] if worst else None
 
 
+@rule("uneven-updates")
 def uneven_updates(ev: Evidence) -> list[Finding]:
     """One layer weight's update:data more than a decade from the median of all layer
     weights: with one lr, that layer learns 10x faster or slower than the rest (a layer
@@ -712,6 +737,7 @@ def uneven_updates(ev: Evidence) -> list[Finding]:
     return out
 
 
+@rule("symmetric-weights")
 def symmetric_weights(ev: Evidence) -> list[Finding]:
     """Units of a layer that are identical vectors get identical gradients and identical
     updates under any optimizer, so they stay identical: the layer has one unit's worth of
@@ -737,6 +763,7 @@ def symmetric_weights(ev: Evidence) -> list[Finding]:
     return out
 
 
+@rule("redundant-bias")
 def redundant_bias(ev: Evidence) -> list[Finding]:
     """A bias straight into a BatchNorm (in training mode) is subtracted again with the
     batch mean: its gradient is the batch sum of BatchNorm's input gradient, which is 0
@@ -779,6 +806,7 @@ def redundant_bias(ev: Evidence) -> list[Finding]:
     return out
 
 
+@rule("batchnorm-train-mode-in-eval", "batchnorm-eval-mode-in-training")
 def batchnorm_modes(ev: Evidence) -> list[Finding]:
     """BatchNorm's two modes used in the wrong place. train() under no_grad (an
     evaluation): outputs depend on the rest of the batch and the running statistics
@@ -819,6 +847,7 @@ def batchnorm_modes(ev: Evidence) -> list[Finding]:
     return out
 
 
+@rule("unnormalized-inputs")
 def unnormalized_inputs(ev: Evidence) -> list[Finding]:
     """Inputs far from unit scale. Kaiming/Xavier assume unit-scale inputs: the first
     layer's pre-activation std is gain * RMS(x), so an RMS off by 10x (e.g. raw 0-255
@@ -842,6 +871,7 @@ def unnormalized_inputs(ev: Evidence) -> list[Finding]:
     ]
 
 
+@rule("double-softmax")
 def double_softmax(ev: Evidence) -> list[Finding]:
     """The model's output is already a softmax (rows >= 0 summing to 1) or a log-softmax
     (logsumexp of each row = 0), exactly, as no raw logits are by chance, and the loss is
@@ -890,6 +920,7 @@ def double_softmax(ev: Evidence) -> list[Finding]:
     return []
 
 
+@rule("gradients-accumulating")
 def gradients_accumulating(ev: Evidence) -> list[Finding]:
     """Gradients not cleared between steps (a loop without ``zero_grad``): backward adds
     into ``p.grad``, so each step's update carries every earlier gradient and steps grow
@@ -948,6 +979,7 @@ def _names(items: list[str], most: int = 4) -> str:
     return shown + (f" and {len(items) - most} more" if len(items) > most else "")
 
 
+@rule("untrained-parameters")
 def untrained_parameters(ev: Evidence) -> list[Finding]:
     """Parameters that can never train, each for its exact reason (no threshold: every
     trainable parameter of a correct run is held by an optimizer and receives a gradient
@@ -1099,6 +1131,7 @@ _ADAPTIVE = (
 )
 
 
+@rule("double-softmax", "double-sigmoid", "loss-summed")
 def loss_expression(ev: Evidence) -> list[Finding]:
     """What the user's loss did to the model's output, read from the loss's autograd graph
     (``Probes.loss_path``: exact, wherever the output went after ``forward``).
@@ -1247,6 +1280,7 @@ def _measure_stall(ev: Evidence) -> dict[str, float] | None:
     }
 
 
+@rule("not-learning")
 def not_learning(ev: Evidence) -> list[Finding]:
     """The loss sits at what a predictor that ignores the inputs achieves, and stays
     there. Null hypothesis: the model uses nothing of its inputs; then its cross-entropy
@@ -1337,6 +1371,7 @@ def not_learning(ev: Evidence) -> list[Finding]:
 
 
 # --- the learning rate actually used ------------------------------------------------------
+@rule("lr-too-low", "lr-too-high")
 def lr_schedule(ev: Evidence) -> list[Finding]:
     """The lr each step used (read from the optimizer, so schedules and warm-ups show)
     spent more than half of the steps below 1e-3 of its own peak: the weights then move
@@ -1395,6 +1430,7 @@ def gradient_norms(ev: Evidence) -> list[float]:
     return out
 
 
+@rule("gradients-clipped")
 def gradients_clipped(ev: Evidence) -> list[Finding]:
     """Every step's gradient was clipped: the global gradient norm is the same number at
     every record step (within 1e-3, where unclipped norms vary by tens of percent from
@@ -1438,54 +1474,10 @@ def gradients_clipped(ev: Evidence) -> list[Finding]:
     ]
 
 
-RULES: list[Callable[[Evidence], list[Finding]]] = [
-    non_finite,
-    overconfident_init,
-    saturated_activations,
-    dead_units,
-    activation_depth,
-    gradient_depth,
-    learning_rate,
-    uneven_updates,
-    symmetric_weights,
-    redundant_bias,
-    batchnorm_modes,
-    unnormalized_inputs,
-    double_softmax,
-    gradients_accumulating,
-    untrained_parameters,
-    loss_expression,
-    not_learning,
-    lr_schedule,
-    gradients_clipped,
-]
-
-CODES = (
-    "overconfident-init",
-    "saturated-activations",
-    "dead-units",
-    "activations-vanishing",
-    "activations-exploding",
-    "gradients-vanishing",
-    "gradients-exploding",
-    "lr-too-high",
-    "lr-too-low",
-    "uneven-updates",
-    "symmetric-weights",
-    "redundant-bias",
-    "batchnorm-train-mode-in-eval",
-    "non-finite",
-    "unnormalized-inputs",
-    "double-softmax",
-    "batchnorm-eval-mode-in-training",
-    "gradients-accumulating",
-    "untrained-parameters",
-    "not-learning",
-    "double-sigmoid",
-    "loss-summed",
-    "gradients-clipped",
-    "step-failed",  # diagnose only: the user's step raised after step 0 (exception text)
-)
+#: Every code a finding can carry, derived from the rules (in registration order, which is
+#: the order findings of one severity are listed in), plus ``step-failed``: made by
+#: ``plumb.diagnose`` itself when the user's step raises after step 0.
+CODES: tuple[str, ...] = (*dict.fromkeys(c for r in RULES for c in r.codes), "step-failed")
 
 
 STRICT = False  # tests set this: a rule that fails raises instead of being skipped
@@ -1497,11 +1489,14 @@ def apply_rules(ev: Evidence) -> list[Finding]:
     findings: list[Finding] = []
     for rule in RULES:
         try:
-            findings += rule(ev)
+            found = rule(ev)
         except (ArithmeticError, ValueError, KeyError, IndexError, TypeError, RuntimeError):
             if STRICT:
                 raise
             continue
+        if STRICT and (odd := {f.code for f in found} - set(rule.codes)):
+            raise AssertionError(f"{rule.__name__} made {odd}, not in its @rule codes")
+        findings += found
     codes = {f.code for f in findings}
     if codes & CAUSES:  # uneven updates across depth follow from a depth trend: one cause
         findings = [f for f in findings if f.code != "uneven-updates"]
@@ -1522,4 +1517,5 @@ def sort_findings(findings: list[Finding]) -> list[Finding]:
     """Errors first, then warnings, then info; within a severity, in CODES order."""
     order = {s: i for i, s in enumerate(SEVERITIES)}
     rank = {c: i for i, c in enumerate(CODES)}
+    # a code no rule declares can only come from a record written by another version
     return sorted(findings, key=lambda f: (order[f.severity], rank.get(f.code, 99), f.where))

@@ -50,11 +50,11 @@ def spec(name: str) -> ModuleType:
 def sweep_flag(name: str) -> str | None:
     """The sweep flag experiment ``name`` reads (e.g. ``gains``), if any."""
     sweep = getattr(spec(name), "SWEEP", None)
-    return sweep[0] if sweep else None
+    return sweep.flag if sweep else None
 
 
-def sweep_flags() -> dict[str, list[str]]:
-    """{flag: [experiments that read it]}."""
+def sweeps() -> dict[str, list[str]]:
+    """{flag: [experiments that read it]}, in the order of the suite."""
     flags: dict[str, list[str]] = {}
     for name in NAMES:
         if sweep_flag(name):
@@ -67,13 +67,13 @@ def check_sweeps(names: list[str], options: Options) -> None:
     for flag, values in options.sweep.items():
         readers = [n for n in names if sweep_flag(n) == flag]
         if not readers:
-            users = sweep_flags().get(flag, [])
+            users = sweeps().get(flag, [])
             raise PlumbError(
                 f"--{flag} is not read by {', '.join(names)}"
                 + (f": it sets the sweep of {', '.join(users)}" if users else "")
             )
         for n in readers:
-            spec(n).SWEEP[2](values)
+            spec(n).SWEEP.check(values)
 
 
 def context(name: str, options: Options) -> Context:
@@ -82,10 +82,8 @@ def context(name: str, options: Options) -> Context:
     steps = options.steps or (quick if options.quick else default)
     sweep = None
     if getattr(mod, "SWEEP", None):
-        flag, defaults, check = mod.SWEEP[:3]
-        quick_values = mod.SWEEP[3] if len(mod.SWEEP) > 3 else defaults
-        values = options.sweep.get(flag) or (quick_values if options.quick else defaults)
-        sweep = check(list(values))
+        sw = mod.SWEEP
+        sweep = sw.check(list(options.sweep.get(sw.flag) or sw.defaults(options.quick)))
     return Context(name, options, steps, sweep)
 
 
@@ -179,3 +177,9 @@ def run_all(
 
 
 __all__ = ["NAMES", "Options", "Result", "run_all", "run_experiment", "spec"]
+
+
+def sweep_help(flag: str) -> str:
+    """The ``--FLAG`` help line: which experiments read it, and its values."""
+    readers = sweeps()[flag]
+    return f"{' and '.join(readers)}: {spec(readers[0]).SWEEP.help}"

@@ -25,10 +25,10 @@ from torch import Tensor, nn
 
 from plumb.data import Dataset, load_dataset
 from plumb.errors import PlumbError
+from plumb.kinds import TANH_SATURATION
 from plumb.models import LECTURE_SEED, MLP, ModelConfig
 from plumb.probes import Probes
-from plumb.stats import TANH_SATURATION
-from plumb.train import TrainConfig, resolve_device, train
+from plumb.train import Callbacks, TrainConfig, resolve_device, train
 
 
 @dataclass
@@ -138,30 +138,43 @@ def dataset(path: str | None) -> Dataset:
 # --- parsing sweep values -----------------------------------------------------------
 
 
-def positive(
-    name: str, lo: float = 0.0, hi: float = math.inf, integer: bool = False, zero: bool = False
-):
-    """A validator for sweep values: finite numbers in (lo, hi] ([lo, hi] with ``zero``),
-    integers if asked, no repeats; returns them sorted."""
-    bracket = "[" if zero else "("
+@dataclass(frozen=True)
+class Sweep:
+    """What an experiment sweeps: the values it runs by default and with ``--quick``, the
+    flag that overrides them (``plumb experiment NAME --FLAG 0.5,1,5/3``, built from this
+    by the CLI, with ``help``), and the range each value must lie in: (lo, hi], [lo, hi]
+    with ``zero``, integers with ``integer``."""
 
-    def check(values: list[float]) -> list[float]:
+    flag: str
+    values: tuple[float, ...]
+    quick: tuple[float, ...] | None = None
+    lo: float = 0.0
+    hi: float = math.inf
+    integer: bool = False
+    zero: bool = False
+    help: str = ""
+
+    def defaults(self, quick: bool) -> list[float]:
+        return list(self.quick if quick and self.quick is not None else self.values)
+
+    def check(self, values: list[float]) -> list[float]:
+        """``values`` validated (finite, in range, integers if asked, no repeats), sorted."""
+        name, lo, hi = self.flag, self.lo, self.hi
+        bracket = "[" if self.zero else "("
         if not values:
             raise PlumbError(f"--{name} needs at least one value")
         for v in values:
-            inside = (lo <= v if zero else lo < v) and v <= hi
+            inside = (lo <= v if self.zero else lo < v) and v <= hi
             if not math.isfinite(v) or not inside:
                 raise PlumbError(
                     f"--{name}: {v!r} is out of range; each value must be in "
                     f"{bracket}{lo:g}, {hi:g}]"
                 )
-            if integer and v != int(v):
+            if self.integer and v != int(v):
                 raise PlumbError(f"--{name}: {v!r} is not an integer")
         if len(set(values)) != len(values):
             raise PlumbError(f"--{name}: values repeat ({', '.join(f'{v:g}' for v in values)})")
-        return sorted(int(v) if integer else float(v) for v in values)
-
-    return check
+        return sorted(int(v) if self.integer else float(v) for v in values)
 
 
 def parse_values(flag: str, text: str) -> list[float]:
@@ -244,7 +257,8 @@ def fit(
         engine=engine,
     )
     opt = optimizer or torch.optim.SGD(model.parameters(), lr=lr)
-    result = train(model, data, cfg, generator, optimizer=opt, on_step=on_step, progress=False)
+    calls = Callbacks(on_step=on_step)
+    result = train(model, data, cfg, generator, optimizer=opt, calls=calls, progress=False)
     return result.losses
 
 

@@ -9,13 +9,13 @@ import matplotlib.pyplot as plt
 from plumb.experiments.base import (
     Context,
     Result,
+    Sweep,
     build,
     dataset,
     deep_config,
     fit,
     fmt,
     norm_label,
-    positive,
     unigram_loss,
 )
 from plumb.train import split_loss
@@ -28,11 +28,12 @@ QUESTION = (
     "where does each break?"
 )
 STEPS = (2000, 500)
-SWEEP = (
+SWEEP = Sweep(
     "scales",
-    [10 ** (k / 2) for k in range(-6, 7)],
-    positive("scales", 0.0, 1e12),
-    [0.01, 1.0, 100.0],
+    tuple(10 ** (k / 2) for k in range(-6, 7)),
+    (0.01, 1.0, 100.0),
+    hi=1e12,
+    help="weight scales (1e-3 ... 1e3)",
 )
 NORMS = ("none", "batch")
 

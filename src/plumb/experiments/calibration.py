@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from plumb.experiments.base import (
     Context,
     Result,
+    Sweep,
     build,
     dataset,
     fit,
     fmt,
-    positive,
     reference_line,
     smooth,
 )
@@ -28,11 +28,13 @@ QUESTION = (
     "{sweep}, and what does an uncalibrated start cost in training?"
 )
 STEPS = (2000, 60)
-SWEEP = (
+SWEEP = Sweep(
     "out-scales",
-    [0.0, 0.001, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0],
-    positive("out-scales", 0.0, 1e6, zero=True),
-    [0.0, 0.01, 1.0],
+    (0.0, 0.001, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0),
+    (0.0, 0.01, 1.0),
+    hi=1e6,
+    zero=True,
+    help="output-layer scales (>= 0)",
 )
 CLASSES = (27, 1000)
 N_EXAMPLES = 10_000

@@ -13,12 +13,12 @@ from plumb.data import Split
 from plumb.experiments.base import (
     Context,
     Result,
+    Sweep,
     build,
     dataset,
     deep_config,
     fit,
     fmt,
-    positive,
     reference_line,
 )
 from plumb.train import calibrate_batchnorm, split_loss
@@ -32,11 +32,14 @@ QUESTION = (
     "that eval() uses absorb?"
 )
 STEPS = (5000, 100)
-SWEEP = (
+SWEEP = Sweep(
     "batch-sizes",
-    [2, 4, 8, 32, 128, 512],
-    positive("batch-sizes", 1, 1 << 16, integer=True),
-    [2, 8, 64],
+    (2, 4, 8, 32, 128, 512),
+    (2, 8, 64),
+    lo=1,
+    hi=1 << 16,
+    integer=True,
+    help="batch sizes (integers >= 2)",
 )
 
 

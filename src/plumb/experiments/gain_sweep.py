@@ -13,18 +13,18 @@ from plumb.experiments.base import (
     STABLE_FACTOR,
     Context,
     Result,
+    Sweep,
     build,
     dataset,
     deep_config,
     fit,
     fmt,
     layer_pass,
-    positive,
     reference_line,
     spread,
     tanh_saturation,
 )
-from plumb.stats import TANH_SATURATION
+from plumb.kinds import TANH_SATURATION
 from plumb.train import split_loss
 
 NAME = "gain-sweep"
@@ -35,7 +35,7 @@ QUESTION = (
     "linear-only stack and for a tanh stack?"
 )
 STEPS = (1000, 40)
-SWEEP = ("gains", [0.5, 1.0, 5 / 3, 3.0], positive("gains", 0.0, 100.0))
+SWEEP = Sweep("gains", (0.5, 1.0, 5 / 3, 3.0), hi=100.0, help="tanh gains (0.5,1,5/3,3)")
 DEPTH = 10
 ACTIVATIONS = ("linear", "tanh")
 

@@ -24,7 +24,7 @@ from plumb.experiments.base import (
     spread,
     tanh_saturation,
 )
-from plumb.stats import TANH_SATURATION
+from plumb.kinds import TANH_SATURATION
 from plumb.train import split_loss
 
 NAME = "init-comparison"

@@ -12,13 +12,13 @@ from plumb.data import Split
 from plumb.experiments.base import (
     Context,
     Result,
+    Sweep,
     build,
     dataset,
     deep_config,
     fit,
     fmt,
     norm_label,
-    positive,
     reference_line,
     replace_modules,
 )
@@ -33,11 +33,14 @@ QUESTION = (
     "the gap between training-mode and eval-mode outputs?"
 )
 STEPS = (3000, 80)
-SWEEP = (
+SWEEP = Sweep(
     "batch-sizes",
-    [2, 8, 32, 128, 256],
-    positive("batch-sizes", 1, 1 << 16, integer=True),
-    [2, 32],
+    (2, 8, 32, 128, 256),
+    (2, 32),
+    lo=1,
+    hi=1 << 16,
+    integer=True,
+    help="batch sizes (integers >= 2)",
 )
 NORMS = ("none", "batch", "layer", "group")
 #: Mean losses summed in a different order differ by float32 round-off, not more.

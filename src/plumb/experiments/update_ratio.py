@@ -12,12 +12,12 @@ from plumb.doctor.rules import UPDATE_TARGET
 from plumb.experiments.base import (
     Context,
     Result,
+    Sweep,
     build,
     dataset,
     deep_config,
     fit,
     fmt,
-    positive,
     reference_line,
 )
 from plumb.probes import Probes
@@ -32,11 +32,12 @@ QUESTION = (
     "near the lecture's 1e-3, and is that the lr with the best loss?"
 )
 STEPS = (3000, 60)
-SWEEP = (
+SWEEP = Sweep(
     "lrs",
-    [1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0],
-    positive("lrs", 0.0, 100.0),
-    [0.01, 0.1, 1.0],
+    (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0),
+    (0.01, 0.1, 1.0),
+    hi=100.0,
+    help="learning rates (1e-3,3e-3,...,1)",
 )
 
 

@@ -12,13 +12,13 @@ from plumb.io import atomic_write_bytes
 from plumb.record import Record
 from plumb.report.figures import FIGURES, png, render_all
 from plumb.report.html import (
-    _essentials_html,
-    _figures,
-    _findings,
-    _layer_table,
-    _losses,
     build_html,
     e,
+    essentials_html,
+    figures_html,
+    findings_html,
+    layer_table_html,
+    losses_html,
     run_headline,
 )
 from plumb.style import styled
@@ -46,10 +46,10 @@ class RunView(Record):
         pngs = {"loss": png(fig)} if fig is not None else {}
         return styled(
             f"<p><b>plumb run {e(self.path.name)}</b> · {len(self.rows)} record steps</p>"
-            f"{run_headline(self).html()}{_essentials_html(self)}"
-            f"<h4>Findings</h4>{_findings(self)}"
-            f"<h4>Loss</h4>{_losses(self)}{_figures(pngs, ('loss',))}"
-            f"<h4>Layers</h4>{_layer_table(self)}"
+            f"{run_headline(self).html()}{essentials_html(self)}"
+            f"<h4>Findings</h4>{findings_html(self)}"
+            f"<h4>Loss</h4>{losses_html(self)}{figures_html(pngs, ('loss',))}"
+            f"<h4>Layers</h4>{layer_table_html(self)}"
         )
 
 

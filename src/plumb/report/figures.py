@@ -19,8 +19,8 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
+from plumb.kinds import RECTIFYING, SATURATING
 from plumb.record import UPDATE_DATA, Record
-from plumb.stats import RECTIFYING, SATURATING
 
 UPDATE_GUIDE = -3.0  # log10(1e-3): the lecture's rule of thumb for update:data
 

@@ -123,7 +123,7 @@ def _loss(v: Any) -> str:
     return f"{float(v):.4f}" if isinstance(v, int | float) and math.isfinite(v) else "not finite"
 
 
-def _losses(rec: Record) -> str:
+def losses_html(rec: Record) -> str:
     """The eval-mode losses of the splits, the best validation point, the training loss."""
     parts = []
     m = rec.metrics or {}
@@ -196,7 +196,7 @@ def _summary(rec: Record) -> str:
     return "\n".join(parts)
 
 
-def _findings(rec: Record) -> str:
+def findings_html(rec: Record) -> str:
     if rec.doctor is not None and not rec.findings:
         return (
             '<p class="muted">The doctor checked this run and found nothing to flag '
@@ -267,12 +267,12 @@ def essentials(rec: Record) -> list[tuple[str, str]]:
     return out
 
 
-def _essentials_html(rec: Record) -> str:
+def essentials_html(rec: Record) -> str:
     pairs = essentials(rec)
     return '<p class="essentials">' + " · ".join(f"{e(k)} <b>{e(v)}</b>" for k, v in pairs) + "</p>"
 
 
-def _layer_table(rec: Record) -> str:
+def layer_table_html(rec: Record) -> str:
     rows = layer_rows(rec)
     if not rows:
         return '<p class="muted">No layer statistics recorded.</p>'
@@ -330,7 +330,7 @@ def _caption(name: str, kinds: set[str], val: bool = False) -> str:
     return text
 
 
-def _figures(pngs: dict[str, bytes], names: tuple[str, ...], kinds: set[str] = frozenset({"tanh"}), val: bool = False) -> str:  # fmt: skip
+def figures_html(pngs: dict[str, bytes], names: tuple[str, ...], kinds: set[str] = frozenset({"tanh"}), val: bool = False) -> str:  # fmt: skip
     return "".join(
         f'<figure><img alt="{e(name)}" src="data:image/png;base64,'
         f'{base64.b64encode(pngs[name]).decode("ascii")}"><figcaption>'
@@ -343,21 +343,21 @@ def _figures(pngs: dict[str, bytes], names: tuple[str, ...], kinds: set[str] = f
 def build_html(rec: Record, pngs: dict[str, bytes], refresh: int | None = None) -> str:
     title = f"plumb report: {rec.path.name}"
     kinds = {x.get("kind") for x in rec.layers}
-    lecture = _figures(pngs, LECTURE_FIGURES, kinds)
-    more = _figures(pngs, MORE_FIGURES)
+    lecture = figures_html(pngs, LECTURE_FIGURES, kinds)
+    more = figures_html(pngs, MORE_FIGURES)
     body = f"""<h1>{e(title)}</h1>
 {run_headline(rec).html()}
-{_essentials_html(rec)}
+{essentials_html(rec)}
 {_ended_early(rec)}
 <h2>Findings</h2>
-{_findings(rec)}
+{findings_html(rec)}
 <h2>Loss</h2>
-{_losses(rec)}
-{_figures(pngs, ("loss",), val=len(getattr(rec, "val", ())) > 0) or '<p class="muted">No losses yet.</p>'}
+{losses_html(rec)}
+{figures_html(pngs, ("loss",), val=len(getattr(rec, "val", ())) > 0) or '<p class="muted">No losses yet.</p>'}
 <h2>Inside the network</h2>
 {lecture or '<p class="muted">Nothing to plot yet.</p>'}
 <h2>Layers</h2>
-{_layer_table(rec)}
+{layer_table_html(rec)}
 {"<h2>More figures</h2>" + more if more else ""}
 <p class="muted">{e(str(rec.path))} · {len(rec.rows)} record steps (every {e(rec.meta.get("every"))},
 histograms every {e(rec.meta.get("hist_every"))}) · written {e(time.strftime("%Y-%m-%d %H:%M:%S"))}</p>
