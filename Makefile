@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_step.py
 	$(PY) bench/bench_data.py
 	$(PY) bench/bench_probes.py
+	$(PY) bench/bench_monitor_steps.py --models gpt,lstm,lecture-deep
 	$(PY) bench/bench_doctor.py
 	$(PY) bench/bench_checkpoint.py
 	$(PY) bench/bench_dist.py

@@ -361,3 +361,34 @@ def test_compiled_model_gives_the_eager_statistics():
                         name,
                         stat,
                     )
+
+
+def test_large_groups_reduced_in_chunks_give_the_stacked_numbers():
+    """A record step without histograms reduces a group over CHUNK_BYTES a chunk of rows
+    at a time: the same statistics (rows, updates, off counts, per-unit masks) as the
+    whole stacked group, which histogram steps and the fused engine keep."""
+    from plumb.stats import CHUNK_BYTES, Plan, Row
+
+    g = torch.Generator().manual_seed(0)
+    shape = (64, 1024)  # 65,536 values: 9 rows of them is over CHUNK_BYTES
+    assert CHUNK_BYTES < 9 * 4 * 64 * 1024
+    rows, tensors = [], []
+    for k in range(3):
+        t = torch.randn(shape, generator=g) * (k + 1) + k
+        rows += [Row("layer", f"lin{k}", shape, "linear"), Row("layer", f"tanh{k}", shape, "tanh")]
+        tensors += [t, torch.tanh(t * 2)]
+        rows.append(Row("layer_grad", f"tanh{k}", shape, "tanh"))
+        tensors.append(torch.randn(shape, generator=g) * 1e-3)
+    w = torch.randn(shape, generator=g)
+    rows += [Row("param", "w", shape), Row("param_grad", "w", shape)]
+    tensors += [w, torch.randn(shape, generator=g)]
+    prev = {64 * 1024: (w - 0.01 * torch.randn(shape, generator=g)).reshape(1, -1)}
+    plan = Plan(rows, 16, None, torch.device("cpu"))
+    whole, kept, _ = plan.row_stats(tensors, prev, stacks=True)
+    chunked, gone, _ = plan.row_stats(tensors, prev, stacks=False)
+    assert kept[0] is not None and gone == [None]
+    torch.testing.assert_close(chunked.values, whole.values, rtol=1e-6, atol=1e-9)
+    assert [r for r, _ in chunked.units] == [r for r, _ in whole.units] and len(whole.units) == 3
+    for (_, a), (_, b) in zip(chunked.units, whole.units, strict=True):
+        assert torch.equal(a, b)
+    assert whole.values[:, 5].sum() > 0  # the tanh rows have saturated values to count

@@ -58,6 +58,12 @@ class Stat(IntEnum):
 
 N_STATS = len(Stat)
 
+#: A record step without histograms reduces a group of rows larger than this a chunk at a
+#: time: a whole stacked group (e.g. a GPT's 16 MLP outputs of 131,072 values, 8 MiB) and
+#: its centred copy fall out of cache, and on this 2-core VM reducing it took 10.3 ms
+#: stacked against 1.2 ms in chunks (rows of 512 KiB each).
+CHUNK_BYTES = 1 << 20
+
 
 def pool(values: Tensor, idx: Tensor, K: int) -> Tensor:
     """Rows ``values (R, N_STATS)`` pooled into ``K`` keys, row r into key ``idx[r]``: the
@@ -254,24 +260,41 @@ class Plan:
 
     @torch.no_grad()
     def row_stats(
-        self, tensors: list[Tensor], prev: dict[int, Tensor], satmap: bool = False
-    ) -> tuple[RowStats, list[Tensor], Tensor | None]:
+        self,
+        tensors: list[Tensor],
+        prev: dict[int, Tensor],
+        satmap: bool = False,
+        stacks: bool = True,
+    ) -> tuple[RowStats, list[Tensor | None], Tensor | None]:
         """Statistics of ``tensors`` (one per row, in ``rows`` order). ``prev[numel]`` holds
         the stacked parameter data before the update (rows in the group's param order).
 
         Returns the RowStats, the stacked groups (for ``histograms``) and the saturation
-        map (examples x units, fraction off) of the saturation layer's first call."""
-        cols, stacks, units = [], [], []
+        map (examples x units, fraction off) of the saturation layer's first call.
+        ``stacks=False`` (a record step without histograms): a group larger than
+        ``CHUNK_BYTES`` is reduced a chunk of rows at a time and not kept (None)."""
+        cols, kept, units = [], [], []
         smap = None
         base = 0
         for gi, g in enumerate(self.groups):
+            if (
+                not (stacks or satmap)
+                and len(g.members) > 1
+                and 4 * g.numel * len(g.members) > CHUNK_BYTES
+            ):
+                col, unit_rows = self._chunked(g, tensors, prev)
+                cols.append(col)
+                units += [(base + pos, mask) for pos, mask in unit_rows]
+                kept.append(None)
+                base += col.shape[0]
+                continue
             if len(g.members) == 1:  # a view, no copy
                 X = tensors[g.members[0]].detach().reshape(1, -1)
             else:
                 X = torch.stack([tensors[i].detach().reshape(-1) for i in g.members])
             if X.dtype != torch.float32:
                 X = X.float()
-            stacks.append(X)
+            kept.append(X)
             if g.params is not None:
                 k = g.params.stop - g.params.start
                 if g.numel in prev:
@@ -294,7 +317,7 @@ class Plan:
                 for j, pos in enumerate(kg.positions):
                     units.append((base + pos, all_off[j]))
                 if satmap and self.satmap_row is not None and self.satmap_row[0] == gi:
-                    smap = self.satmap(stacks) if smap is None else smap
+                    smap = self.satmap(kept) if smap is None else smap
             n = torch.full_like(off, float(g.numel))
             cols.append(
                 torch.stack(
@@ -311,7 +334,50 @@ class Plan:
             )
             base += X.shape[0]
         values = torch.cat(cols) if cols else torch.zeros(0, N_STATS, dtype=torch.float64)
-        return RowStats(list(self.keys), values, units), stacks, smap
+        return RowStats(list(self.keys), values, units), kept, smap
+
+    def _chunked(
+        self, g: _Group, tensors: list[Tensor], prev: dict[int, Tensor]
+    ) -> tuple[Tensor, list[tuple[int, Tensor]]]:
+        """``row_stats`` of one large group without stacking it whole: the same numbers
+        (rows, then the parameter updates), computed ``CHUNK_BYTES`` of rows at a time so
+        that the stacked rows and their centred copy stay in cache."""
+        flat = [tensors[i].detach().reshape(-1) for i in g.members]
+        rows: list[Tensor] = list(flat)
+        if g.params is not None:
+            before = prev.get(g.numel)
+            for j, p in enumerate(flat[g.params]):
+                rows.append(
+                    p.float() - before[j]
+                    if before is not None
+                    else p.new_full(p.shape, float("nan"))
+                )
+        per = max(1, CHUNK_BYTES // (4 * g.numel))
+        parts = []
+        for start in range(0, len(rows), per):
+            X = torch.stack(rows[start : start + per])
+            if X.dtype != torch.float32:
+                X = X.float()
+            mean = X.mean(1)
+            norm = torch.linalg.vector_norm(X - mean.unsqueeze(1), dim=1)
+            parts.append(torch.stack([mean, norm, X.amin(1), X.amax(1)], 1))
+        m = torch.cat(parts).double()
+        off = torch.zeros(len(rows), dtype=torch.float64, device=m.device)
+        unit_rows = []
+        for kg in g.kinds:
+            X = torch.stack([flat[pos] for pos in kg.positions]).float()
+            mask = off_mask(kg.kind, X)
+            off.index_copy_(0, kg.index, mask.sum(1, dtype=torch.float64))
+            ud = unit_dim(kg.kind, len(kg.shape))
+            if ud is None:
+                continue
+            per_unit = mask.view(-1, *kg.shape).movedim(ud + 1, -1)
+            per_unit = per_unit.reshape(len(kg.positions), -1, kg.shape[ud])
+            all_off = per_unit.all(1).to(torch.float64)
+            unit_rows += [(pos, all_off[j]) for j, pos in enumerate(kg.positions)]
+        n = torch.full_like(off, float(g.numel))
+        col = torch.stack([n, m[:, 0], m[:, 1].square(), m[:, 2], m[:, 3], off], 1)
+        return col, unit_rows
 
     def satmap(self, stacks: list[Tensor]) -> Tensor | None:
         """(examples, units) fraction of positions off, of the saturation layer's first

@@ -407,7 +407,7 @@ class Probes(Capture):
                     carried.append(self._carried[i])
         hist = step % self.hist_every == 0
         plan = self._plan(rows, tensors)
-        stats, stacks, smap = plan.row_stats(tensors, self._prev, satmap=hist)
+        stats, stacks, smap = plan.row_stats(tensors, self._prev, satmap=hist, stacks=hist)
         ordered = sorted(held, key=lambda cg: cg[0].seq)
         if self.keep:
             self.tensors = {}

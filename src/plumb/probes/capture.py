@@ -283,7 +283,7 @@ class Capture:
         )
         rows, tensors = self._layer_rows(fold)
         plan = self._plan(rows, tensors)
-        stats, _, _ = plan.row_stats(tensors, {})
+        stats, _, _ = plan.row_stats(tensors, {}, stacks=False)
         self._partials.append(stats)
         if len(self._partials) > 8:  # keep the list short: partials merge associatively
             merged = merge(self._partials)
