@@ -201,6 +201,19 @@ class _KindGroup:
     index: Tensor  # rows of the numel group's X
     positions: list[int]  # the same, as ints (rows of the group)
 
+    def off(self, X: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Of this group's rows ``X (k, numel)``: the values off per row (float64), and
+        per row and unit 1.0 where the unit is off for every example (None when the
+        output has no unit dimension)."""
+        mask = off_mask(self.kind, X)
+        counts = mask.sum(1, dtype=torch.float64)
+        ud = unit_dim(self.kind, len(self.shape))
+        if ud is None:
+            return counts, None
+        per_unit = mask.view(-1, *self.shape).movedim(ud + 1, -1)
+        per_unit = per_unit.reshape(len(self.positions), -1, self.shape[ud])
+        return counts, per_unit.all(1).to(torch.float64)
+
 
 @dataclass
 class _Group:
@@ -306,14 +319,10 @@ class Plan:
             norm = torch.linalg.vector_norm(X - mean.unsqueeze(1), dim=1)
             off = torch.zeros(X.shape[0], dtype=torch.float64, device=X.device)
             for kg in g.kinds:
-                mask = off_mask(kg.kind, X.index_select(0, kg.index))
-                off.index_copy_(0, kg.index, mask.sum(1, dtype=torch.float64))
-                ud = unit_dim(kg.kind, len(kg.shape))
-                if ud is None:
+                counts, all_off = kg.off(X.index_select(0, kg.index))
+                off.index_copy_(0, kg.index, counts)
+                if all_off is None:
                     continue
-                per_unit = mask.view(-1, *kg.shape).movedim(ud + 1, -1)
-                per_unit = per_unit.reshape(len(kg.positions), -1, kg.shape[ud])
-                all_off = per_unit.all(1).to(torch.float64)
                 for j, pos in enumerate(kg.positions):
                     units.append((base + pos, all_off[j]))
                 if satmap and self.satmap_row is not None and self.satmap_row[0] == gi:
@@ -365,15 +374,10 @@ class Plan:
         off = torch.zeros(len(rows), dtype=torch.float64, device=m.device)
         unit_rows = []
         for kg in g.kinds:
-            X = torch.stack([flat[pos] for pos in kg.positions]).float()
-            mask = off_mask(kg.kind, X)
-            off.index_copy_(0, kg.index, mask.sum(1, dtype=torch.float64))
-            ud = unit_dim(kg.kind, len(kg.shape))
-            if ud is None:
+            counts, all_off = kg.off(torch.stack([flat[pos] for pos in kg.positions]).float())
+            off.index_copy_(0, kg.index, counts)
+            if all_off is None:
                 continue
-            per_unit = mask.view(-1, *kg.shape).movedim(ud + 1, -1)
-            per_unit = per_unit.reshape(len(kg.positions), -1, kg.shape[ud])
-            all_off = per_unit.all(1).to(torch.float64)
             unit_rows += [(pos, all_off[j]) for j, pos in enumerate(kg.positions)]
         n = torch.full_like(off, float(g.numel))
         col = torch.stack([n, m[:, 0], m[:, 1].square(), m[:, 2], m[:, 3], off], 1)
