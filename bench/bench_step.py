@@ -15,11 +15,16 @@ configurations (short blocks, so this VM's drift hits all alike), ``--rounds`` x
 torch.nn compiled; (issue 2) plumb eager <= 1.15x torch.nn eager. Compile time is the
 first call's time (inductor's on-disk cache makes a second process faster).
 
+Part 1 also prints the FLOP limit of the lecture-deep step (its matmul FLOPs, below, at
+this thread's measured float32 matmul peak) and how far the fused step is from it
+(issue 24's target: within 2x).
+
 Part 2 (``--scaling``): batch 32 .. 4096 x n_hidden 100 .. 1024, fused vs torch.nn eager
 and compiled, with the achieved GFLOP/s (6 x batch x sum of fan_in x fan_out per step:
 2 for the forward matmuls, 4 for the backward's) against this machine's measured float32
 matmul peak (one 1024^3 matmul, 1 thread), as nanoGPT reports MFU: where dispatch stops
-mattering and the step becomes matmul-bound.
+mattering and the step becomes matmul-bound; per row, the fused step against its FLOP
+limit and against torch.nn eager (issue 24's target: at most 1.0x at every size).
 
     python bench/bench_step.py [--rounds 5] [--steps 200] [--scaling] [--json out.json]
 """
@@ -172,8 +177,17 @@ def main() -> None:
     for k, (r, target) in ratios.items():
         print(f"  {k:<30} {r:5.2f}   (target <= {target})")
     results["ratios"] = {k: r for k, (r, _) in ratios.items()}
+    # The FLOP limit: the step's matmul FLOPs at this thread's measured matmul peak.
+    peak = matmul_peak()
+    limit_us = flops_per_step(32, V, T, 10, 100) / peak / 1e3
+    over = med["plumb fused"] / limit_us
+    print(
+        f"  FLOP limit {limit_us:.0f} us/step ({flops_per_step(32, V, T, 10, 100) / 1e6:.1f} MFLOP "
+        f"at the measured {peak:.1f} GFLOP/s): plumb fused at {over:.2f}x the limit "
+        "(target <= 2)"
+    )
+    results["limit"] = {"matmul_peak_gflops": peak, "limit_us": limit_us, "fused_x_limit": over}
     if args.scaling:
-        peak = matmul_peak()
         print(f"\nscaling (float32 matmul peak on 1 thread: {peak:.1f} GFLOP/s)")
         print(f"  {'batch':>6} {'hidden':>6}  " + "  ".join(f"{k:>24}" for k in ALL[1:]))
         rows = []
@@ -187,7 +201,13 @@ def main() -> None:
                     f"{m[k]:9.0f} us {fl / m[k] / 1e3:6.1f} GF/s {100 * fl / m[k] / 1e3 / peak:3.0f}%"
                     for k in ALL[1:]
                 ]
-                print(f"  {batch:>6} {hidden:>6}  " + "  ".join(cells), flush=True)
+                limit = fl / peak / 1e3
+                print(
+                    f"  {batch:>6} {hidden:>6}  " + "  ".join(cells),
+                    f"  fused {m['plumb fused'] / limit:4.2f}x the limit, "
+                    f"{m['plumb fused'] / m['torch.nn eager']:4.2f}x torch.nn eager",
+                    flush=True,
+                )
                 rows.append(
                     {"batch": batch, "n_hidden": hidden, "flops": fl, **{k: m[k] for k in ALL[1:]}}
                 )

@@ -392,3 +392,66 @@ def test_large_groups_reduced_in_chunks_give_the_stacked_numbers():
     for (_, a), (_, b) in zip(chunked.units, whole.units, strict=True):
         assert torch.equal(a, b)
     assert whole.values[:, 5].sum() > 0  # the tanh rows have saturated values to count
+
+
+def test_summarize_gives_each_rows_definitions_including_the_edge_cases():
+    """The host's statistics, computed for all rows at once, equal each row's
+    definitions: std = sqrt(M2 / (n - 1)) (0 for one value, NaN for none or a NaN M2),
+    rms = sqrt(M2 / n + mean^2), off = off / n; bit for bit, NaN where undefined."""
+    import itertools
+
+    import numpy as np
+
+    from plumb.stats import Stat, summarize
+
+    rows = [
+        (n, mean, m2, -1.0, 2.0, off)
+        for n, mean, m2, off in itertools.product(
+            (0.0, 1.0, 2.0, 7.0, 3200.0),
+            (0.0, -1.5, 0.1, 1e150),
+            (0.0, 3.5, 1e-12, float("nan"), float("inf")),
+            (0.0, 3.0),
+        )
+    ]
+    got = summarize(np.array(rows, dtype=np.float64))
+
+    def same(a: float, b: float) -> bool:
+        return a == b or (math.isnan(a) and math.isnan(b))
+
+    for i, (n, mean, m2, lo, hi, off) in enumerate(rows):
+        if n > 1 and not math.isnan(m2):
+            std = math.sqrt(m2 / (n - 1))
+        else:
+            std = 0.0 if n == 1 else float("nan")
+        rms = math.sqrt(m2 / n + mean * mean) if n > 0 else float("nan")
+        want = dict(mean=mean, std=std, rms=rms, min=lo, max=hi, off=off / n if n else math.nan)
+        for k, v in want.items():
+            assert same(got[k][i], v), (k, rows[i], got[k][i], v)
+    assert len(got["std"]) == len(rows) and Stat.OFF == 5
+
+
+def test_histogram_counts_are_the_same_by_bincount_and_by_scatter(monkeypatch):
+    """Plan.count bins x at floor((x - lo) * bins / (hi - lo)) clamped to the bins (NaN in
+    bin 0, +inf in the last): eager on the CPU by one bincount, inside a graph (or on a
+    GPU) by one scatter-add; both equal a row-by-row count, two rows sharing a slot add."""
+    from plumb.stats import Plan, Row
+
+    g = torch.Generator().manual_seed(0)
+    rows = [Row("layer", f"l{i % 3}", (5, 40)) for i in range(4)] + [Row("layer", "w", (7,))]
+    plan = Plan(rows, 16, None, "cpu")
+    stacks = [torch.randn(4, 200, generator=g) * 3, torch.randn(1, 7, generator=g)]
+    stacks[0][1, 3], stacks[0][2, 9], stacks[1][0, 2] = float("nan"), float("inf"), -5.0
+    which = [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0)]
+    slots = [0, 1, 2, 0, 3]  # rows 0 and 3 share slot 0
+    lo = torch.tensor([-2.0, -9.0, -1.0, -4.0, -1.0])
+    hi = torch.tensor([2.0, 9.0, 1.0, 4.0, 1.0])
+    eager = plan.count(stacks, which, slots, lo, hi, 4)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    scatter = plan.count(stacks, which, slots, lo, hi, 4)
+    want = torch.zeros(4, 16, dtype=torch.int64)
+    for k, (gi, r) in enumerate(which):
+        for x in stacks[gi][r].tolist():
+            b = 0 if math.isnan(x) else (x - lo[k].item()) * 16 / (hi[k] - lo[k]).item()
+            want[slots[k], int(min(max(b, 0), 15))] += 1
+    assert torch.equal(eager, want) and torch.equal(scatter, want)
+    assert eager.sum().item() == 4 * 200 + 7

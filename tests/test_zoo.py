@@ -184,6 +184,35 @@ def test_forward_order_pooling_and_functional_activations(tmp_path):
     assert len(legend.get_texts()) <= figures.MAX_LEGEND
 
 
+def test_functional_capture_only_where_a_forward_calls_more_than_its_children():
+    """The functional capture (a TorchFunctionMode over the record step's forward) is
+    skipped where no forward can call an activation outside a probed module: containers
+    and plumb's MLP. A Sequential subclass whose forward adds torch.tanh keeps it, and
+    its tanh is recorded."""
+    from plumb.models import MLP, preset_config
+
+    class Squashed(nn.Sequential):
+        def forward(self, x):
+            return torch.tanh(super().forward(x))
+
+    def record(model):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with Probes(model, every=1) as p:
+            loss = model(torch.randn(4, 8)).square().mean()
+            loss.backward()
+            opt.step()
+            p.step(loss)
+        return p, p.history.rows[0]["layer"]
+
+    plain, row = record(nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8)))
+    assert plain.functional is False and list(row) == ["0", "1", "2"]
+    squashed, row = record(Squashed(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8)))
+    assert squashed.functional is True and list(row) == ["0", "1", "2", "tanh"]
+    assert 0 <= row["tanh"]["saturated"] <= 1
+    mlp = MLP(preset_config("lecture-deep", vocab_size=27), torch.Generator().manual_seed(1))
+    assert Probes(mlp).functional is False
+
+
 def test_functional_gelu_inside_a_module_and_named_kinds():
     class NewGELU(nn.Module):  # makemore's, written out with torch.tanh
         def forward(self, x):

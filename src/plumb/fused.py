@@ -622,17 +622,17 @@ class FusedStep:
             tensors = [t for _, out, grad in ps.outputs for t in (out, grad)]
             tensors += list(ps.inputs.values())
             tensors += [t for p, g in zip(params, grads, strict=True) for t in (p, g)]
-            stats, groups, _ = self.plan.row_stats(tensors, prev)
-            masks = [m for _, m in stats.units]
+            values, units, groups, _ = self.plan.row_values(tensors, prev)
+            masks = [m for _, m in units]
             hist = ()
             if stacks:  # histograms on each row's own [min, max], and the saturation map
                 rows = self._hist_rows
-                at = torch.tensor(self._hist_at, device=stats.values.device)
-                lo, hi = stats.values[at, Stat.MIN].float(), stats.values[at, Stat.MAX].float()
+                at = torch.tensor(self._hist_at, device=values.device)
+                lo, hi = values[at, Stat.MIN].float(), values[at, Stat.MAX].float()
                 counts = self.plan.count(groups, rows, list(range(len(rows))), lo, hi, len(rows))
                 smap = self.plan.satmap(groups)
                 hist = (counts, torch.stack([lo, hi], 1), smap)
-        return loss, ok, stats.values, masks, hist
+        return loss, ok, values, masks, hist
 
     def _prepare(self, batch: int, bins: int, saturation_layer: str | None) -> None:
         """The rows a record step measures (forward order: each layer's output and its

@@ -15,6 +15,7 @@ statistics mean), the fused engine (which layers it has operations for) and the 
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from torch import nn
 
@@ -61,6 +62,12 @@ _NAMED_KINDS: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"tanh", re.I), "tanh"),
     (re.compile(r"sigmoid", re.I), "sigmoid"),
 ]
+
+#: Forward methods that only call the module's children, so that no activation function
+#: can run outside a child: torch.nn's containers (Sequential; ModuleList and ModuleDict
+#: have no forward). plumb.models adds its MLP. The probes skip their functional capture
+#: when every module that is not probed has one of these.
+CHILDREN_ONLY: set[Any] = {nn.Sequential.forward, nn.Module.forward}
 
 # Activation functions seen when called inside a module's forward (torch.tanh, F.tanh,
 # x.tanh(), torch.sigmoid, F.relu, F.gelu, F.silu, softmax): function name -> kind.

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from plumb import init as pinit
 from plumb import nn as pnn
 from plumb.errors import PlumbError
+from plumb.kinds import CHILDREN_ONLY
 
 NORMS = ("none", "batch", "layer", "lecture-batch")
 INITS = ("kaiming", "xavier", "normal", "torch")
@@ -195,6 +196,9 @@ class MLP(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+CHILDREN_ONLY.add(MLP.forward)  # self.layers(ids): nothing but its children
 
 
 def _init_weight(w: Tensor, scheme: str, gain: float, g: torch.Generator) -> None:

@@ -43,6 +43,7 @@ import torch
 
 from plumb.errors import PlumbError
 from plumb.io import atomic_write_bytes, read_json, read_tensors, write_json, write_tensors
+from plumb.kinds import RECTIFYING, SATURATING
 from plumb.stats import N_STATS, Stat, summarize
 
 RECORD_FORMAT = 2
@@ -151,32 +152,39 @@ def decode(step: int, layout: Any, values: np.ndarray) -> dict[str, Any]:
     layer: dict[str, dict[str, Any]] = {k: {} for k in layout.order}
     param: dict[str, dict[str, Any]] = {k: {} for k in getattr(layout, "params", [])}
     grad_norm: dict[str, float] = {}
+    s = summarize(stats)
+    mean, std, rms, lo, hi, off = (s[c] for c in ("mean", "std", "rms", "min", "max", "off"))
     with np.errstate(divide="ignore", invalid="ignore"):
-        for (section, name), v, calls in zip(
-            layout.keys, stats.tolist(), layout.calls, strict=True
-        ):
-            if section.startswith("layer"):
-                s = summarize(v, section, layout.kinds.get(name, "other"), None)
-                d = layer.setdefault(name, {})
-                if section == "layer":
-                    d.update({k: s[k] for k in s if k != "rms"})
-                    if calls > 1:
-                        d["calls"] = calls
-                elif section == "layer_grad":
-                    d["grad_mean"], d["grad_std"] = s["mean"], s["std"]
-                else:
-                    d["in_rms"] = s["rms"]
-                continue
-            s = summarize(v, section, "other", None)
+        norm = np.sqrt(
+            stats[:, Stat.M2] + stats[:, Stat.N] * stats[:, Stat.MEAN] * stats[:, Stat.MEAN]
+        )
+    norm = norm.tolist()
+    for i, ((section, name), calls) in enumerate(zip(layout.keys, layout.calls, strict=True)):
+        if section == "layer":
+            d = layer.setdefault(name, {})
+            d.update(mean=mean[i], std=std[i], min=lo[i], max=hi[i])
+            kind = layout.kinds.get(name, "other")
+            if kind in SATURATING:
+                d["saturated"] = off[i]
+            elif kind in RECTIFYING:
+                d["zero"] = off[i]
+            if calls > 1:
+                d["calls"] = calls
+        elif section == "layer_grad":
+            d = layer.setdefault(name, {})
+            d["grad_mean"], d["grad_std"] = mean[i], std[i]
+        elif section.startswith("layer"):
+            layer.setdefault(name, {})["in_rms"] = rms[i]
+        elif section == "param":
             d = param.setdefault(name, {})
-            if section == "param":
-                d["mean"], d["std"], d["rms"] = s["mean"], s["std"], s["rms"]
-            elif section == "param_grad":
-                d["grad_mean"], d["grad_std"] = s["mean"], s["std"]
-                n, mean = v[Stat.N], v[Stat.MEAN]
-                grad_norm[name] = float(np.sqrt(v[Stat.M2] + n * mean * mean))
-            else:
-                d["update_rms"] = s["rms"]
+            d["mean"], d["std"], d["rms"] = mean[i], std[i], rms[i]
+        elif section == "param_grad":
+            d = param.setdefault(name, {})
+            d["grad_mean"], d["grad_std"] = mean[i], std[i]
+            grad_norm[name] = norm[i]
+        else:
+            param.setdefault(name, {})["update_rms"] = rms[i]
+    with np.errstate(divide="ignore", invalid="ignore"):
         for name, v in zip(layout.dead, rest[: len(layout.dead)].tolist(), strict=True):
             layer[name]["dead"] = v
         carried = rest[len(layout.dead) : len(layout.dead) + len(layout.carry)]
@@ -184,15 +192,8 @@ def decode(step: int, layout: Any, values: np.ndarray) -> dict[str, Any]:
             total = grad_norm.get(name, float("nan"))
             param[name]["grad_carry"] = float(np.sqrt(c) / total) if total > 0 else 0.0
         _derive(param)
-    rank = {s: i for i, s in enumerate(STAT_ORDER)}
-    layer = {
-        k: dict(sorted(d.items(), key=lambda kv: rank.get(kv[0], 99))) for k, d in layer.items()
-    }
-    param = {
-        k: dict(sorted(d.items(), key=lambda kv: rank.get(kv[0], 99)))
-        for k, d in param.items()
-        if d
-    }
+    layer = {k: _ordered(d) for k, d in layer.items()}
+    param = {k: _ordered(d) for k, d in param.items() if d}
     return {"step": step, "layer": layer, "param": param}
 
 
@@ -213,6 +214,14 @@ STAT_ORDER = (
     "update_data",
     "grad_carry",
 )
+
+
+def _ordered(d: dict[str, Any]) -> dict[str, Any]:
+    """``d`` with its statistics in ``STAT_ORDER`` (any others after, as they came)."""
+    out = {k: d[k] for k in STAT_ORDER if k in d}
+    if len(out) < len(d):
+        out.update((k, v) for k, v in d.items() if k not in out)
+    return out
 
 
 #: The one definition of update:data, for every view that names it.

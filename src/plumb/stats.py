@@ -34,6 +34,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -286,6 +287,20 @@ class Plan:
         map (examples x units, fraction off) of the saturation layer's first call.
         ``stacks=False`` (a record step without histograms): a group larger than
         ``CHUNK_BYTES`` is reduced a chunk of rows at a time and not kept (None)."""
+        values, units, kept, smap = self.row_values(tensors, prev, satmap, stacks)
+        return RowStats(list(self.keys), values, units), kept, smap
+
+    @torch.no_grad()
+    def row_values(
+        self,
+        tensors: list[Tensor],
+        prev: dict[int, Tensor],
+        satmap: bool = False,
+        stacks: bool = True,
+    ) -> tuple[Tensor, list[tuple[int, Tensor]], list[Tensor | None], Tensor | None]:
+        """``row_stats`` without the keys: (values, units, stacked groups, saturation
+        map). A compiled graph calls this one: reading ``keys`` there would make
+        torch.compile guard every key string on every call."""
         cols, kept, units = [], [], []
         smap = None
         base = 0
@@ -343,7 +358,7 @@ class Plan:
             )
             base += X.shape[0]
         values = torch.cat(cols) if cols else torch.zeros(0, N_STATS, dtype=torch.float64)
-        return RowStats(list(self.keys), values, units), kept, smap
+        return values, units, kept, smap
 
     def _chunked(
         self, g: _Group, tensors: list[Tensor], prev: dict[int, Tensor]
@@ -452,7 +467,9 @@ class Plan:
     ) -> Tensor:
         """Counts of ``rows`` ((group, row) of ``stacks``) on ``bins`` equal bins over
         [lo, hi] (per row), added into ``slots`` of an (n_slots, bins) table: one
-        scatter-add for all (static shapes, so it also runs inside a compiled graph)."""
+        scatter-add (or, eager on the CPU, one bincount) for all; static shapes, so it
+        also runs inside a compiled graph. Bin of x: floor((x - lo) * bins / (hi - lo)),
+        clamped to [0, bins - 1]; NaN counts in bin 0."""
         device = lo.device
         counts = torch.zeros(n_slots * self.bins, dtype=torch.int64, device=device)
         if not rows:
@@ -467,30 +484,42 @@ class Plan:
             sel = torch.tensor(ks, device=device)
             a, b = lo[sel], hi[sel]
             scale = self.bins / (b - a).clamp_min(torch.finfo(torch.float32).tiny)
-            Y = (X - a.unsqueeze(1)) * scale.unsqueeze(1)
-            Y = Y.nan_to_num(0.0, posinf=self.bins - 1, neginf=0.0).clamp(0, self.bins - 1)
+            Y = X - a.unsqueeze(1)  # a new tensor: the rest in place, one pass each
+            Y.mul_(scale.unsqueeze(1))
+            Y.nan_to_num_(0.0, posinf=self.bins - 1, neginf=0.0).clamp_(0, self.bins - 1)
             offset = torch.tensor([slots[k] * self.bins for k in ks], device=device)
-            idx.append((Y.long() + offset.unsqueeze(1)).reshape(-1))
-        flat = torch.cat(idx)
-        counts.scatter_add_(0, flat, torch.ones_like(flat))
+            bin_of = Y.long()
+            bin_of += offset.unsqueeze(1)
+            idx.append(bin_of.reshape(-1))
+        flat = torch.cat(idx) if len(idx) > 1 else idx[0]
+        if torch.compiler.is_compiling() or flat.device.type != "cpu":
+            # a static-shape scatter: inside a graph, and on a GPU, where bincount would
+            # read its output size back to the host
+            counts.scatter_add_(0, flat, torch.ones_like(flat))
+        else:  # eager on the CPU: bincount, ~3x faster than the scatter, same counts
+            counts = torch.bincount(flat, minlength=n_slots * self.bins)
         return counts.view(n_slots, self.bins)
 
 
-def summarize(values: list[float], section: str, kind: str, units: float | None) -> dict:
-    """Host-side statistics of one merged key from (n, mean, M2, min, max, off):
-    mean, std (unbiased), rms, min, max, and for saturating/rectifying layers the fraction
-    off (``saturated`` for tanh/sigmoid, ``zero`` for the ReLU family)."""
-    import math
-
-    n, mean, m2, lo, hi, off = (values[c] for c in Stat)
-    std = math.sqrt(m2 / (n - 1)) if n > 1 and m2 == m2 else (0.0 if n == 1 else float("nan"))
-    rms = math.sqrt(m2 / n + mean * mean) if n > 0 else float("nan")
-    out = {"mean": mean, "std": std, "rms": rms, "min": lo, "max": hi}
-    if section == "layer" and kind in SATURATING + RECTIFYING:
-        out["saturated" if kind in SATURATING else "zero"] = off / n if n else float("nan")
-    if units is not None:
-        out["dead"] = units
-    return out
+def summarize(stats: np.ndarray) -> dict[str, list[float]]:
+    """Host-side statistics of merged keys, one row ``(n, mean, M2, min, max, off)``
+    each, computed for all rows at once: per row mean, std = sqrt(M2 / (n - 1)) (0 for
+    n = 1), rms = sqrt(M2 / n + mean^2), min, max and off = off / n (the fraction
+    saturated or zero; read only for saturating/rectifying layers). NaN where a
+    statistic is undefined (n = 0, a NaN M2). Columns as Python floats, row order kept."""
+    n, mean, m2 = stats[:, Stat.N], stats[:, Stat.MEAN], stats[:, Stat.M2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        std = np.where(n > 1, np.sqrt(m2 / (n - 1)), np.where(n == 1, 0.0, np.nan))
+        rms = np.where(n > 0, np.sqrt(m2 / n + mean * mean), np.nan)
+        off = np.where(n != 0, stats[:, Stat.OFF] / n, np.nan)
+    return {
+        "mean": mean.tolist(),
+        "std": std.tolist(),
+        "rms": rms.tolist(),
+        "min": stats[:, Stat.MIN].tolist(),
+        "max": stats[:, Stat.MAX].tolist(),
+        "off": off.tolist(),
+    }
 
 
 def merge_ranks(
