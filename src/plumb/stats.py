@@ -201,6 +201,7 @@ class _KindGroup:
     shape: tuple[int, ...]
     index: Tensor  # rows of the numel group's X
     positions: list[int]  # the same, as ints (rows of the group)
+    rows: Tensor  # the same rows of the whole RowStats (the group's first row + index)
 
     def off(self, X: Tensor) -> tuple[Tensor, Tensor | None]:
         """Of this group's rows ``X (k, numel)``: the values off per row (float64), and
@@ -242,18 +243,21 @@ class Plan:
         self.groups: list[_Group] = []
         self.keys: list[tuple[str, str]] = []  # one per stacked row (+ update rows)
         self.kinds_of: list[str] = []
+        numels: list[float] = []  # the N column: each row's element count
         for numel, members in by_numel.items():
             members.sort(key=lambda i: order[rows[i].section])
             secs = [rows[i].section for i in members]
             params = None
             if "param" in secs:
                 params = slice(secs.index("param"), len(secs) - secs[::-1].index("param"))
-            kinds = self._kind_groups(members, device)
+            kinds = self._kind_groups(members, len(self.keys), device)
             n_hist = sum(s in HISTOGRAMS for s in secs)
             self.groups.append(_Group(numel, members, params, kinds, n_hist))
             self.keys += [(rows[i].section, rows[i].name) for i in members]
             if params is not None:
                 self.keys += [("param_update", rows[i].name) for i in members[params]]
+            numels += [float(numel)] * (len(self.keys) - len(numels))
+        self.numels = tuple(numels)
         self.satmap_row: tuple[int, int] | None = None  # (group, kind-group position)
         for gi, g in enumerate(self.groups):
             for kg in g.kinds:
@@ -261,14 +265,20 @@ class Plan:
                     if self.satmap_row is None and rows[g.members[pos]].name == satmap_layer:
                         self.satmap_row = (gi, pos)
 
-    def _kind_groups(self, members: list[int], device) -> list[_KindGroup]:
+    def _kind_groups(self, members: list[int], base: int, device) -> list[_KindGroup]:
         by_kind: dict[tuple[str, tuple[int, ...]], list[int]] = defaultdict(list)
         for pos, i in enumerate(members):
             r = self.rows[i]
             if r.section == "layer" and r.kind in SATURATING + RECTIFYING:
                 by_kind[(r.kind, r.shape)].append(pos)
         return [
-            _KindGroup(kind, shape, torch.tensor(pos, device=device), pos)
+            _KindGroup(
+                kind,
+                shape,
+                torch.tensor(pos, device=device),
+                pos,
+                torch.tensor([base + p for p in pos], device=device),
+            )
             for (kind, shape), pos in by_kind.items()
         ]
 
@@ -301,7 +311,10 @@ class Plan:
         """``row_stats`` without the keys: (values, units, stacked groups, saturation
         map). A compiled graph calls this one: reading ``keys`` there would make
         torch.compile guard every key string on every call."""
-        cols, kept, units = [], [], []
+        parts: list[Tensor] = []  # per group (rows, 4) float32: mean, centred norm, min, max
+        offs: list[tuple[Tensor, Tensor]] = []  # (rows of the RowStats, their off counts)
+        kept: list[Tensor | None] = []
+        units: list[tuple[int, Tensor]] = []
         smap = None
         base = 0
         for gi, g in enumerate(self.groups):
@@ -310,11 +323,11 @@ class Plan:
                 and len(g.members) > 1
                 and 4 * g.numel * len(g.members) > CHUNK_BYTES
             ):
-                col, unit_rows = self._chunked(g, tensors, prev)
-                cols.append(col)
-                units += [(base + pos, mask) for pos, mask in unit_rows]
+                part = self._chunked(g, tensors, prev, offs)
+                units += [(base + pos, mask) for pos, mask in part[1]]
+                parts.append(part[0])
                 kept.append(None)
-                base += col.shape[0]
+                base += part[0].shape[0]
                 continue
             if len(g.members) == 1:  # a view, no copy
                 X = tensors[g.members[0]].detach().reshape(1, -1)
@@ -332,40 +345,44 @@ class Plan:
                 X = torch.cat([X, upd])
             mean = X.mean(1)
             norm = torch.linalg.vector_norm(X - mean.unsqueeze(1), dim=1)
-            off = torch.zeros(X.shape[0], dtype=torch.float64, device=X.device)
+            parts.append(torch.stack([mean, norm, X.amin(1), X.amax(1)], 1))
             for kg in g.kinds:
                 counts, all_off = kg.off(X.index_select(0, kg.index))
-                off.index_copy_(0, kg.index, counts)
+                offs.append((kg.rows, counts))
                 if all_off is None:
                     continue
                 for j, pos in enumerate(kg.positions):
                     units.append((base + pos, all_off[j]))
                 if satmap and self.satmap_row is not None and self.satmap_row[0] == gi:
                     smap = self.satmap(kept) if smap is None else smap
-            n = torch.full_like(off, float(g.numel))
-            cols.append(
-                torch.stack(
-                    [
-                        n,
-                        mean.double(),
-                        norm.double().square(),
-                        X.amin(1).double(),
-                        X.amax(1).double(),
-                        off,
-                    ],
-                    1,
-                )
-            )
             base += X.shape[0]
-        values = torch.cat(cols) if cols else torch.zeros(0, N_STATS, dtype=torch.float64)
-        return values, units, kept, smap
+        if not parts:
+            return torch.zeros(0, N_STATS, dtype=torch.float64), units, kept, smap
+        return self._assemble(parts, offs), units, kept, smap
+
+    def _assemble(self, parts: list[Tensor], offs: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """The (rows, N_STATS) float64 values from the groups' float32 (mean, centred
+        norm, min, max) and the off counts: N, mean, M2 = norm^2 (squared in float64),
+        min, max, off; one conversion and one assembly for all groups."""
+        m = torch.cat(parts).double() if len(parts) > 1 else parts[0].double()
+        off = torch.zeros(m.shape[0], dtype=torch.float64, device=m.device)
+        for rows, counts in offs:
+            off.index_copy_(0, rows, counts)
+        n = torch.tensor(self.numels, dtype=torch.float64, device=m.device)
+        m2 = m[:, 1:2].square()
+        return torch.cat([n.unsqueeze(1), m[:, :1], m2, m[:, 2:], off.unsqueeze(1)], 1)
 
     def _chunked(
-        self, g: _Group, tensors: list[Tensor], prev: dict[int, Tensor]
+        self,
+        g: _Group,
+        tensors: list[Tensor],
+        prev: dict[int, Tensor],
+        offs: list[tuple[Tensor, Tensor]],
     ) -> tuple[Tensor, list[tuple[int, Tensor]]]:
-        """``row_stats`` of one large group without stacking it whole: the same numbers
-        (rows, then the parameter updates), computed ``CHUNK_BYTES`` of rows at a time so
-        that the stacked rows and their centred copy stay in cache."""
+        """``row_values`` of one large group without stacking it whole: the same numbers
+        (rows, then the parameter updates: (rows, 4) float32 mean, centred norm, min,
+        max; off counts appended to ``offs``), computed ``CHUNK_BYTES`` of rows at a time
+        so that the stacked rows and their centred copy stay in cache."""
         flat = [tensors[i].detach().reshape(-1) for i in g.members]
         rows: list[Tensor] = list(flat)
         if g.params is not None:
@@ -385,18 +402,14 @@ class Plan:
             mean = X.mean(1)
             norm = torch.linalg.vector_norm(X - mean.unsqueeze(1), dim=1)
             parts.append(torch.stack([mean, norm, X.amin(1), X.amax(1)], 1))
-        m = torch.cat(parts).double()
-        off = torch.zeros(len(rows), dtype=torch.float64, device=m.device)
         unit_rows = []
         for kg in g.kinds:
             counts, all_off = kg.off(torch.stack([flat[pos] for pos in kg.positions]).float())
-            off.index_copy_(0, kg.index, counts)
+            offs.append((kg.rows, counts))
             if all_off is None:
                 continue
             unit_rows += [(pos, all_off[j]) for j, pos in enumerate(kg.positions)]
-        n = torch.full_like(off, float(g.numel))
-        col = torch.stack([n, m[:, 0], m[:, 1].square(), m[:, 2], m[:, 3], off], 1)
-        return col, unit_rows
+        return torch.cat(parts), unit_rows
 
     def satmap(self, stacks: list[Tensor]) -> Tensor | None:
         """(examples, units) fraction of positions off, of the saturation layer's first
