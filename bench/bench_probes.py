@@ -23,8 +23,9 @@ Configurations:
 
 Blocks of 50 steps (one default record step each) alternate between the configurations so
 that drift in machine speed hits all alike; the figures are the median and the mean over
-blocks of the mean time per step (record steps included). Targets: default <= 1.05x (issues 3 and 12),
-every-step <= 1.3x (issue 3; met only inside a compiled step, see the README).
+blocks of the mean time per step (record steps included). Targets (issue 24; issues 3 and
+12 asked 1.05x for the default): default <= 1.03x, a record step every step <= 1.3x (the
+fused lecture-deep and the zoo's GPT), every statistic every step <= 2x.
 
     python bench/bench_probes.py [--models lecture-deep,gpt,lstm] [--rounds 5] [--steps 500] [--json out.json]
 """
@@ -189,7 +190,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1 thread, torch {torch.__version__}"
-    targets = {"default": 1.05, "every-step": 1.3}
+    targets = {"default": 1.03, "record": 1.3, "every-step": 2.0}  # issue 24's
     out: dict[str, object] = {"machine": machine}
     runs = [(name, False) for name in args.models.split(",")]
     if "lecture-deep" in args.models.split(","):
