@@ -184,6 +184,18 @@ def test_forward_order_pooling_and_functional_activations(tmp_path):
     assert len(legend.get_texts()) <= figures.MAX_LEGEND
 
 
+def _one_record_step(model: nn.Module):
+    """One SGD step of ``model`` on (4, 8) noise under ``Probes(every=1)``: the probes and
+    the step's layer rows."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Probes(model, every=1) as p:
+        loss = model(torch.randn(4, 8)).square().mean()
+        loss.backward()
+        opt.step()
+        p.step(loss)
+    return p, p.history.rows[0]["layer"]
+
+
 def test_functional_capture_only_where_a_forward_calls_more_than_its_children():
     """The functional capture (a TorchFunctionMode over the record step's forward) is
     skipped where no forward can call an activation outside a probed module: containers
@@ -195,18 +207,9 @@ def test_functional_capture_only_where_a_forward_calls_more_than_its_children():
         def forward(self, x):
             return torch.tanh(super().forward(x))
 
-    def record(model):
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        with Probes(model, every=1) as p:
-            loss = model(torch.randn(4, 8)).square().mean()
-            loss.backward()
-            opt.step()
-            p.step(loss)
-        return p, p.history.rows[0]["layer"]
-
-    plain, row = record(nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8)))
+    plain, row = _one_record_step(nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8)))
     assert plain.functional is False and list(row) == ["0", "1", "2"]
-    squashed, row = record(Squashed(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8)))
+    squashed, row = _one_record_step(Squashed(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8)))
     assert squashed.functional is True and list(row) == ["0", "1", "2", "tanh"]
     assert 0 <= row["tanh"]["saturated"] <= 1
     mlp = MLP(preset_config("lecture-deep", vocab_size=27), torch.Generator().manual_seed(1))
@@ -231,13 +234,7 @@ def test_functional_gelu_inside_a_module_and_named_kinds():
 
     model = Block()
     assert layer_kind(model.act) == "gelu" and layer_kind(model.ln) == "layernorm"
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with Probes(model, every=1) as p:
-        loss = model(torch.randn(4, 8)).square().mean()
-        loss.backward()
-        opt.step()
-        p.step(loss)
-    row = p.history.rows[0]["layer"]
+    p, row = _one_record_step(model)
     assert "gelu" in row  # F.gelu in the root module's forward: MODULE.gelu with MODULE ""
     assert "act.tanh" not in row  # inside a probed module: its output counts, not its ops
     assert p.kinds["act"] == "gelu" and p.kinds["ln"] == "layernorm"
