@@ -100,10 +100,11 @@ def test_lecture_deep_float32_gradients_and_first_loss(names):
         assert (gr - want).norm() <= 1e-5 * want.norm(), name
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("optimizer", ["sgd", "sgd-weight-decay", "adamw"])
 def test_updates_match_the_optimizers(optimizer):
-    """Three fused steps (run eagerly) against autograd + plumb's SGD / torch's AdamW:
-    parameters, optimizer state and buffers within float32 rounding."""
+    """Three fused steps (run eagerly) against autograd + plumb's SGD (with and without
+    weight decay) / torch's AdamW: parameters, optimizer state and buffers within float32
+    rounding."""
     cfg = ModelConfig(
         n_layers=2, n_hidden=16, n_embd=4, norm="batch", activation="tanh", out_norm=True
     )
@@ -113,6 +114,8 @@ def test_updates_match_the_optimizers(optimizer):
     def make(m):
         if optimizer == "sgd":
             return SGD(m.parameters(), lr=0.1)
+        if optimizer == "sgd-weight-decay":  # large enough to move every weight visibly
+            return SGD(m.parameters(), lr=0.1, weight_decay=0.5)
         return torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
 
     oa, ob = make(a), make(b)

@@ -47,6 +47,18 @@ def test_sgd_is_the_notebooks_update():
     assert torch.equal(p.detach(), expected)
 
 
+def test_sgd_weight_decay_is_torchs_l2_term():
+    """weight_decay adds weight_decay * p to the gradient, as torch.optim.SGD does."""
+    p = torch.nn.Parameter(torch.randn(50, 50))
+    q = torch.nn.Parameter(p.detach().clone())
+    p.grad = q.grad = torch.randn(50, 50) * 1e-2
+    SGD([p], lr=0.1, weight_decay=0.3).step()
+    torch.optim.SGD([q], lr=0.1, weight_decay=0.3).step()
+    torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-6)
+    plain = q.detach() + 0.1 * 0.3 * q.detach()  # the same step without the decay term
+    assert (p.detach() - plain).abs().max() > 1e-3
+
+
 def test_lr_schedule_and_losses_stay_on_device(names):
     cfg = TrainConfig(steps=30, lr=0.2, lr_decay_step=10, lr_final=0.02, print_every=1000)
     g = torch.Generator().manual_seed(0)

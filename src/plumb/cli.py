@@ -136,7 +136,11 @@ def _add_step_flags(g) -> None:
     g.add_argument("--batch-size", type=int, help="examples per step (32)")
     g.add_argument("--lr", type=float, help="learning rate (the preset's: 0.1)")
     g.add_argument("--optimizer", choices=OPTIMIZERS, help="sgd (default) or adamw")
-    g.add_argument("--weight-decay", type=float, help="AdamW's decoupled weight decay (0)")
+    g.add_argument(
+        "--weight-decay",
+        type=float,
+        help="weight decay (0): SGD's L2 term, AdamW's decoupled decay",
+    )
     g.add_argument("--seed", type=int, help="generator seed for init and batches (2147483647)")
     g.add_argument("--device", help="cpu (default), cuda, cuda:N")
     g.add_argument(

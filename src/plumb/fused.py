@@ -353,8 +353,10 @@ def supports(model: nn.Module, optimizer: Any) -> str | None:
         return f"the optimizer is {type(optimizer).__name__} (the fused engine has SGD and AdamW)"
     if isinstance(optimizer, torch.optim.AdamW):
         group = optimizer.param_groups[0]
-        if group.get("amsgrad") or group.get("maximize") or len(optimizer.param_groups) > 1:
-            return "AdamW with amsgrad, maximize or several param groups"
+        if group.get("amsgrad") or group.get("maximize"):
+            return "AdamW with amsgrad or maximize"
+    if len(optimizer.param_groups) > 1:
+        return "several param groups"
     for name, m in model.layers.named_children():
         if not isinstance(m, (pnn.Linear, *_FRAME)) and _op(m) is None:
             return f"layers.{name} is a {type(m).__name__}, which has no fused operation"
@@ -493,9 +495,14 @@ def _all_finite(loss: Tensor, grads: list[Tensor]) -> Tensor:
     return torch.isfinite(torch.cat([total, sums])).all()
 
 
-def sgd_update(params: list[Tensor], grads: list[Tensor], lr: Tensor, ok: Tensor) -> None:
-    """plumb's SGD, p <- p + (-lr * g), applied only where ``ok`` (a finite step)."""
+def sgd_update(
+    params: list[Tensor], grads: list[Tensor], lr: Tensor, ok: Tensor, weight_decay: float = 0.0
+) -> None:
+    """plumb's SGD, p <- p + (-lr * g), with g <- g + weight_decay * p when weight decay
+    is on, applied only where ``ok`` (a finite step)."""
     for p, g in zip(params, grads, strict=True):
+        if weight_decay:
+            g = g + p * weight_decay
         p.copy_(torch.where(ok, p + g * -lr, p))
 
 
@@ -564,6 +571,7 @@ class FusedStep:
         self.adamw = isinstance(optimizer, torch.optim.AdamW)
         self.hyper: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
         self.state: list[dict[str, Tensor]] = []
+        self.weight_decay = float(optimizer.param_groups[0].get("weight_decay", 0.0))
         if self.adamw:
             group = optimizer.param_groups[0]
             self.hyper = (*group["betas"], group["eps"], group["weight_decay"])
@@ -598,7 +606,7 @@ class FusedStep:
             m, v, step = opt
             adamw_update(params, grads, m, v, step, lr, ok, self.hyper)
         else:
-            sgd_update(params, grads, lr, ok)
+            sgd_update(params, grads, lr, ok, self.weight_decay)
 
     def _run(self, params, buffers, opt, X, Y, lr):
         with torch.no_grad():

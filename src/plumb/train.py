@@ -53,7 +53,7 @@ class TrainConfig:
     lr_decay_step: int | None = 150_000  # lr becomes lr_final from this step; None: never
     lr_final: float = 0.01
     optimizer: str = "sgd"  # sgd (the lecture's) | adamw
-    weight_decay: float = 0.0  # adamw only
+    weight_decay: float = 0.0  # sgd: L2 added to the gradient; adamw: decoupled
     seed: int = LECTURE_SEED
     device: str = "cpu"
     threads: int | None = None  # torch.set_num_threads; exact reproduction needs 1
@@ -174,7 +174,7 @@ def resolve_device(device: str) -> torch.device:
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
-        return SGD(model.parameters(), lr=cfg.lr)
+        return SGD(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
