@@ -221,6 +221,39 @@ def test_diagnose_follows_the_users_scheduler():
         diagnose(model, batches, F.cross_entropy, opt, steps=5, scheduler="cosine")
 
 
+def _loop_with_schedule(milestone_lrs: list[float]) -> set[tuple[str, str]]:
+    """A user's loop: an MLP on a fixed task, plain SGD, the lr set per phase (equal
+    phases), the doctor watching; the (code, severity) of its findings."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh())
+    model.append(nn.Linear(64, 8))
+    opt = torch.optim.SGD(model.parameters(), lr=milestone_lrs[0])
+    x = torch.randn(512, 16)
+    y = (x[:, :8].argmax(1) + (x[:, 8] > 0)) % 8
+    steps = 400
+    with Monitor(model, 10, optimizer=opt, doctor=True) as mon:
+        for i in range(steps):
+            for g in opt.param_groups:
+                g["lr"] = milestone_lrs[i * len(milestone_lrs) // steps]
+            ix = torch.randint(0, 512, (32,))
+            loss = F.cross_entropy(model(x[ix]), y[ix])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(loss)
+    return {(f.code, f.severity) for f in mon.diagnosis.findings}
+
+
+def test_an_annealed_lr_is_not_called_too_low():
+    """Updates are judged at the schedule's peak lr: a run decayed ~300x for its second
+    half (its late steps move the weights ~300x less, by design) gets no lr advice, while
+    the same net trained at the decayed lr throughout, and so ~300x slower from the start,
+    is told its lr is low (median log10 update:data: -2.0 at 0.1, -4.5 after the decay or at 3e-4 throughout)."""
+    assert ("lr-too-low", "info") in _loop_with_schedule([3e-4])
+    assert not {c for c, _ in _loop_with_schedule([0.1])} & {"lr-too-low", "lr-too-high"}
+    assert not {c for c, _ in _loop_with_schedule([0.1, 3e-4])} & {"lr-too-low", "lr-too-high"}
+
+
 # --- gradients clipped at every step -------------------------------------------------------
 def test_clipping_at_every_step_is_read_from_the_gradient_norm():
     from plumb.catalogue import SETUPS, run_setup

@@ -451,13 +451,30 @@ def _updates_even(ev: Evidence, layer: str) -> bool:
     return abs(ratios[name] - median(list(ratios.values()))) <= UNEVEN_DECADES
 
 
-def update_ratios(ev: Evidence, embeddings: bool = True) -> dict[str, float]:
+def update_ratios(ev: Evidence, embeddings: bool = True, at_peak: bool = False) -> dict[str, float]:
     """Median log10 update:data of each layer weight (and embedding table) over the last
     half of the steps. Weights that received no gradient at all (behind dead units:
     grad std and mean exactly 0) are left out: how far they move says nothing about the
-    learning rate (dead-units says why they do not)."""
+    learning rate (dead-units says why they do not).
+
+    ``at_peak``: each record step's value plus log10(peak lr / the lr that step used),
+    the update:data the step would have had at the schedule's peak lr (an SGD or Adam
+    step is proportional to its lr). A schedule that anneals the lr 10-1000x in the last
+    half (step decay, cosine to ~0) makes the weights move that much less on purpose;
+    judged at the peak, such a run is not mistaken for one whose lr is too low. Steps
+    whose lr is unknown (no optimizer, a resumed record) count as taken at the peak."""
     rows = ev.late()
     names = ev.layer_weights() + (ev.embeddings() if embeddings else [])
+    shift = np.zeros(len(rows))
+    if at_peak:
+        lrs = ev.lrs
+        known = lrs[np.isfinite(lrs) & (lrs > 0)] if len(lrs) else lrs
+        if len(known):
+            peak = float(known.max())
+            for i, r in enumerate(rows):
+                s = r["step"]
+                if 0 <= s < len(lrs) and finite(lrs[s]) and lrs[s] > 0:
+                    shift[i] = math.log10(peak / float(lrs[s]))
     out = {}
     for name in dict.fromkeys(names):
         g = [
@@ -467,14 +484,19 @@ def update_ratios(ev: Evidence, embeddings: bool = True) -> dict[str, float]:
         ]
         if g and median(g) == 0.0:
             continue
-        v = median(ev.series(rows, "param", name, "update_data"))
+        v = median(list(np.asarray(ev.series(rows, "param", name, "update_data")) + shift))
         if finite(v):
             out[name] = v
     return out
 
 
 def median_update(ev: Evidence) -> float:
-    return ev.cached("median_update", lambda: median(list(update_ratios(ev).values())))
+    """The median weight's log10 update:data late in the run, at the schedule's peak lr
+    (``update_ratios(at_peak=True)``): what the lr-too-low judgments compare with the
+    lecture's guide."""
+    return ev.cached(
+        "median_update", lambda: median(list(update_ratios(ev, at_peak=True).values()))
+    )
 
 
 def _better_lr(ev: Evidence) -> int | None:
