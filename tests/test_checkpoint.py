@@ -81,6 +81,36 @@ def test_resume_is_bit_exact(tmp_path, optimizer):
     assert a.rows[-1]["param"] == b.rows[-1]["param"]
 
 
+def test_weight_average_survives_a_stop_and_resume_bit_exact(tmp_path, monkeypatch):
+    """A run averaging its weights (SWA), stopped half-way through the averaging (a
+    signal after step 70) and resumed, ends with the same averaged weights, recalibrated
+    BatchNorm statistics and losses as the run never stopped: the mean travels in the
+    checkpoint."""
+    import itertools
+
+    from plumb.guard import StopSignals
+
+    model, cfg = small_cfgs(120, average_from=40, average_every=10)
+    straight = train_run(model, cfg, tmp_path / "straight", progress=False, samples=0, report=False)
+    assert straight.result.averaged == 8  # steps 40, 50, ..., 110
+    assert straight.metrics["averaged_iterates"] == 8 and straight.metrics["bn_calibrated"]
+    # the recalibration's training-mode, no-grad pass is plumb's own: not a finding
+    findings = json.loads((tmp_path / "straight" / "findings.json").read_text())["findings"]
+    assert not [f for f in findings if f["code"].startswith("batchnorm-")]
+    calls = itertools.count(1)
+    monkeypatch.setattr(StopSignals, "requested", lambda self: next(calls) >= 71)
+    model, cfg = small_cfgs(120, average_from=40, average_every=10)
+    stopped = train_run(model, cfg, tmp_path / "split", progress=False, samples=0, report=False)
+    assert stopped.status == "interrupted" and stopped.result.averaged == 0
+    assert read_checkpoint(tmp_path / "split").step == 71
+    monkeypatch.undo()
+    run = train_run(
+        None, None, tmp_path / "split", progress=False, samples=0, report=False, resume=True
+    )
+    assert run.resumed_from == 71 and run.result.averaged == 8
+    same_files(tmp_path / "straight", tmp_path / "split")
+
+
 def test_checkpoint_every_and_previous_kept(tmp_path, monkeypatch):
     written = []
     real = save_checkpoint

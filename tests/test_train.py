@@ -59,6 +59,34 @@ def test_sgd_weight_decay_is_torchs_l2_term():
     assert (p.detach() - plain).abs().max() > 1e-3
 
 
+def test_weight_average_is_the_mean_of_the_iterates_it_took():
+    """WeightAverage(start=3, every=2) over 10 SGD steps holds the plain mean of the
+    parameters after steps 3, 5, 7, 9 (float32 rounding of the running update), and
+    apply() puts it into the model."""
+    from plumb.optim import WeightAverage
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+    opt = SGD(model.parameters(), lr=0.1)
+    average = WeightAverage(opt, start=3, every=2)
+    taken = []
+    for i in range(10):
+        loss = model(torch.randn(16, 5)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        average(i)
+        if i in (3, 5, 7, 9):
+            taken.append([p.detach().clone() for p in model.parameters()])
+    assert average.count == 4
+    last = [p.detach().clone() for p in model.parameters()]
+    assert average.apply(model) == 4
+    for k, p in enumerate(model.parameters()):
+        mean = torch.stack([t[k] for t in taken]).mean(0)
+        torch.testing.assert_close(p.detach(), mean, rtol=0, atol=1e-6)
+        assert not torch.allclose(p.detach(), last[k])  # not just the last iterate
+
+
 def test_lr_schedule_and_losses_stay_on_device(names):
     cfg = TrainConfig(steps=30, lr=0.2, lr_decay_step=10, lr_final=0.02, print_every=1000)
     g = torch.Generator().manual_seed(0)

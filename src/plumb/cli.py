@@ -161,6 +161,13 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         "--steps: 3/4 for lecture-deep, 150,000 of 200,000)",
     )
     g.add_argument("--lr-final", type=float, help="learning rate after --lr-decay-step (0.01)")
+    g.add_argument(
+        "--average-from",
+        type=int,
+        help="from this step on, average the weights (SWA); the run ends with the mean "
+        "and BatchNorm recalibrated (default: the preset's; off for lecture-deep)",
+    )
+    g.add_argument("--average-every", type=int, help="steps between the iterates averaged (100)")
     _add_step_flags(g)
     g.add_argument(
         "--calibrate-bn",
@@ -278,6 +285,10 @@ def build_configs(args: argparse.Namespace, scale_decay: bool = False):
         frac = preset_train["lr_decay_step"] / preset_train["steps"]
         train_over["lr_decay_step"] = max(1, round(train_over["steps"] * frac))
         args._decay_scaled = frac
+        if preset_train.get("average_from") is not None and "average_from" not in train_over:
+            # the weight average starts at the preset's fraction of the run too
+            at = preset_train["average_from"] / preset_train["steps"]
+            train_over["average_from"] = round(train_over["steps"] * at)
     if getattr(args, "no_probes", False):
         train_over["probes"] = False
     if getattr(args, "no_doctor", False):
@@ -474,6 +485,11 @@ def _train(args: argparse.Namespace, model_cfg, train_cfg, out: Path, rank: int)
                 if train_cfg.lr_decay_step is not None and train_cfg.lr_decay_step < train_cfg.steps
                 else ", no decay"
                 if train_cfg.lr_decay_step is not None
+                else ""
+            )
+            + (
+                f", weights averaged from step {train_cfg.average_from:,}"
+                if train_cfg.average_from is not None and train_cfg.average_from < train_cfg.steps
                 else ""
             )
             + f", device {train_cfg.device})"

@@ -1,4 +1,5 @@
-"""Optimizers: the lecture's plain SGD, written out; AdamW comes from torch."""
+"""Optimizers: the lecture's plain SGD, written out (AdamW comes from torch), and the
+weights' running average (SWA)."""
 
 from __future__ import annotations
 
@@ -40,3 +41,55 @@ class SGD(torch.optim.Optimizer):
                 updates = torch._foreach_mul(grads, -group["lr"])
                 torch._foreach_add_(params, updates)
         return loss
+
+
+class WeightAverage:
+    """Stochastic weight averaging (Izmailov et al., 2018, "Averaging Weights Leads to
+    Wider Optima and Better Generalization"): from step ``start`` on, every ``every``
+    steps, the running mean of each parameter over the iterates taken so far,
+
+        a_n = a_{n-1} + (p - a_{n-1}) / n        (a_1 = p),
+
+    an equal-weight average of the SGD iterates, which wander around a minimum at a
+    constant lr; their mean sits nearer its centre than any one of them. The mean lives
+    in the optimizer's state (``state[p]["average"]``, the count in
+    ``state[p]["averaged"]``), so a checkpoint carries it and a resumed run continues it
+    bit for bit. ``apply(model)`` puts the mean into the parameters in place; the
+    BatchNorm running statistics belong to the iterates, not to the mean, and must be
+    recomputed after it (``train.calibrate_batchnorm``)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, start: int, every: int):
+        if start < 0 or every < 1:
+            raise ValueError(f"start must be >= 0 and every >= 1, got {start}, {every}")
+        self.optimizer, self.start, self.every = optimizer, start, every
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    @property
+    def count(self) -> int:
+        """How many iterates the mean holds (0: none yet)."""
+        st = self.optimizer.state.get(self.params[0], {}) if self.params else {}
+        return int(st.get("averaged", 0))
+
+    @torch.no_grad()
+    def __call__(self, step: int) -> None:
+        """After step ``step``'s update: fold the parameters into the mean when due."""
+        if step < self.start or (step - self.start) % self.every:
+            return
+        for p in self.params:
+            st = self.optimizer.state[p]
+            n = int(st.get("averaged", 0)) + 1
+            if n == 1:
+                st["average"] = p.detach().clone()
+            else:
+                st["average"].add_((p.detach() - st["average"]) / n)
+            st["averaged"] = n
+
+    @torch.no_grad()
+    def apply(self, model: torch.nn.Module) -> int:
+        """Copy the mean into ``model``'s parameters (those this optimizer holds); the
+        number of iterates averaged (0: nothing was copied)."""
+        n = self.count
+        if n:
+            for p in self.params:
+                p.copy_(self.optimizer.state[p]["average"])
+        return n

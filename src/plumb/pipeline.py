@@ -283,7 +283,9 @@ def _finish(
     out, model, data, device, train_cfg, data_info, result, diagnosis, samples, val=(), preset=None
 ) -> TrainedRun:
     """Evaluate, and write config, weights, metrics, losses, findings and samples."""
-    calibrated = train_cfg.calibrate_bn and calibrate_batchnorm(model, data.train, device) > 0
+    calibrated = bool(result.averaged) or (  # train() recalibrated an averaged model
+        train_cfg.calibrate_bn and calibrate_batchnorm(model, data.train, device) > 0
+    )
     losses = {name: split_loss(model, split, device) for name, split in data.splits.items()}
     metrics = {
         "plumb_version": __version__,
@@ -295,6 +297,7 @@ def _finish(
         "final_train_loss_1000_steps": result.last_mean(),
         "loss": losses,
         "bn_calibrated": bool(calibrated),
+        "averaged_iterates": result.averaged,  # the weights are the mean of this many
         # the validation curve during training (eval mode) and its best point
         "val_curve": {"steps": [int(s) for s, _ in val], "loss": [v for _, v in val]},
         "best_val": (

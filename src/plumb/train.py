@@ -14,6 +14,7 @@ only at the print cadence (no per-step synchronisation).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -34,7 +35,7 @@ from plumb.dist import GlobalStep, sync_batchnorm, world
 from plumb.errors import PlumbError
 from plumb.fused import FusedStep, supports
 from plumb.models import LECTURE_SEED
-from plumb.optim import SGD
+from plumb.optim import SGD, WeightAverage
 from plumb.probes import Probes
 from plumb.record import first_nonfinite
 
@@ -58,6 +59,10 @@ class TrainConfig:
     device: str = "cpu"
     threads: int | None = None  # torch.set_num_threads; exact reproduction needs 1
     calibrate_bn: bool = False  # set BatchNorm running stats from the whole training set
+    # SWA: from this step on, the mean of the weights every average_every steps; a run
+    # that completes ends with that mean and BatchNorm recalibrated (plumb.optim)
+    average_from: int | None = None
+    average_every: int = 100
     compile: bool = False  # torch.compile the model (fused kernels; not bit-exact with eager)
     engine: str = "auto"  # auto | eager (autograd, bit-exact) | fused (compiled whole step)
     print_every: int = 10_000
@@ -91,6 +96,12 @@ class TrainConfig:
             raise PlumbError(
                 f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}"
             )
+        if self.average_from is not None and (
+            not isinstance(self.average_from, int) or self.average_from < 0
+        ):
+            raise PlumbError(f"average_from must be an integer >= 0, got {self.average_from!r}")
+        if not isinstance(self.average_every, int) or self.average_every < 1:
+            raise PlumbError(f"average_every must be an integer >= 1, got {self.average_every!r}")
         if self.threads is not None and self.threads < 1:
             raise PlumbError(f"threads must be >= 1, got {self.threads!r}")
         if self.print_every < 1:
@@ -241,6 +252,7 @@ class TrainResult:
     start: int = 0  # steps already done when this call began (a resumed run)
     engine: str = "eager"
     compile_seconds: float = 0.0  # of ``seconds``, spent compiling (the fused engine)
+    averaged: int = 0  # iterates in the weight average the model ended with (0: none)
 
     @property
     def us_per_step(self) -> float:
@@ -590,7 +602,13 @@ def train(
     A non-finite loss or gradient either stops the loop before the update
     (``cfg.on_nonfinite="stop"``: ``stopped="nonfinite"`` and ``nonfinite`` the first
     place it appeared), skips that step's update ("skip") or updates anyway
-    ("continue", eager engine only)."""
+    ("continue", eager engine only).
+
+    With ``cfg.average_from``, the mean of the weights from that step on
+    (``plumb.optim.WeightAverage``, in the optimizer's state) replaces the weights when
+    the run completes, and the BatchNorm running statistics are recomputed on the
+    training set (``result.averaged``: how many iterates; an interrupted or diverged
+    run keeps its last weights)."""
     use_threads(cfg)
     device = next(iter(model.parameters()), torch.empty(0)).device
     cb = dataclasses.replace(calls) if calls is not None else Callbacks()
@@ -624,8 +642,19 @@ def train(
     if rank != 0:
         cb.on_print = None
     cb.locate = lambda x, y, i: locate_nonfinite(model, x, y, i, cfg.lr_at(i))
+    average = None
+    if cfg.average_from is not None:
+        average = WeightAverage(opt, cfg.average_from, cfg.average_every)
+        user_step = cb.on_step
+
+        def on_step(i: int, loss: torch.Tensor) -> None:
+            average(i)
+            if user_step is not None:
+                user_step(i, loss)
+
+        cb.on_step = on_step
     model.train()
-    return loop(
+    result = loop(
         engine,
         next_batch,
         cfg.schedule(),
@@ -635,6 +664,13 @@ def train(
         resume=resume,
         progress=Progress(cfg.steps, enabled=progress and rank == 0),
     )
+    if average is not None and result.stopped is None and result.steps_done == cfg.steps:
+        result.averaged = average.apply(model)
+        if result.averaged:  # the running statistics were the iterates', not the mean's
+            quiet = monitor.unwatched() if monitor is not None else contextlib.nullcontext()
+            with quiet:
+                calibrate_batchnorm(model, data.train, device)
+    return result
 
 
 class FiniteCheck:

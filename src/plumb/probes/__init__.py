@@ -45,9 +45,10 @@ step. Statistics stay on the device until ``flush()``: no per-step host synchron
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -537,6 +538,19 @@ class Probes(Capture):
     def bn_events(self) -> dict[tuple[str, str], BatchNormEvent]:
         """BatchNorm layers seen in the wrong mode (``watch_modes=True``)."""
         return self.modes.events
+
+    @contextlib.contextmanager
+    def unwatched(self) -> Iterator[None]:
+        """Forwards plumb runs on purpose between steps in a BatchNorm mode the watch
+        would flag (the training-mode, no-grad pass that recalibrates the running
+        statistics after weight averaging): not counted as the user's mistake."""
+        watching = bool(self.modes.handles)
+        self.modes.detach()
+        try:
+            yield
+        finally:
+            if watching:
+                self.modes.attach(self._named, self._kind_of)
 
     # ----- to the host ---------------------------------------------------------------------
     def flush(self) -> None:
