@@ -140,6 +140,25 @@ def test_terminal_table_fits_100_columns(tmp_path):
     assert max(widths) <= 100 and len(widths) > 10, max(widths)
 
 
+def test_a_shorter_best_10min_still_averages_its_weights(tmp_path, capsys):
+    """best-10min with --steps 200 starts its weight average at the preset's quarter of
+    the run (75k of 300k -> step 50), says so, and ends with the mean of the 2 iterates
+    taken every 100 steps (steps 50 and 150): weights that differ from its last iterate's,
+    BatchNorm recalibrated."""
+    small = ["--n-hidden", "16", "--no-probes", "--engine", "eager", *QUIET]
+    argv = ["train", "--preset", "best-10min", "--steps", "200", *small]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    assert "weights averaged from step 50" in capsys.readouterr().out
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())["train"]
+    assert cfg["average_from"] == 50 and cfg["lr_decay_step"] is None
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert metrics["averaged_iterates"] == 2 and metrics["bn_calibrated"]
+    # the same run without the average ends elsewhere
+    assert main([*argv, "--average-from", "1000", "--out", str(tmp_path / "b")]) == 0
+    other = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert other["averaged_iterates"] == 0 and other["loss"]["val"] != metrics["loss"]["val"]
+
+
 def test_a_shorter_run_keeps_its_presets_decay_in_proportion(tmp_path, capsys):
     """`plumb train --steps N` without --lr-decay-step decays at the preset's fraction of
     N (lecture-deep: 150k of 200k = 3/4), says so, and records it; an explicit

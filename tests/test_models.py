@@ -122,11 +122,12 @@ def test_bad_config(bad):
 
 def test_presets_and_unknown_preset():
     assert {"lecture-deep", "lecture-mlp", "lecture-mlp:batchnorm", "best-10min"} <= set(PRESETS)
-    best = MLP(preset_config("best-10min", vocab_size=27))  # docs/engines.md's 125,702
-    assert best.num_parameters() == 125702 and best.config.block_size == 8
-    assert best.config.n_layers == 3 and best.config.n_hidden == 200
+    best = MLP(preset_config("best-10min", vocab_size=27))  # docs/engines.md's 248,202
+    assert best.num_parameters() == 248202 and best.config.block_size == 8
+    assert best.config.n_layers == 3 and best.config.n_hidden == 300
     train = PRESET_TRAIN["best-10min"]
-    assert (train["batch_size"], train["steps"], train["lr_decay_step"]) == (16, 400_000, 200_000)
+    assert (train["batch_size"], train["steps"], train["lr_decay_step"]) == (16, 300_000, None)
+    assert train["average_from"] == 75_000  # SWA over the last 3/4 at a constant lr
     assert train["threads"] == 1  # deterministic for a seed on a machine
     with pytest.raises(PlumbError, match="unknown preset"):
         preset_config("gpt-5")

@@ -239,7 +239,8 @@ def build_configs(args: argparse.Namespace, scale_decay: bool = False):
     (``plumb train``): a ``--steps`` without ``--lr-decay-step`` moves the preset's lr
     decay to the same fraction of the new length (lecture-deep: 150k of 200k -> 3/4 of
     ``--steps``), so that a shorter run still decays instead of never reaching its
-    preset's step; ``args._decay_scaled`` says it was."""
+    preset's step; ``args._decay_scaled`` says it was. The preset's ``average_from``
+    (best-10min) moves the same way."""
     from plumb.models import PRESET_TRAIN, ModelConfig, preset_config
     from plumb.train import TrainConfig
 
@@ -285,10 +286,15 @@ def build_configs(args: argparse.Namespace, scale_decay: bool = False):
         frac = preset_train["lr_decay_step"] / preset_train["steps"]
         train_over["lr_decay_step"] = max(1, round(train_over["steps"] * frac))
         args._decay_scaled = frac
-        if preset_train.get("average_from") is not None and "average_from" not in train_over:
-            # the weight average starts at the preset's fraction of the run too
-            at = preset_train["average_from"] / preset_train["steps"]
-            train_over["average_from"] = round(train_over["steps"] * at)
+    if (
+        scale_decay
+        and isinstance(train_over.get("steps"), int)
+        and train_over["steps"] > 0
+        and "average_from" not in train_over
+        and preset_train.get("average_from") is not None
+    ):  # the weight average starts at the preset's fraction of the run too
+        at = preset_train["average_from"] / preset_train["steps"]
+        train_over["average_from"] = round(train_over["steps"] * at)
     if getattr(args, "no_probes", False):
         train_over["probes"] = False
     if getattr(args, "no_doctor", False):
