@@ -102,6 +102,13 @@ def test_attr_path_and_the_lines_of_other_codes():
     f = {"code": "lr-too-low", "where": "model", "evidence": {"lr": 0.001}}
     assert exact_fix(f, plumb_cfg) == "--lr 0.01"  # no suggestion: a decade its way
     assert "cross_entropy(logits, y)" in code_fix({"code": "double-softmax", "where": "x"})
+    # a norm's gain grew: decay earlier, except under a weight average (it lives on the
+    # iterates' spread; decaying under it was measured to hurt: docs/engines.md)
+    sat = {"code": "saturated-activations", "where": "tanh2", "evidence": {"norm": "norm2"}}
+    cfg = {"model": {"init": "kaiming", "norm": "batch"}, "train": {"steps": 400_000}}
+    assert exact_fix(sat, cfg) == "--lr-decay-step 200000"
+    cfg["train"]["average_from"] = 100_000
+    assert exact_fix(sat, cfg) is None
 
 
 def test_headline():
