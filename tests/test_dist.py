@@ -89,6 +89,11 @@ def _worker(rank: int, mode: str, init: str, result: str) -> None:
         if rank == 0:
             with open(result, "w") as f:
                 json.dump(_summary(mon), f)
+        # both ranks past every collective before either tears the group down: a rank
+        # that destroys it while its peer's gloo threads still talk to it aborts the
+        # peer ("terminate called without an active exception", seen once under load
+        # in the FSDP2 case)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
