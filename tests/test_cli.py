@@ -240,6 +240,8 @@ def _code(argv) -> int:
         (["trian"], "invalid choice: 'trian'"),
         (["train", "--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
         (["train", "--lr-final", "-1"], "--lr-final must be a finite number > 0"),
+        (["train", "--average-from", "-1"], "--average-from must be an integer >= 0, got -1"),
+        (["train", "--average-every", "0"], "--average-every must be an integer >= 1, got 0"),
         (["train", "--norm", "none", "--out-norm"], "(--norm), or no output norm (--no-out-norm)"),
     ],
 )
