@@ -80,7 +80,7 @@ def test_weight_average_is_the_mean_of_the_iterates_it_took():
             taken.append([p.detach().clone() for p in model.parameters()])
     assert average.count == 4
     last = [p.detach().clone() for p in model.parameters()]
-    assert average.apply(model) == 4
+    assert average.apply() == 4
     for k, p in enumerate(model.parameters()):
         mean = torch.stack([t[k] for t in taken]).mean(0)
         torch.testing.assert_close(p.detach(), mean, rtol=0, atol=1e-6)

@@ -54,7 +54,7 @@ class WeightAverage:
     constant lr; their mean sits nearer its centre than any one of them. The mean lives
     in the optimizer's state (``state[p]["average"]``, the count in
     ``state[p]["averaged"]``), so a checkpoint carries it and a resumed run continues it
-    bit for bit. ``apply(model)`` puts the mean into the parameters in place; the
+    bit for bit. ``apply()`` puts the mean into the parameters in place; the
     BatchNorm running statistics belong to the iterates, not to the mean, and must be
     recomputed after it (``train.calibrate_batchnorm``)."""
 
@@ -85,9 +85,9 @@ class WeightAverage:
             st["averaged"] = n
 
     @torch.no_grad()
-    def apply(self, model: torch.nn.Module) -> int:
-        """Copy the mean into ``model``'s parameters (those this optimizer holds); the
-        number of iterates averaged (0: nothing was copied)."""
+    def apply(self) -> int:
+        """Copy the mean into the parameters (the optimizer's, in place); the number of
+        iterates averaged (0: nothing was copied)."""
         n = self.count
         if n:
             for p in self.params:

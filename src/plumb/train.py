@@ -665,7 +665,7 @@ def train(
         progress=Progress(cfg.steps, enabled=progress and rank == 0),
     )
     if average is not None and result.stopped is None and result.steps_done == cfg.steps:
-        result.averaged = average.apply(model)
+        result.averaged = average.apply()
         if result.averaged:  # the running statistics were the iterates', not the mean's
             quiet = monitor.unwatched() if monitor is not None else contextlib.nullcontext()
             with quiet:
