@@ -26,7 +26,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -n 2 -m "not slow" --durations=15
 
 test-all: $(STAMP)
-	PLUMB_HYPOTHESIS=full $(PY) -m pytest -q -n 2 -m "not slow" --durations=15
+	PLUMB_HYPOTHESIS=full $(MAKE) --no-print-directory test
 	PLUMB_HYPOTHESIS=full $(PY) -m pytest -q -m slow --durations=15
 
 bench: $(STAMP)
