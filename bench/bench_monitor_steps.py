@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_probes import MODELS
 
 from plumb import Monitor
+from plumb.memory import reuse_freed_memory
 
 
 def bench(name: str, steps: int) -> dict[str, float]:
@@ -60,6 +61,7 @@ def main() -> None:
     ap.add_argument("--models", default="gpt,lstm")
     ap.add_argument("--steps", type=int, default=1000)
     args = ap.parse_args()
+    reuse_freed_memory()  # as plumb train does, for every configuration alike
     torch.set_num_threads(1)
     for name in args.models.split(","):
         r = bench(name, args.steps)

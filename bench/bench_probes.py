@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from plumb import Monitor, zoo
 from plumb.data import load_dataset
+from plumb.memory import reuse_freed_memory
 from plumb.models import MLP, preset_config
 from plumb.optim import SGD
 from plumb.train import FusedEngine
@@ -188,6 +189,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=500, help="steps per round (a multiple of 50)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
+    reuse_freed_memory()  # as plumb train does, for every configuration alike
     torch.set_num_threads(1)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1 thread, torch {torch.__version__}"
     targets = {"default": 1.03, "record": 1.3, "every-step": 2.0}  # issue 24's

@@ -44,6 +44,7 @@ from torch import nn
 
 from plumb.data import load_dataset
 from plumb.fused import FusedStep
+from plumb.memory import reuse_freed_memory
 from plumb.models import MLP, preset_config
 from plumb.optim import SGD
 
@@ -158,6 +159,7 @@ def main() -> None:
     ap.add_argument("--scaling", action="store_true", help="also the batch x width table")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
+    reuse_freed_memory()  # as plumb train does, for every configuration alike
     torch.set_num_threads(1)
     data = load_dataset()
     X, Y, V, T = data.train.X, data.train.Y, data.vocab.size, data.block_size

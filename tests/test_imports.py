@@ -77,6 +77,7 @@ def test_no_import_cycles():
 def test_the_floors():
     edges = _graph()
     assert edges["plumb.io"] <= {"plumb.errors"}  # the ground floor
+    assert not edges["plumb.memory"]
     assert edges["plumb.kinds"] <= {"plumb.nn"}  # what a layer is: read by every room
     # process groups know nothing of what is measured (plumb.stats pools over ranks)
     assert not edges["plumb.dist"] & {"plumb.stats", "plumb.probes", "plumb.record"}

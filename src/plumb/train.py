@@ -34,6 +34,7 @@ from plumb.data import Dataset, Split
 from plumb.dist import GlobalStep, sync_batchnorm, world
 from plumb.errors import PlumbError
 from plumb.fused import FusedStep, supports
+from plumb.memory import reuse_freed_memory
 from plumb.models import LECTURE_SEED
 from plumb.optim import SGD, WeightAverage
 from plumb.probes import Probes
@@ -608,8 +609,10 @@ def train(
     (``plumb.optim.WeightAverage``, in the optimizer's state) replaces the weights when
     the run completes, and the BatchNorm running statistics are recomputed on the
     training set (``result.averaged``: how many iterates; an interrupted or diverged
-    run keeps its last weights)."""
+    run keeps its last weights). Large freed blocks are kept for reuse
+    (``plumb.memory.reuse_freed_memory``: no page faults a step, same numbers)."""
     use_threads(cfg)
+    reuse_freed_memory()
     device = next(iter(model.parameters()), torch.empty(0)).device
     cb = dataclasses.replace(calls) if calls is not None else Callbacks()
     opt = optimizer or make_optimizer(model, cfg)
