@@ -455,3 +455,53 @@ def test_histogram_counts_are_the_same_by_bincount_and_by_scatter(monkeypatch):
             want[slots[k], int(min(max(b, 0), 15))] += 1
     assert torch.equal(eager, want) and torch.equal(scatter, want)
     assert eager.sum().item() == 4 * 200 + 7
+
+
+def test_a_flush_decodes_its_steps_together_as_each_would_decode_alone():
+    """History.add decodes a flush's record steps in one pass over columns
+    (``decode_many``): every row equals ``decode`` of that step alone, bit for bit, on a
+    model with a cell called per time step (calls), ReLU (zero, dead), a LayerNorm whose
+    gain starts constant (grad_data appears only once its values spread) and a NaN batch."""
+    from plumb.record import decode
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cell = nn.GRUCell(8, 16)
+            self.fc = nn.Linear(16, 16)
+            self.act = nn.ReLU()
+            self.ln = nn.LayerNorm(16)
+            self.out = nn.Linear(16, 4)
+
+        def forward(self, x):
+            h = torch.zeros(x.shape[0], 16)
+            for t in range(x.shape[1]):
+                h = self.cell(x[:, t], h)
+            return self.out(self.ln(self.act(self.fc(h))))
+
+    torch.manual_seed(0)
+    net = Net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.02)
+    alone = []
+    with Monitor(net, report=False, every=1, hist_every=5) as mon:
+        for i in range(24):
+            x = torch.randn(8, 5, 8)
+            if i == 20:
+                x[0, 0, 0] = float("nan")
+            loss = net(x).logsumexp(1).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(loss)
+            s = mon.snapshots[-1]
+            alone.append(decode(s.step, s.layout, s.values.cpu().numpy()))
+        mon.flush()
+        together = mon.history.rows
+    assert len(together) == len(alone) == 24
+    has = ["grad_data" in r["param"]["ln.weight"] for r in together]
+    assert not has[0] and any(has)  # the premise: a statistic present at some steps only
+    assert together[0]["layer"]["cell"]["calls"] == 5
+    assert any(math.isnan(r["layer"]["fc"]["mean"]) for r in together)
+    for a, t in zip(alone, together, strict=True):
+        t = {k: v for k, v in t.items() if k != "loss"}
+        assert json.dumps(a) == json.dumps(t)  # values, NaNs and key order

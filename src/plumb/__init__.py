@@ -9,6 +9,7 @@ from plumb.data import Dataset, Vocab, load_dataset
 from plumb.doctor import Diagnosis, Finding, diagnose
 from plumb.errors import PlumbError
 from plumb.init import calculate_gain, expected_initial_loss
+from plumb.memory import reuse_freed_memory
 from plumb.models import MLP, PRESETS, ModelConfig, preset_config
 from plumb.monitor import Monitor
 from plumb.pipeline import eval_run, sample_run, train_run
@@ -56,6 +57,7 @@ __all__ = [
     "load_dataset",
     "load_run",
     "preset_config",
+    "reuse_freed_memory",
     "sample_run",
     "split_loss",
     "train",

@@ -44,7 +44,7 @@ import torch
 from plumb.errors import PlumbError
 from plumb.io import atomic_write_bytes, read_json, read_tensors, write_json, write_tensors
 from plumb.kinds import RECTIFYING, SATURATING
-from plumb.stats import N_STATS, Stat, summarize
+from plumb.stats import N_STATS, Stat, summary
 
 RECORD_FORMAT = 2
 READABLE_FORMATS = (1, 2)  # format 1 rows lack calls, in_rms, min/max, grad_carry
@@ -111,11 +111,8 @@ class History:
         if with_hist:
             counts = torch.cat([s.hist for s in with_hist]).cpu().numpy().astype(np.int32)
             ranges = torch.cat([s.hist_range for s in with_hist]).float().cpu().numpy()
-        offset = hoffset = 0
-        for s in snaps:
-            n = s.values.numel()
-            row = decode(s.step, s.layout, values[offset : offset + n])
-            offset += n
+        hoffset = 0
+        for s, row in zip(snaps, _decode_runs(snaps, values), strict=True):
             i = s.step - start
             if 0 <= i < len(loss):
                 row = {
@@ -141,60 +138,98 @@ class History:
         return rows, new_hists
 
 
+def _decode_runs(snaps: list, values: np.ndarray) -> list[dict[str, Any]]:
+    """``decode`` of every snapshot, consecutive snapshots of one layout decoded together
+    (``decode_many``); ``values`` holds their values one after another."""
+    rows: list[dict[str, Any]] = []
+    offset = 0
+    i = 0
+    while i < len(snaps):
+        layout, n = snaps[i].layout, snaps[i].values.numel()
+        j = i + 1
+        while j < len(snaps) and snaps[j].values.numel() == n and snaps[j].layout == layout:
+            j += 1
+        block = values[offset : offset + (j - i) * n].reshape(j - i, n)
+        rows += decode_many([s.step for s in snaps[i:j]], layout, block)
+        offset += (j - i) * n
+        i = j
+    return rows
+
+
 def decode(step: int, layout: Any, values: np.ndarray) -> dict[str, Any]:
-    """One record step's row from its snapshot values (see ``plumb.probes.Layout``):
+    """One record step's row from its snapshot values (see ``plumb.probes.Layout`` and
+    ``decode_many``)."""
+    return decode_many([step], layout, values.reshape(1, -1))[0]
+
+
+def decode_many(steps: list[int], layout: Any, values: np.ndarray) -> list[dict[str, Any]]:
+    """The rows of record steps that share one layout, from their values ``(S, V)``:
     per layer (forward order) mean, std, min, max, saturated | zero, dead, grad_mean,
-    grad_std, in_rms, calls (when > 1); per parameter mean, std, rms, grad_mean, grad_std,
-    grad_data, update_data, grad_carry."""
-    K = len(layout.keys)
-    stats = values[: K * N_STATS].reshape(K, N_STATS)
-    rest = values[K * N_STATS :]
-    layer: dict[str, dict[str, Any]] = {k: {} for k in layout.order}
-    param: dict[str, dict[str, Any]] = {k: {} for k in getattr(layout, "params", [])}
-    grad_norm: dict[str, float] = {}
-    s = summarize(stats)
-    mean, std, rms, lo, hi, off = (s[c] for c in ("mean", "std", "rms", "min", "max", "off"))
+    grad_std, in_rms, calls (when > 1); per parameter mean, std, rms, grad_mean,
+    grad_std, grad_data, update_data, grad_carry (``_derive``). The arithmetic runs on
+    whole columns, one per statistic, and is elementwise, so a step's numbers are the
+    ones it would get decoded alone; only the dicts are built step by step."""
+    S, K = len(steps), len(layout.keys)
+    stats = values[:, : K * N_STATS].reshape(S * K, N_STATS)
+    rest = values[:, K * N_STATS :]
+    col = {k: v.reshape(S, K) for k, v in summary(stats).items()}
     with np.errstate(divide="ignore", invalid="ignore"):
         norm = np.sqrt(
             stats[:, Stat.M2] + stats[:, Stat.N] * stats[:, Stat.MEAN] * stats[:, Stat.MEAN]
-        )
-    norm = norm.tolist()
+        ).reshape(S, K)
+    # each statistic as a column (S,) over the steps, per layer and per parameter
+    layer: dict[str, dict[str, Any]] = {k: {} for k in layout.order}
+    param: dict[str, dict[str, Any]] = {k: {} for k in getattr(layout, "params", [])}
+    grad_norm: dict[str, np.ndarray] = {}
     for i, ((section, name), calls) in enumerate(zip(layout.keys, layout.calls, strict=True)):
         if section == "layer":
             d = layer.setdefault(name, {})
-            d.update(mean=mean[i], std=std[i], min=lo[i], max=hi[i])
+            d.update((f, col[f][:, i]) for f in ("mean", "std", "min", "max"))
             kind = layout.kinds.get(name, "other")
             if kind in SATURATING:
-                d["saturated"] = off[i]
+                d["saturated"] = col["off"][:, i]
             elif kind in RECTIFYING:
-                d["zero"] = off[i]
+                d["zero"] = col["off"][:, i]
             if calls > 1:
-                d["calls"] = calls
+                d["calls"] = [calls] * S
         elif section == "layer_grad":
             d = layer.setdefault(name, {})
-            d["grad_mean"], d["grad_std"] = mean[i], std[i]
+            d["grad_mean"], d["grad_std"] = col["mean"][:, i], col["std"][:, i]
         elif section.startswith("layer"):
-            layer.setdefault(name, {})["in_rms"] = rms[i]
+            layer.setdefault(name, {})["in_rms"] = col["rms"][:, i]
         elif section == "param":
             d = param.setdefault(name, {})
-            d["mean"], d["std"], d["rms"] = mean[i], std[i], rms[i]
+            d["mean"], d["std"], d["rms"] = col["mean"][:, i], col["std"][:, i], col["rms"][:, i]
         elif section == "param_grad":
             d = param.setdefault(name, {})
-            d["grad_mean"], d["grad_std"] = mean[i], std[i]
-            grad_norm[name] = norm[i]
+            d["grad_mean"], d["grad_std"] = col["mean"][:, i], col["std"][:, i]
+            grad_norm[name] = norm[:, i]
         else:
-            param.setdefault(name, {})["update_rms"] = rms[i]
+            param.setdefault(name, {})["update_rms"] = col["rms"][:, i]
+    n_dead, n_carry = len(layout.dead), len(layout.carry)
+    for j, name in enumerate(layout.dead):
+        layer[name]["dead"] = rest[:, j]
     with np.errstate(divide="ignore", invalid="ignore"):
-        for name, v in zip(layout.dead, rest[: len(layout.dead)].tolist(), strict=True):
-            layer[name]["dead"] = v
-        carried = rest[len(layout.dead) : len(layout.dead) + len(layout.carry)]
-        for name, c in zip(layout.carry, carried.tolist(), strict=True):
-            total = grad_norm.get(name, float("nan"))
-            param[name]["grad_carry"] = float(np.sqrt(c) / total) if total > 0 else 0.0
-        _derive(param)
-    layer = {k: _ordered(d) for k, d in layer.items()}
-    param = {k: _ordered(d) for k, d in param.items() if d}
-    return {"step": step, "layer": layer, "param": param}
+        for j, name in enumerate(layout.carry):
+            total = grad_norm.get(name, np.full(S, np.nan))
+            c = np.sqrt(rest[:, n_dead + j]) / total
+            param[name]["grad_carry"] = np.where(total > 0, c, 0.0)
+    rest = rest[:, n_dead + n_carry :]
+    masks = _derive(param)
+    layer_cols = [(k, _columns(d, {})) for k, d in layer.items()]
+    param_cols = [(k, _columns(d, masks.get(k, {}))) for k, d in param.items() if d]
+    rows = []
+    for j, step in enumerate(steps):
+        rows.append(
+            {
+                "step": step,
+                "layer": {k: {f: v[j] for f, v, _ in cs} for k, cs in layer_cols},
+                "param": {
+                    k: {f: v[j] for f, v, m in cs if m is None or m[j]} for k, cs in param_cols
+                },
+            }
+        )
+    return rows
 
 
 STAT_ORDER = (
@@ -216,12 +251,13 @@ STAT_ORDER = (
 )
 
 
-def _ordered(d: dict[str, Any]) -> dict[str, Any]:
-    """``d`` with its statistics in ``STAT_ORDER`` (any others after, as they came)."""
-    out = {k: d[k] for k in STAT_ORDER if k in d}
-    if len(out) < len(d):
-        out.update((k, v) for k, v in d.items() if k not in out)
-    return out
+def _columns(d: dict[str, Any], masks: dict[str, list[bool]]) -> list[tuple[str, list, Any]]:
+    """A layer's or parameter's columns as (statistic, Python values per step, the steps
+    that have it or None), statistics in ``STAT_ORDER`` (any others after)."""
+    names = [k for k in STAT_ORDER if k in d] + [k for k in d if k not in STAT_ORDER]
+    return [
+        (k, d[k].tolist() if isinstance(d[k], np.ndarray) else d[k], masks.get(k)) for k in names
+    ]
 
 
 #: The one definition of update:data, for every view that names it.
@@ -232,20 +268,27 @@ UPDATE_DATA = "log10(rms(Δp) / rms(p))"
 CONSTANT_SPREAD = 1e-2
 
 
-def _derive(params: dict[str, dict[str, float]]) -> None:
-    """grad:data = std(grad) / std(p) (float32 arithmetic, as the lecture's
-    ``grad.std() / p.std()``), for parameters that are not (still) constant (std(p) >=
-    CONSTANT_SPREAD rms(p)); update:data = log10(rms(p_t - p_{t-1}) / rms(p_t))."""
+def _derive(params: dict[str, dict[str, Any]]) -> dict[str, dict[str, list[bool]]]:
+    """Per parameter, columns over steps: grad:data = std(grad) / std(p) (float32
+    arithmetic, as the lecture's ``grad.std() / p.std()``), at the steps where the
+    parameter is not (still) constant (std(p) >= CONSTANT_SPREAD rms(p); the returned
+    masks say which); update:data = log10(rms(p_t - p_{t-1}) / rms(p_t))."""
+    masks: dict[str, dict[str, list[bool]]] = {}
     with np.errstate(divide="ignore", invalid="ignore"):
-        for stats in params.values():
-            std = np.float32(stats.get("std", np.nan))
-            spread = stats.get("std", np.nan) >= CONSTANT_SPREAD * stats.get("rms", np.nan)
-            if "grad_std" in stats and (spread or "rms" not in stats):
-                stats["grad_data"] = float(np.float32(stats["grad_std"]) / std)
+        for name, stats in params.items():
+            nan = np.nan
+            std, rms = stats.get("std", nan), stats.get("rms", nan)
+            if "grad_std" in stats:
+                gs = np.asarray(stats["grad_std"], dtype=np.float64)
+                ratio = gs.astype(np.float32) / np.asarray(std, dtype=np.float32)
+                stats["grad_data"] = np.broadcast_to(ratio.astype(np.float64), gs.shape)
+                if "rms" in stats:  # else grad:data at every step (NaN: no std)
+                    spread = np.asarray(std) >= CONSTANT_SPREAD * np.asarray(rms)
+                    masks.setdefault(name, {})["grad_data"] = spread.tolist()
             upd = stats.pop("update_rms", None)
             if upd is not None:
-                rms = np.float64(stats.get("rms", np.nan))
-                stats["update_data"] = float(np.log10(np.float64(upd) / rms))
+                stats["update_data"] = np.log10(np.asarray(upd, dtype=np.float64) / rms)
+    return masks
 
 
 def hist_tensors(history: History) -> dict[str, torch.Tensor]:

@@ -517,25 +517,32 @@ class Plan:
         return counts.view(n_slots, self.bins)
 
 
-def summarize(stats: np.ndarray) -> dict[str, list[float]]:
+def summary(stats: np.ndarray) -> dict[str, np.ndarray]:
     """Host-side statistics of merged keys, one row ``(n, mean, M2, min, max, off)``
     each, computed for all rows at once: per row mean, std = sqrt(M2 / (n - 1)) (0 for
     n = 1), rms = sqrt(M2 / n + mean^2), min, max and off = off / n (the fraction
     saturated or zero; read only for saturating/rectifying layers). NaN where a
-    statistic is undefined (n = 0, a NaN M2). Columns as Python floats, row order kept."""
+    statistic is undefined (n = 0, a NaN M2). Arrays (float64), row order kept; every
+    operation is elementwise and correctly rounded, so a row's numbers do not depend on
+    the rows decoded with it."""
     n, mean, m2 = stats[:, Stat.N], stats[:, Stat.MEAN], stats[:, Stat.M2]
     with np.errstate(divide="ignore", invalid="ignore"):
         std = np.where(n > 1, np.sqrt(m2 / (n - 1)), np.where(n == 1, 0.0, np.nan))
         rms = np.where(n > 0, np.sqrt(m2 / n + mean * mean), np.nan)
         off = np.where(n != 0, stats[:, Stat.OFF] / n, np.nan)
     return {
-        "mean": mean.tolist(),
-        "std": std.tolist(),
-        "rms": rms.tolist(),
-        "min": stats[:, Stat.MIN].tolist(),
-        "max": stats[:, Stat.MAX].tolist(),
-        "off": off.tolist(),
+        "mean": mean,
+        "std": std,
+        "rms": rms,
+        "min": stats[:, Stat.MIN],
+        "max": stats[:, Stat.MAX],
+        "off": off,
     }
+
+
+def summarize(stats: np.ndarray) -> dict[str, list[float]]:
+    """``summary`` as columns of Python floats."""
+    return {k: v.tolist() for k, v in summary(stats).items()}
 
 
 def merge_ranks(
