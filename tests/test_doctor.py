@@ -350,6 +350,20 @@ def test_saturation_behind_a_norm_points_at_the_norm_gain():
     assert f.evidence["norm_gain_rms_init"] == pytest.approx(3.0, rel=1e-3)
     assert f.evidence["saturated_at_init"] > 0.4
     assert "layers.norm2" in f.message and "put a BatchNorm" not in f.message
+    assert "decay the learning rate earlier" in f.message and "averaged_iterates" not in f.evidence
+    # the same run averaging its weights (plumb.optim.WeightAverage's state in the
+    # optimizer): no lr decay advised under the average, only stopping
+    from plumb.optim import WeightAverage
+
+    m = plumb_model(preset="lecture-deep")
+    with torch.no_grad():
+        m.layers.norm2.weight.fill_(3.0)
+    opt = torch.optim.SGD(m.parameters(), 0.1)
+    WeightAverage(opt, start=0, every=1)(0)
+    diag = diagnose(m, *_names_draw(), F.cross_entropy, opt, steps=20)
+    f = next(f for f in diag.findings if f.code == "saturated-activations")
+    assert f.evidence["averaged_iterates"] == 1
+    assert "decay the learning rate earlier" not in f.message and "stop where" in f.message
     # a tanh fed by a Linear directly keeps the weight advice
     m = plumb_model(preset="lecture-mlp:original")
     diag = diagnose(

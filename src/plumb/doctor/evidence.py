@@ -147,6 +147,7 @@ class Evidence:
     trainability: dict[str, Any] = field(default_factory=dict)  # see trainability()
     dropout: dict[str, float] = field(default_factory=dict)  # module -> drop probability
     optimizer_kind: str | None = None  # the optimizer's class name
+    averaged: int = 0  # iterates in a weight average (plumb.optim.WeightAverage) so far
     input_use: tuple[float, float] | None = None  # (mean, se): loss(x permuted) - loss(x)
     _memo: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -431,6 +432,14 @@ def gather(
         trainability=trainability(probes.model, optimizer),
         dropout=dropout_rates(probes.model),
         optimizer_kind=type(optimizers_of(optimizer)[0]).__name__ if optimizer else None,
+        averaged=max(
+            (
+                int(st.get("averaged", 0))
+                for o in optimizers_of(optimizer)
+                for st in o.state.values()
+            ),
+            default=0,
+        ),
     )
 
 
