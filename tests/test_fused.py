@@ -269,3 +269,23 @@ def _three_shapes() -> None:
         X, Y = torch.randint(0, 11, (4, 3)), torch.randint(0, 11, (4,))
         loss, ok = step(X, Y, 0.1)
         assert bool(ok) and math.isfinite(float(loss))
+
+
+def test_histogram_counts_after_the_graph_equal_the_in_graph_scatter():
+    """On the CPU the fused histogram step returns each value's bin and counts them by one
+    bincount after the graph; the counts equal the in-graph scatter-add's (what CUDA
+    runs) exactly, and every row's counts add up to its number of values."""
+    cfg = preset_config("lecture-deep", vocab_size=27, n_hidden=16, n_layers=2)
+    X, Y = _batch(cfg, 12, 0)
+    got = {}
+    for outside in (True, False):
+        m = MLP(cfg, torch.Generator().manual_seed(3))
+        step = FusedStep(m, SGD(m.parameters(), lr=0.1), compile=False)
+        step._count_outside = outside
+        _, _, measured = step.record(X, Y, 0.1, bins=32, histograms=True)
+        got[outside] = (measured.counts, list(measured.hist_keys))
+    (a, keys), (b, keys_b) = got[True], got[False]
+    assert keys == keys_b and a.shape == (len(keys), 32) and a.dtype == b.dtype
+    assert torch.equal(a, b)
+    sizes = {(r.section, r.name): r.numel for r in step.plan.rows}
+    assert a.sum(1).tolist() == [sizes[k] for k in keys]

@@ -469,6 +469,42 @@ class Plan:
             base += len(g.members) + (0 if g.params is None else g.params.stop - g.params.start)
         return out
 
+    def bin_indices(
+        self,
+        stacks: list[Tensor],
+        rows: list[tuple[int, int]],
+        slots: list[int],
+        lo: Tensor,
+        hi: Tensor,
+        dtype: torch.dtype = torch.int64,
+    ) -> list[Tensor]:
+        """Per group of ``rows`` ((group, row) of ``stacks``), the index slot * bins + bin
+        of each value (flat, ``dtype``), on ``bins`` equal bins over [lo, hi] (per row):
+        bin of x = floor((x - lo) * bins / (hi - lo)), clamped to [0, bins - 1]; NaN in
+        bin 0. Static shapes: it also runs inside a compiled graph."""
+        device = lo.device
+        by_group: dict[int, list[int]] = defaultdict(list)
+        for k, (gi, _) in enumerate(rows):
+            by_group[gi].append(k)
+        idx = []
+        for gi, ks in by_group.items():
+            picked = [rows[k][1] for k in ks]
+            if picked == list(range(len(picked))):  # the group's first rows: a view
+                X = stacks[gi].narrow(0, 0, len(picked))
+            else:
+                X = stacks[gi][picked]
+            sel = torch.tensor(ks, device=device)
+            a, b = lo[sel], hi[sel]
+            scale = self.bins / (b - a).clamp_min(torch.finfo(torch.float32).tiny)
+            Y = X - a.unsqueeze(1)  # a new tensor: the rest in place, one pass each
+            Y.mul_(scale.unsqueeze(1))
+            Y.nan_to_num_(0.0, posinf=self.bins - 1, neginf=0.0).clamp_(0, self.bins - 1)
+            offset = torch.tensor([slots[k] * self.bins for k in ks], device=device)
+            bin_of = Y.to(dtype)
+            bin_of += offset.unsqueeze(1).to(dtype)
+            idx.append(bin_of.reshape(-1))
+        return idx
+
     def count(
         self,
         stacks: list[Tensor],
@@ -478,42 +514,22 @@ class Plan:
         hi: Tensor,
         n_slots: int,
     ) -> Tensor:
-        """Counts of ``rows`` ((group, row) of ``stacks``) on ``bins`` equal bins over
-        [lo, hi] (per row), added into ``slots`` of an (n_slots, bins) table: one
-        scatter-add for all (or, eager on the CPU, one bincount per group); static
-        shapes, so it also runs inside a compiled graph. Bin of x: floor((x - lo) * bins / (hi - lo)),
-        clamped to [0, bins - 1]; NaN counts in bin 0."""
-        device = lo.device
-        counts = torch.zeros(n_slots * self.bins, dtype=torch.int64, device=device)
+        """Counts of ``rows`` ((group, row) of ``stacks``) on their bins (``bin_indices``),
+        added into ``slots`` of an (n_slots, bins) table: eager on the CPU one int32
+        ``bincount`` per group (~3x faster than a scatter, same counts); in a graph or on
+        a GPU, where bincount would read its output size back to the host, one
+        static-shape scatter-add for all."""
+        counts = torch.zeros(n_slots * self.bins, dtype=torch.int64, device=lo.device)
         if not rows:
             return counts.view(n_slots, self.bins)
-        # eager on the CPU: a bincount per group (int32 bins, ~3x faster than the
-        # scatter, same counts); in a graph or on a GPU, where bincount would read its
-        # output size back to the host: one static-shape scatter-add
-        scatter = torch.compiler.is_compiling() or device.type != "cpu"
-        by_group: dict[int, list[int]] = defaultdict(list)
-        for k, (gi, _) in enumerate(rows):
-            by_group[gi].append(k)
-        idx = []
-        for gi, ks in by_group.items():
-            picked = [rows[k][1] for k in ks]
-            X = stacks[gi] if picked == list(range(stacks[gi].shape[0])) else stacks[gi][picked]
-            sel = torch.tensor(ks, device=device)
-            a, b = lo[sel], hi[sel]
-            scale = self.bins / (b - a).clamp_min(torch.finfo(torch.float32).tiny)
-            Y = X - a.unsqueeze(1)  # a new tensor: the rest in place, one pass each
-            Y.mul_(scale.unsqueeze(1))
-            Y.nan_to_num_(0.0, posinf=self.bins - 1, neginf=0.0).clamp_(0, self.bins - 1)
-            offset = torch.tensor([slots[k] * self.bins for k in ks], device=device)
-            bin_of = Y.long() if scatter else Y.int()
-            bin_of += offset.unsqueeze(1).to(bin_of.dtype)
-            if scatter:
-                idx.append(bin_of.reshape(-1))
-            else:
-                counts += torch.bincount(bin_of.reshape(-1), minlength=n_slots * self.bins)
+        scatter = torch.compiler.is_compiling() or lo.device.type != "cpu"
+        idx = self.bin_indices(stacks, rows, slots, lo, hi, torch.int64 if scatter else torch.int32)
         if scatter:
             flat = torch.cat(idx) if len(idx) > 1 else idx[0]
             counts.scatter_add_(0, flat, torch.ones_like(flat))
+        else:
+            for bin_of in idx:
+                counts += torch.bincount(bin_of, minlength=n_slots * self.bins)
         return counts.view(n_slots, self.bins)
 
 
