@@ -206,7 +206,7 @@ def decode_many(steps: list[int], layout: Any, values: np.ndarray) -> list[dict[
             grad_norm[name] = norm[:, i]
         else:
             param.setdefault(name, {})["update_rms"] = col["rms"][:, i]
-    n_dead, n_carry = len(layout.dead), len(layout.carry)
+    n_dead = len(layout.dead)
     for j, name in enumerate(layout.dead):
         layer[name]["dead"] = rest[:, j]
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -214,7 +214,6 @@ def decode_many(steps: list[int], layout: Any, values: np.ndarray) -> list[dict[
             total = grad_norm.get(name, np.full(S, np.nan))
             c = np.sqrt(rest[:, n_dead + j]) / total
             param[name]["grad_carry"] = np.where(total > 0, c, 0.0)
-    rest = rest[:, n_dead + n_carry :]
     masks = _derive(param)
     layer_cols = [(k, _columns(d, {})) for k, d in layer.items()]
     param_cols = [(k, _columns(d, masks.get(k, {}))) for k, d in param.items() if d]
