@@ -289,25 +289,3 @@ def test_histogram_counts_after_the_graph_equal_the_in_graph_scatter():
     assert torch.equal(a, b)
     sizes = {(r.section, r.name): r.numel for r in step.plan.rows}
     assert a.sum(1).tolist() == [sizes[k] for k in keys]
-
-
-def test_a_compile_freezes_its_survivors_for_the_loop_only(names):
-    """After the fused step compiles, its objects are collected once and the survivors
-    frozen (full collections no longer walk the compiler's ~10^5 objects); when train()
-    returns they go back to the collector, so nothing stays frozen for good."""
-    import gc
-
-    from plumb.memory import thaw
-
-    m = MLP(
-        preset_config("lecture-deep", vocab_size=names.vocab.size, n_hidden=8, n_layers=1),
-        torch.Generator().manual_seed(0),
-    )
-    during = []
-    calls = plumb.Callbacks(on_step=lambda i, loss: during.append(gc.get_freeze_count()))
-    cfg = TrainConfig(steps=3, batch_size=8, lr_decay_step=None, engine="fused", threads=1)
-    thaw()  # a FusedStep compiled on its own earlier in this process left its freeze
-    assert gc.get_freeze_count() == 0
-    train(m, names, cfg, torch.Generator().manual_seed(0), calls=calls, progress=False)
-    assert len(during) == 3 and min(during) > 10_000
-    assert gc.get_freeze_count() == 0

@@ -44,7 +44,6 @@ from torch import Tensor, nn
 
 from plumb import nn as pnn
 from plumb.kinds import layer_kind
-from plumb.memory import settle_after_compile
 from plumb.models import MLP
 from plumb.optim import SGD
 from plumb.probes.layout import Measured
@@ -737,7 +736,6 @@ class FusedStep:
             self.compile_seconds += time.perf_counter() - t0
             if self.marker is not None and variant == "step":
                 _mark(self.marker, time.perf_counter() - t0)
-            settle_after_compile()  # the compile's objects out of the collector's walks
         return out
 
     def __call__(self, X: Tensor, Y: Tensor, lr: float) -> tuple[Tensor, Tensor]:

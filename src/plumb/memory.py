@@ -1,5 +1,4 @@
-"""The process's host memory: large CPU tensors reused instead of faulted in afresh, and
-the cyclic garbage collector kept off what a compile leaves behind.
+"""The process's host memory: large CPU tensors reused instead of faulted in afresh.
 
 glibc's malloc serves a block above ``M_MMAP_THRESHOLD`` (128 KiB at start, raised
 dynamically up to 32 MiB as such blocks are freed) with a fresh ``mmap``, and gives the top
@@ -22,7 +21,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import gc
 import platform
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
@@ -52,32 +50,3 @@ def reuse_freed_memory() -> bool:
         mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     )
     return _done
-
-
-_frozen = False  # whether plumb froze the collector's objects (settle_after_compile)
-
-
-def settle_after_compile() -> None:
-    """After a ``torch.compile``: collect once, then freeze the survivors (``gc.freeze``).
-
-    Compiling leaves ~10^5 long-lived Python objects (FX graphs, guards, inductor's
-    caches), and every full collection of the cyclic collector walks them all. Measured on
-    the fused lecture-deep record step every step (this VM, 60 blocks of 50 steps): pauses
-    of ~250 ms, a mean of 873 us/step against 797 with the survivors frozen (median 721
-    and 736). Frozen objects are never collected, so ``thaw`` undoes it when the loop that
-    needed it ends (``train`` does; a FusedStep used on its own leaves them frozen). A
-    process that froze objects itself is left as it is."""
-    global _frozen
-    if gc.get_freeze_count() and not _frozen:
-        return
-    gc.collect()
-    gc.freeze()
-    _frozen = True
-
-
-def thaw() -> None:
-    """Undo ``settle_after_compile``: frozen objects go back to the collector."""
-    global _frozen
-    if _frozen:
-        gc.unfreeze()
-        _frozen = False

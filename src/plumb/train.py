@@ -34,7 +34,7 @@ from plumb.data import Dataset, Split
 from plumb.dist import GlobalStep, sync_batchnorm, world
 from plumb.errors import PlumbError
 from plumb.fused import FusedStep, supports
-from plumb.memory import reuse_freed_memory, thaw
+from plumb.memory import reuse_freed_memory
 from plumb.models import LECTURE_SEED
 from plumb.optim import SGD, WeightAverage
 from plumb.probes import Probes
@@ -657,19 +657,16 @@ def train(
 
         cb.on_step = on_step
     model.train()
-    try:
-        result = loop(
-            engine,
-            next_batch,
-            cfg.schedule(),
-            device=device,
-            monitor=monitor,
-            calls=cb,
-            resume=resume,
-            progress=Progress(cfg.steps, enabled=progress and rank == 0),
-        )
-    finally:
-        thaw()  # what a compile froze (settle_after_compile) goes back to the collector
+    result = loop(
+        engine,
+        next_batch,
+        cfg.schedule(),
+        device=device,
+        monitor=monitor,
+        calls=cb,
+        resume=resume,
+        progress=Progress(cfg.steps, enabled=progress and rank == 0),
+    )
     if average is not None and result.stopped is None and result.steps_done == cfg.steps:
         result.averaged = average.apply()
         if result.averaged:  # the running statistics were the iterates', not the mean's
