@@ -402,7 +402,7 @@ def test_summarize_gives_each_rows_definitions_including_the_edge_cases():
 
     import numpy as np
 
-    from plumb.stats import Stat, summarize
+    from plumb.stats import Stat, summary
 
     rows = [
         (n, mean, m2, -1.0, 2.0, off)
@@ -413,7 +413,7 @@ def test_summarize_gives_each_rows_definitions_including_the_edge_cases():
             (0.0, 3.0),
         )
     ]
-    got = summarize(np.array(rows, dtype=np.float64))
+    got = summary(np.array(rows, dtype=np.float64))
 
     def same(a: float, b: float) -> bool:
         return a == b or (math.isnan(a) and math.isnan(b))

@@ -765,9 +765,10 @@ class FusedStep:
         )
         measured = Measured(self.plan, [stats], [], **self._static)
         if hist:
-            measured.counts, measured.ranges, measured.smap = hist
-            if self._count_outside:
+            counts, measured.ranges, measured.smap = hist
+            if self._count_outside:  # the graph returned each value's bin
                 n = len(self._hist_rows)
-                measured.counts = torch.bincount(hist[0], minlength=n * bins).view(n, bins)
+                counts = torch.bincount(counts, minlength=n * bins).view(n, bins)
+            measured.counts = counts
             measured.hist_keys = list(self._hist_keys)
         return loss, ok, measured

@@ -556,11 +556,6 @@ def summary(stats: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def summarize(stats: np.ndarray) -> dict[str, list[float]]:
-    """``summary`` as columns of Python floats."""
-    return {k: v.tolist() for k, v in summary(stats).items()}
-
-
 def merge_ranks(
     merged: Merged,
     replicated: set[tuple[str, str]],
