@@ -33,7 +33,10 @@ def test_lecture_deep_probes_match_the_notebook(names):
     this machine, and against the published numbers to their printed precision (2
     decimals); gradient figures (printed with 7 digits) agree to 2e-6 relative: the last
     digit differs because float32 backward rounding differs between the lecture's torch
-    and CPU and this one (the forward, and the eval losses, are bit-identical)."""
+    and CPU and this one (the forward, and the eval losses, are bit-identical). The
+    notebook's t.mean() sums in float32 (~1e-7 relative roundoff per addition); plumb's
+    record sums in float64 (plumb.native), so they agree to 1e-6 of the spread, not bit
+    for bit."""
     ref = _reference()
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(LECTURE_SEED)
@@ -63,7 +66,8 @@ def test_lecture_deep_probes_match_the_notebook(names):
     for k, (t, pub) in enumerate(zip(outs, ref["tanh_layers"], strict=True)):
         s = row["layer"][f"layers.tanh{k + 1}"]
         sat = ((t.abs() > 0.97).float().mean() * 100).item()
-        assert s["mean"] == t.mean().item()
+        assert s["mean"] == pytest.approx(t.double().mean().item(), rel=1e-12)
+        assert s["mean"] == pytest.approx(t.mean().item(), abs=1e-6 * t.std().item())
         assert s["std"] == pytest.approx(t.std().item(), rel=1e-6)
         assert 100 * s["saturated"] == pytest.approx(sat, rel=1e-6)
         assert s["grad_std"] == pytest.approx(t.grad.std().item(), rel=1e-6)
@@ -363,11 +367,10 @@ def test_compiled_model_gives_the_eager_statistics():
                     )
 
 
-def test_large_groups_reduced_in_chunks_give_the_stacked_numbers():
-    """A record step without histograms reduces a group over CHUNK_BYTES a chunk of rows
-    at a time: the same statistics (rows, updates, off counts, per-unit masks) as the
-    whole stacked group, which histogram steps and the fused engine keep."""
-    from plumb.stats import CHUNK_BYTES, Plan, Row
+def _wide_rows():
+    """Three (64, 1024) linear/tanh outputs and a tanh gradient each, and a weight with
+    its gradient and its update: groups over CHUNK_BYTES, saturated values to count."""
+    from plumb.stats import CHUNK_BYTES, Row
 
     g = torch.Generator().manual_seed(0)
     shape = (64, 1024)  # 65,536 values: 9 rows of them is over CHUNK_BYTES
@@ -383,6 +386,19 @@ def test_large_groups_reduced_in_chunks_give_the_stacked_numbers():
     rows += [Row("param", "w", shape), Row("param_grad", "w", shape)]
     tensors += [w, torch.randn(shape, generator=g)]
     prev = {64 * 1024: (w - 0.01 * torch.randn(shape, generator=g)).reshape(1, -1)}
+    return rows, tensors, prev
+
+
+def test_large_groups_reduced_in_chunks_give_the_stacked_numbers(monkeypatch):
+    """Without the native statistics (a CUDA tensor, no C compiler), a record step
+    without histograms reduces a group over CHUNK_BYTES a chunk of rows at a time: the
+    same statistics (rows, updates, off counts, per-unit masks) as the whole stacked
+    group, which histogram steps and the fused engine keep."""
+    from plumb import native
+    from plumb.stats import Plan
+
+    monkeypatch.setattr(native, "available", lambda: False)
+    rows, tensors, prev = _wide_rows()
     plan = Plan(rows, 16, None, torch.device("cpu"))
     whole, kept, _ = plan.row_stats(tensors, prev, stacks=True)
     chunked, gone, _ = plan.row_stats(tensors, prev, stacks=False)
@@ -392,6 +408,115 @@ def test_large_groups_reduced_in_chunks_give_the_stacked_numbers():
     for (_, a), (_, b) in zip(chunked.units, whole.units, strict=True):
         assert torch.equal(a, b)
     assert whole.values[:, 5].sum() > 0  # the tanh rows have saturated values to count
+
+
+def _float64_rows(tensors, prev, plan):
+    """Each RowStats row's mean, M2, min, max by their definitions, in float64 (updates
+    subtracted in float32, as the step's tensors are)."""
+    out = []
+    for g in plan.groups:
+        flat = [tensors[i].reshape(-1) for i in g.members]
+        vals = list(flat)
+        if g.params is not None:
+            vals += [p - prev[g.numel][j] for j, p in enumerate(flat[g.params])]
+        for v in vals:
+            d = v.double()
+            out.append([d.mean(), (d - d.mean()).square().sum(), d.min(), d.max()])
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_native_record_statistics_are_the_float64_definitions():
+    """On the CPU a record step without histograms takes every row's mean, M2, min, max
+    from plumb.native in one call (float64 sums): within 1e-12 of the float64
+    definitions, where torch's float32 reductions (the stacked path, kept for
+    histograms) are off by up to ~1e-5; counts and unit masks are the stacked path's."""
+    from plumb import native
+    from plumb.stats import Plan
+
+    if not native.available():
+        pytest.skip("no C compiler here: plumb.stats keeps torch's reductions")
+    rows, tensors, prev = _wide_rows()
+    plan = Plan(rows, 16, None, torch.device("cpu"))
+    whole, _, _ = plan.row_stats(tensors, prev, stacks=True)
+    fast, gone, _ = plan.row_stats(tensors, prev, stacks=False)
+    assert gone == [None]
+    exact = _float64_rows(tensors, prev, plan)
+    torch.testing.assert_close(fast.values[:, 1:5], exact, rtol=1e-12, atol=1e-15)
+    assert torch.equal(fast.values[:, [0, 5]], whole.values[:, [0, 5]])  # N, off counts
+    torch.testing.assert_close(fast.values, whole.values, rtol=1e-4, atol=1e-7)
+    assert [r for r, _ in fast.units] == [r for r, _ in whole.units] and len(whole.units) == 3
+    for (_, a), (_, b) in zip(fast.units, whole.units, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_native_histograms_and_saturation_map_equal_the_stacked_ones(monkeypatch):
+    """A histogram step on the CPU counts each tensor in place (plumb.native) on its
+    key's merged [min, max]: the same counts as the stacked groups' bincount, bin for
+    bin (the same float32 arithmetic), a key with NaN values and one with an infinite
+    max included; the saturation map is the stacked one's."""
+    from plumb import native
+    from plumb.stats import Plan, Row, merge
+
+    if not native.available():
+        pytest.skip("no C compiler here: plumb.stats keeps torch's reductions")
+    rows, tensors, prev = _wide_rows()
+    tensors[2] = tensors[2].clone()
+    tensors[2][0, :7] = float("nan")  # a gradient with NaN: its key's range is NaN
+    tensors[3] = tensors[3].clone()
+    tensors[3][5, 9] = float("inf")
+    rows.append(Row("layer", "lin0", (64, 1024), "linear"))  # a second call of lin0
+    tensors.append(torch.randn(64, 1024, generator=torch.Generator().manual_seed(5)) * 3)
+    plan = Plan(rows, 16, "tanh1", torch.device("cpu"))
+    got = plan.row_stats(tensors, prev, satmap=True, stacks=True)
+    with monkeypatch.context() as m:
+        m.setattr(native, "available", lambda: False)
+        want = plan.row_stats(tensors, prev, satmap=True, stacks=True)
+    assert isinstance(got[1][0], list) and isinstance(want[1][0], torch.Tensor)
+    keys = [k for k in dict.fromkeys(got[0].keys) if k[0] in ("layer", "layer_grad", "param_grad")]
+    counts = plan.histograms(got[1], merge([got[0]]), keys)
+    ref = plan.histograms(want[1], merge([want[0]]), keys)
+    assert torch.equal(counts, ref)
+    assert counts.sum(1).tolist() == [
+        sum(t.numel() for r, t in zip(rows, tensors, strict=True) if (r.section, r.name) == k)
+        for k in keys
+    ]
+    assert counts[keys.index(("layer_grad", "tanh0")), 0] >= 7  # NaN in bin 0
+    assert got[2] is not None and torch.equal(got[2], want[2])
+
+
+@pytest.mark.parametrize("n", [1, 2, 15, 16, 17, 33, 1000])
+def test_native_statistics_of_awkward_tensors(n):
+    """Lengths around the kernel's 16 lanes, a mean 1e4 x the spread (no cancellation:
+    the second pass centres), NaN and infinities as torch has them (min/max NaN when a
+    value is NaN), updates x - b in float32."""
+    from plumb import native
+
+    if not native.available():
+        pytest.skip("no C compiler here: plumb.stats keeps torch's reductions")
+    g = torch.Generator().manual_seed(n)
+    x = 1e4 + torch.randn(n, generator=g)
+    b = x - 1e-3 * torch.randn(n, generator=g)
+    nan, inf = x.clone(), x.clone()
+    nan[n // 2] = float("nan")
+    inf[n - 1] = float("inf")
+    got = native.row_stats([x, x, nan, inf], [None, b, None, None])
+    for row, v in zip(got, [x, x - b, nan, inf], strict=True):
+        d = v.double()
+        want = torch.stack([d.mean(), (d - d.mean()).square().sum(), d.amin(), d.amax()])
+        torch.testing.assert_close(row, want, rtol=1e-12, atol=1e-15, equal_nan=True)
+    assert got[2, 2:].isnan().all() and got[3, 3] == float("inf")
+    assert got[1, 1] < 1e-3 * n  # the update's spread, not x's (b was subtracted)
+    # histograms: 7 bins over each tensor's own range (rows 2 and 3 into one slot)
+    bins, vals = 7, [x, x - b, nan, inf]
+    lo = torch.stack([v.amin() for v in vals])
+    scale = bins / (torch.stack([v.amax() for v in vals]) - lo).clamp_min(1e-38)
+    counts = torch.zeros(3, bins, dtype=torch.int64)
+    native.histograms(vals, lo, scale, [0, 1, 2, 2], counts)
+    want = torch.zeros(3, bins, dtype=torch.int64)
+    for i, (slot, v) in enumerate(zip([0, 1, 2, 2], vals, strict=True)):
+        y = ((v - lo[i]) * scale[i]).nan_to_num(0.0, posinf=bins - 1, neginf=0.0)
+        want[slot] += torch.bincount(y.clamp(0, bins - 1).long(), minlength=bins)
+    assert torch.equal(counts, want) and counts.sum().item() == 4 * n
 
 
 def test_summarize_gives_each_rows_definitions_including_the_edge_cases():

@@ -634,7 +634,7 @@ class FusedStep:
             tensors = [t for _, out, grad in ps.outputs for t in (out, grad)]
             tensors += list(ps.inputs.values())
             tensors += [t for p, g in zip(params, grads, strict=True) for t in (p, g)]
-            values, units, groups, _ = self.plan.row_values(tensors, prev)
+            values, units, groups, _ = self.plan.row_values(tensors, prev, native_rows=False)
             masks = [m for _, m in units]
             hist = ()
             if stacks:  # histograms on each row's own [min, max], and the saturation map

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from plumb import native
 from plumb.dist import all_gather, world
 from plumb.kinds import RECTIFYING, SATURATING, SIGMOID_SATURATION, TANH_SATURATION
 
@@ -307,15 +308,23 @@ class Plan:
         prev: dict[int, Tensor],
         satmap: bool = False,
         stacks: bool = True,
-    ) -> tuple[Tensor, list[tuple[int, Tensor]], list[Tensor | None], Tensor | None]:
+        native_rows: bool = True,
+    ) -> tuple[Tensor, list[tuple[int, Tensor]], list, Tensor | None]:
         """``row_stats`` without the keys: (values, units, stacked groups, saturation
         map). A compiled graph calls this one: reading ``keys`` there would make
-        torch.compile guard every key string on every call."""
+        torch.compile guard every key string on every call. On the CPU the groups are
+        ``plumb.native``'s (per group, its rows' flat tensors, not one stack) unless
+        ``native_rows`` is False (the fused step: its graph wants the stacks)."""
         parts: list[Tensor] = []  # per group (rows, 4) float32: mean, centred norm, min, max
         offs: list[tuple[Tensor, Tensor]] = []  # (rows of the RowStats, their off counts)
         kept: list[Tensor | None] = []
         units: list[tuple[int, Tensor]] = []
         smap = None
+        if native_rows and self._native_ok(tensors):
+            values, units, flat = self._native(tensors, prev)
+            if satmap and self.satmap_row is not None:
+                smap = self.satmap(flat)
+            return values, units, flat if stacks or satmap else [None] * len(flat), smap
         base = 0
         for gi, g in enumerate(self.groups):
             if (
@@ -371,6 +380,56 @@ class Plan:
         n = torch.tensor(self.numels, dtype=torch.float64, device=m.device)
         m2 = m[:, 1:2].square()
         return torch.cat([n.unsqueeze(1), m[:, :1], m2, m[:, 2:], off.unsqueeze(1)], 1)
+
+    def _native_ok(self, tensors: list[Tensor]) -> bool:
+        """The native statistics apply: CPU tensors, outside a compiled graph, and the
+        library built (``plumb.native``)."""
+        if not tensors or torch.compiler.is_compiling():
+            return False
+        if any(t.device.type != "cpu" for t in tensors):
+            return False
+        return native.available()
+
+    def _native(
+        self, tensors: list[Tensor], prev: dict[int, Tensor]
+    ) -> tuple[Tensor, list[tuple[int, Tensor]], list[list[Tensor]]]:
+        """``row_values`` on the CPU: every row's mean, M2, min, max in one call of
+        ``plumb.native.row_stats`` (float64 sums, no stacking: each tensor read where it
+        lies); off counts and per-unit masks of the saturating and rectifying outputs as
+        in ``_KindGroup.off``. Also returns, per group, its rows' flat float32 tensors:
+        what ``count`` and ``satmap`` read in place of the stacked group."""
+        groups: list[list[Tensor]] = []
+        xs: list[Tensor] = []
+        bs: list[Tensor | None] = []
+        missing: list[int] = []  # update rows with no snapshot before the update: NaN
+        offs: list[tuple[Tensor, Tensor]] = []
+        units: list[tuple[int, Tensor]] = []
+        for g in self.groups:
+            base = len(xs)
+            flat = [tensors[i].detach().reshape(-1).float().contiguous() for i in g.members]
+            groups.append(flat)
+            xs += flat
+            bs += [None] * len(flat)
+            if g.params is not None:
+                before = prev.get(g.numel)
+                for j, p in enumerate(flat[g.params]):
+                    if before is None:
+                        missing.append(len(xs))
+                    xs.append(p)
+                    bs.append(before[j] if before is not None else None)
+            for kg in g.kinds:
+                counts, all_off = kg.off(torch.stack([flat[pos] for pos in kg.positions]))
+                offs.append((kg.rows, counts))
+                if all_off is not None:
+                    units += [(base + pos, all_off[j]) for j, pos in enumerate(kg.positions)]
+        m = native.row_stats(xs, bs)
+        if missing:
+            m[missing] = float("nan")
+        off = torch.zeros(m.shape[0], dtype=torch.float64)
+        for rows, counts in offs:
+            off.index_copy_(0, rows, counts)
+        n = torch.tensor(self.numels, dtype=torch.float64)
+        return torch.cat([n.unsqueeze(1), m, off.unsqueeze(1)], 1), units, groups
 
     def _chunked(
         self,
@@ -515,12 +574,19 @@ class Plan:
         n_slots: int,
     ) -> Tensor:
         """Counts of ``rows`` ((group, row) of ``stacks``) on their bins (``bin_indices``),
-        added into ``slots`` of an (n_slots, bins) table: eager on the CPU one int32
+        added into ``slots`` of an (n_slots, bins) table: with ``row_values``' native rows
+        (lists of flat tensors) one ``plumb.native.histograms`` call, the same bins by the
+        same float32 arithmetic; eager on the CPU one int32
         ``bincount`` per group (~3x faster than a scatter, same counts); in a graph or on
         a GPU, where bincount would read its output size back to the host, one
         static-shape scatter-add for all."""
         counts = torch.zeros(n_slots * self.bins, dtype=torch.int64, device=lo.device)
         if not rows:
+            return counts.view(n_slots, self.bins)
+        if isinstance(stacks[rows[0][0]], list):  # plumb.native's rows: each tensor in place
+            scale = self.bins / (hi - lo).clamp_min(torch.finfo(torch.float32).tiny)
+            xs = [stacks[gi][j] for gi, j in rows]
+            native.histograms(xs, lo, scale, slots, counts.view(n_slots, self.bins))
             return counts.view(n_slots, self.bins)
         scatter = torch.compiler.is_compiling() or lo.device.type != "cpu"
         idx = self.bin_indices(stacks, rows, slots, lo, hi, torch.int64 if scatter else torch.int32)

@@ -1,0 +1,133 @@
+/* plumb's record-step statistics of many float32 tensors in one call (plumb/native.py).
+ *
+ * For each tensor x (or, for a parameter's update, x - b elementwise in float32, as torch
+ * computes it) of n values:
+ *
+ *     mean = sum x / n,  M2 = sum (x - mean)^2,  min, max  (NaN if any value is NaN)
+ *
+ * Sums in double: the first pass sums and takes min/max, the second sums squared
+ * deviations from the mean (no cancellation when |mean| >> std); the tensor is read
+ * twice, the second time mostly from cache. Each sum runs in LANES independent lanes
+ * (element j goes to lane j % LANES) that are added in lane order at the end, so the
+ * order of every addition is fixed by this source: the compiler vectorises the lanes
+ * whatever the CPU's vector width, and with contraction off (-ffp-contract=off) every
+ * machine computes the same bits.
+ */
+#include <math.h>
+#include <stdint.h>
+
+#define LANES 16
+
+#define STATS(NAME, VALUE)                                                          \
+    static void NAME(const float *x, const float *b, int64_t n, double *out)        \
+    {                                                                                \
+        double s[LANES] = {0}, q[LANES] = {0}, sum = 0.0, m2 = 0.0, mean;            \
+        float lo[LANES], hi[LANES], mn = INFINITY, mx = -INFINITY;                   \
+        int nan[LANES] = {0}, anynan = 0, l;                                         \
+        int64_t full = n - n % LANES, j;                                             \
+        (void)b;                                                                     \
+        for (l = 0; l < LANES; l++) {                                                \
+            lo[l] = INFINITY;                                                        \
+            hi[l] = -INFINITY;                                                       \
+        }                                                                            \
+        for (j = 0; j < full; j += LANES)                                            \
+            for (l = 0; l < LANES; l++) {                                            \
+                float v = VALUE(j + l);                                              \
+                s[l] += (double)v;                                                   \
+                lo[l] = v < lo[l] ? v : lo[l];                                       \
+                hi[l] = v > hi[l] ? v : hi[l];                                       \
+                nan[l] |= v != v;                                                    \
+            }                                                                        \
+        for (j = full; j < n; j++) {                                                 \
+            float v = VALUE(j);                                                      \
+            s[0] += (double)v;                                                       \
+            lo[0] = v < lo[0] ? v : lo[0];                                           \
+            hi[0] = v > hi[0] ? v : hi[0];                                           \
+            nan[0] |= v != v;                                                        \
+        }                                                                            \
+        for (l = 0; l < LANES; l++) {                                                \
+            sum += s[l];                                                             \
+            mn = lo[l] < mn ? lo[l] : mn;                                            \
+            mx = hi[l] > mx ? hi[l] : mx;                                            \
+            anynan |= nan[l];                                                        \
+        }                                                                            \
+        mean = sum / (double)n;                                                      \
+        for (j = 0; j < full; j += LANES)                                            \
+            for (l = 0; l < LANES; l++) {                                            \
+                double d = (double)VALUE(j + l) - mean;                              \
+                q[l] += d * d;                                                       \
+            }                                                                        \
+        for (j = full; j < n; j++) {                                                 \
+            double d = (double)VALUE(j) - mean;                                      \
+            q[0] += d * d;                                                           \
+        }                                                                            \
+        for (l = 0; l < LANES; l++)                                                  \
+            m2 += q[l];                                                              \
+        out[0] = mean;                                                               \
+        out[1] = m2;                                                                 \
+        out[2] = anynan ? NAN : (double)mn;                                          \
+        out[3] = anynan ? NAN : (double)mx;                                          \
+    }
+
+#define PLAIN(i) x[i]
+#define UPDATE(i) (x[i] - b[i])
+STATS(stats_of_values, PLAIN)
+STATS(stats_of_updates, UPDATE)
+
+/* count tensors: xs[i] (and bs[i], or NULL) of ns[i] values; out (count, 4) doubles:
+ * mean, M2, min, max of each */
+void plumb_row_stats(int64_t count, const float *const *xs, const float *const *bs,
+                     const int64_t *ns, double *out)
+{
+    for (int64_t i = 0; i < count; i++) {
+        if (bs[i])
+            stats_of_updates(xs[i], bs[i], ns[i], out + 4 * i);
+        else
+            stats_of_values(xs[i], 0, ns[i], out + 4 * i);
+    }
+}
+
+/* Histogram counts: value v of tensor i goes to bin floor(y), y = (v - lo[i]) * scale[i]
+ * in float32 (NaN -> bin 0, y clamped to [0, bins - 1]: the arithmetic of
+ * plumb.stats.Plan.bin_indices, so the counts are the same), added into row slot[i] of
+ * counts (n_slots, bins). The bins of a block of values are computed first (vectorised),
+ * then counted into four interleaved tables (value j into table j % 4, summed at the
+ * end), so that runs of one bin do not wait on the previous increment. scratch: 4 * bins
+ * int64s. */
+#define BLOCK 512
+
+void plumb_histograms(int64_t count, const float *const *xs, const int64_t *ns,
+                      const float *lo, const float *scale, const int64_t *slot,
+                      int64_t bins, int64_t *scratch, int64_t *counts)
+{
+    const float top = (float)(bins - 1);
+    int32_t at[BLOCK];
+    for (int64_t i = 0; i < count; i++) {
+        const float *x = xs[i], a = lo[i], s = scale[i];
+        int64_t n = ns[i], j, t, k;
+        int64_t *t0 = scratch, *t1 = scratch + bins, *t2 = scratch + 2 * bins,
+                *t3 = scratch + 3 * bins;
+        for (j = 0; j < 4 * bins; j++)
+            scratch[j] = 0;
+        for (j = 0; j < n; j += BLOCK) {
+            int64_t m = n - j < BLOCK ? n - j : BLOCK;
+            for (k = 0; k < m; k++) {
+                float y = (x[j + k] - a) * s;
+                y = y != y ? 0.0f : y;
+                y = y < 0.0f ? 0.0f : (y > top ? top : y);
+                at[k] = (int32_t)y;
+            }
+            for (k = 0; k + 4 <= m; k += 4) {
+                t0[at[k]]++;
+                t1[at[k + 1]]++;
+                t2[at[k + 2]]++;
+                t3[at[k + 3]]++;
+            }
+            for (; k < m; k++)
+                t0[at[k]]++;
+        }
+        for (t = 0; t < 4; t++)
+            for (j = 0; j < bins; j++)
+                counts[slot[i] * bins + j] += scratch[t * bins + j];
+    }
+}
