@@ -196,6 +196,14 @@ def merge(parts: list[RowStats], cache: dict | None = None) -> Merged:
     return Merged(keys, out, calls, unit_off)
 
 
+def _f32(t: Tensor) -> Tensor:
+    """``t`` itself when the native kernel can read it (float32, contiguous), else a
+    contiguous float32 copy of its values."""
+    if t.dtype == torch.float32 and t.is_contiguous():
+        return t
+    return t.detach().reshape(-1).float().contiguous()
+
+
 @dataclass
 class _KindGroup:
     kind: str
@@ -396,8 +404,8 @@ class Plan:
         """``row_values`` on the CPU: every row's mean, M2, min, max in one call of
         ``plumb.native.row_stats`` (float64 sums, no stacking: each tensor read where it
         lies); off counts and per-unit masks of the saturating and rectifying outputs as
-        in ``_KindGroup.off``. Also returns, per group, its rows' flat float32 tensors:
-        what ``count`` and ``satmap`` read in place of the stacked group."""
+        in ``_KindGroup.off``. Also returns, per group, its rows' float32 contiguous
+        tensors: what ``count`` and ``satmap`` read in place of the stacked group."""
         groups: list[list[Tensor]] = []
         xs: list[Tensor] = []
         bs: list[Tensor | None] = []
@@ -406,7 +414,7 @@ class Plan:
         units: list[tuple[int, Tensor]] = []
         for g in self.groups:
             base = len(xs)
-            flat = [tensors[i].detach().reshape(-1).float().contiguous() for i in g.members]
+            flat = [_f32(tensors[i]) for i in g.members]  # as they lie, when they can
             groups.append(flat)
             xs += flat
             bs += [None] * len(flat)
@@ -418,7 +426,8 @@ class Plan:
                     xs.append(p)
                     bs.append(before[j] if before is not None else None)
             for kg in g.kinds:
-                counts, all_off = kg.off(torch.stack([flat[pos] for pos in kg.positions]))
+                X = torch.stack([flat[pos].reshape(-1) for pos in kg.positions])
+                counts, all_off = kg.off(X)
                 offs.append((kg.rows, counts))
                 if all_off is not None:
                     units += [(base + pos, all_off[j]) for j, pos in enumerate(kg.positions)]

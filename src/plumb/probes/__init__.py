@@ -397,7 +397,7 @@ class Probes(Capture):
             snap = self._measure(self.step_count)
             snap.skipped = skipped
             self.snapshots.append(snap)
-            self._disarm()
+            self._disarm(keep=self._is_record(self.step_count + 1))
         self.step_count += 1
         if self.step_count % self.flush_every == 0:
             self.flush()
