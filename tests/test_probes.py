@@ -199,6 +199,40 @@ def test_hooks_only_on_record_steps_and_removed_on_exception():
         pass
 
 
+def test_hooks_stay_between_record_steps_and_measure_each_step_alone():
+    """With a record step every step the hooks stay attached (the same handles, not
+    registered again); each step's row is that step's own (act's 2 calls, lin1's std),
+    and with every=2 they come off after each record step, as before."""
+    torch.manual_seed(0)
+    model = Shared()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    xs = [torch.randn(8, 4) * (k + 1) for k in range(4)]
+    ids, want = [], []
+    with Monitor(model, every=1) as mon:
+        for x in xs:
+            ids.append(tuple(model.lin1._forward_hooks))
+            with torch.no_grad():
+                want.append(model.lin1(model.act(x)).std().item())
+            loss = model(x).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(loss)
+    assert len(ids[0]) == 1 and len(set(ids)) == 1  # one post-hook, the same one throughout
+    rows = mon.history.rows
+    assert [r["layer"]["act"]["calls"] for r in rows] == [2, 2, 2, 2]
+    assert [r["layer"]["lin1"]["std"] for r in rows] == pytest.approx(want, rel=1e-6)
+    assert not model.lin1._forward_hooks
+    with Monitor(model, every=2) as mon:
+        for i, x in enumerate(xs):
+            assert len(model.lin1._forward_hooks) == (1 if i % 2 == 0 else 0)
+            loss = model(x).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(loss)
+
+
 def test_sparse_embedding_gradients_are_measured_as_the_dense_gradient(tmp_path):
     """nn.Embedding(sparse=True) with SparseAdam: the Monitor measures the sparse gradient
     as the dense one it stands for (the same numbers a dense embedding gives), and the
