@@ -8,9 +8,9 @@ tensor twice where it lies (a sum with min and max, then the squared deviations,
 from cache) for all tensors of the step in one call: ~1.8 ms for the same tensors
 (``bench/bench_probes.py`` measures the whole step).
 
-The library is compiled once per process, on first use, with the C compiler torch's own
-CPU compiler (inductor) uses (``$CC``, else ``cc``/``gcc``/``clang``), into a private
-temporary directory: -O3 for this CPU, contraction off. Its sums run in a fixed lane order,
+The library is compiled once per process, on first use, with ``$CC``, else the first of
+``cc``/``gcc``/``clang`` found (torch's inductor needs such a compiler on the CPU too),
+into a private temporary directory: -O3 for this CPU, contraction off. Its sums run in a fixed lane order,
 so every machine computes the same bits (see the C source). Where no compiler works, or
 with ``PLUMB_NATIVE=0``, ``available()`` is False and ``plumb.stats`` keeps torch's
 reductions: same statistics, float32 sums instead of float64.
@@ -45,7 +45,8 @@ def _compilers() -> list[str]:
 
 
 def _load():
-    """The compiled ``plumb_row_stats``, or None (no compiler, a failed build, disabled)."""
+    """The compiled ``plumb_row_stats`` (``plumb_histograms`` beside it in ``_hist``), or
+    None (no compiler, a failed build, disabled)."""
     global _fn, _hist, _tried
     if _tried:
         return _fn
