@@ -33,6 +33,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -110,11 +111,12 @@ def off_mask(kind: str, X: Tensor) -> Tensor:
     return X <= 0  # ReLU: exactly zero; LeakyReLU: the leaky side
 
 
-@dataclass(frozen=True)
-class Row:
+class Row(NamedTuple):
     """One measured tensor. ``section``: layer (an output) | layer_grad (its gradient) |
     layer_in (a weight layer's input) | param | param_grad; ``name``: the key it merges
-    into (a module called k times gives k rows of one name)."""
+    into (a module called k times gives k rows of one name). A tuple: a step's rows are
+    the key of its cached ``Plan``, hashed and compared each record step (~200 rows for
+    the GPT), which a tuple does in C."""
 
     section: str
     name: str
@@ -394,7 +396,7 @@ class Plan:
         library built (``plumb.native``)."""
         if not tensors or torch.compiler.is_compiling():
             return False
-        if any(t.device.type != "cpu" for t in tensors):
+        if not all(t.is_cpu for t in tensors):
             return False
         return native.available()
 

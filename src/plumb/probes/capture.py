@@ -74,6 +74,7 @@ class Capture:
     def _reset_step(self) -> None:
         self._held: list[tuple[_Call, Tensor | None]] = []  # (call, dL/d(output)) reached
         self._held_bytes = 0
+        self._held_passes: set[int] = set()  # id() of the passes of the held calls
         self._partials: list[RowStats] = []
         self._seq = itertools.count()
         self._calls: dict[str, int] = {}  # per_call numbering
@@ -152,12 +153,17 @@ class Capture:
                 self._exit_mode()
             if output is None or not torch.is_grad_enabled():
                 return
-            if name in self._probed:
-                kind = self._kind_of[name]
-                inp = first_tensor(args) if kind in WEIGHT_LAYERS else None
-                self._capture(name, kind, output, inp)
-            if module is self.model:
-                self._model_io(args, output)
+            # Inside an outer module's forward the functional capture's mode is active:
+            # plumb's own calls (detach, numel, register_hook, ...) would each pass through
+            # it (~270 of the 366 calls it saw in a GPT record step). Values are all that
+            # is read here, so no __torch_function__ (mode or subclass) is needed.
+            with torch._C.DisableTorchFunction():
+                if name in self._probed:
+                    kind = self._kind_of[name]
+                    inp = first_tensor(args) if kind in WEIGHT_LAYERS else None
+                    self._capture(name, kind, output, inp)
+                if module is self.model:
+                    self._model_io(args, output)
 
         return hook
 
@@ -213,11 +219,12 @@ class Capture:
             for c in p.forward_only:
                 self._hold(c, None)
             p.forward_only = []
-        if self._held_bytes > self.hold_bytes and len({id(c.pass_) for c, _ in self._held}) > 1:
+        if self._held_bytes > self.hold_bytes and len(self._held_passes) > 1:
             self._fold(keep=p)
 
     def _hold(self, call: _Call, grad: Tensor | None) -> None:
         self._held.append((call, grad))
+        self._held_passes.add(id(call.pass_))
         self._held_bytes += call.nbytes + (
             grad.numel() * grad.element_size() if grad is not None else 0
         )
@@ -229,14 +236,14 @@ class Capture:
         1/scale under a GradScaler (read at the step's first gradient: the scale of
         this backward, no host sync), times 1/world under DDP/FSDP (they average the
         ranks' gradients). None when it is 1."""
-        if self._factor is not None:
-            return self._factor
-        factor: Tensor | float = 1.0 / self.world
-        scaler = self.scaler
-        if scaler is not None and scaler.is_enabled() and scaler._scale is not None:
-            self._scale = scaler._scale.detach().clone()
-            factor = self._scale.double().reciprocal().float() * factor
-        self._factor = factor
+        if self._factor is None:
+            factor: Tensor | float = 1.0 / self.world
+            scaler = self.scaler
+            if scaler is not None and scaler.is_enabled() and scaler._scale is not None:
+                self._scale = scaler._scale.detach().clone()
+                factor = self._scale.double().reciprocal().float() * factor
+            self._factor = factor
+        factor = self._factor
         return None if isinstance(factor, float) and factor == 1.0 else factor
 
     def _skipped(self) -> bool:
@@ -288,6 +295,7 @@ class Capture:
         if not fold:
             return
         self._held = [(c, g) for c, g in self._held if c.pass_ is keep]
+        self._held_passes = {id(keep)} if self._held else set()
         self._held_bytes = sum(
             c.nbytes + (g.numel() * g.element_size() if g is not None else 0) for c, g in self._held
         )
