@@ -89,7 +89,7 @@ def available() -> bool:
 
 def _check(ts: list[Tensor]) -> None:
     for t in ts:
-        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+        if t.dtype is not torch.float32 or not t.is_cpu or not t.is_contiguous():
             raise ValueError("plumb.native wants contiguous float32 CPU tensors")
 
 
@@ -101,21 +101,42 @@ def row_stats(xs: list[Tensor], bs: list[Tensor | None]) -> Tensor:
     if fn is None:
         raise RuntimeError("plumb.native is not available (see plumb.native.available)")
     n = len(xs)
-    ptr = ctypes.c_void_p * n
-    _check([*xs, *(b for b in bs if b is not None)])
-    if len(bs) != n or any(
-        b is not None and b.numel() != x.numel() for x, b in zip(xs, bs, strict=False)
-    ):
-        raise ValueError("plumb.native.row_stats: bs[i] must be None or the size of xs[i]")
-    out = np.empty((n, 4), dtype=np.float64)
+    if len(bs) != n:
+        raise ValueError("plumb.native.row_stats: one bs[i] (or None) per xs[i]")
+    # The same values twice (a layer's input is the layer before's output) are read once:
+    # equal (pointer, length) without ``b`` give equal rows, bit for bit.
+    ptrs, lens, bps, where = [], [], [], []
+    first: dict[tuple[int, int], int] = {}
+    f32 = torch.float32
+    for x, b in zip(xs, bs, strict=True):
+        if x.dtype is not f32 or not x.is_cpu or not x.is_contiguous():
+            _check([x])  # raises
+        k = (x.data_ptr(), x.numel())
+        j = first.get(k) if b is None else None
+        if j is None:
+            if b is not None:
+                _check([b])
+                if b.numel() != k[1]:
+                    raise ValueError(
+                        "plumb.native.row_stats: bs[i] must be None or the size of xs[i]"
+                    )
+            j = len(ptrs)
+            ptrs.append(k[0])
+            lens.append(k[1])
+            bps.append(b.data_ptr() if b is not None else None)
+            if b is None:
+                first[k] = j
+        where.append(j)
+    m = len(ptrs)
+    out = np.empty((m, 4), dtype=np.float64)
     fn(
-        n,
-        ptr(*[x.data_ptr() for x in xs]),
-        ptr(*[b.data_ptr() if b is not None else None for b in bs]),
-        (ctypes.c_int64 * n)(*[x.numel() for x in xs]),
+        m,
+        (ctypes.c_void_p * m)(*ptrs),
+        (ctypes.c_void_p * m)(*bps),
+        (ctypes.c_int64 * m)(*lens),
         out.ctypes.data,
     )
-    return torch.from_numpy(out)
+    return torch.from_numpy(out if m == n else out[where])
 
 
 def histograms(xs: list[Tensor], lo: Tensor, scale: Tensor, slots: list[int], out: Tensor) -> None:

@@ -5,42 +5,73 @@
  *
  *     mean = sum x / n,  M2 = sum (x - mean)^2,  min, max  (NaN if any value is NaN)
  *
- * Sums in double: the first pass sums and takes min/max, the second sums squared
- * deviations from the mean (no cancellation when |mean| >> std); the tensor is read
- * twice, the second time mostly from cache. Each sum runs in LANES independent lanes
- * (element j goes to lane j % LANES) that are added in lane order at the end, so the
- * order of every addition is fixed by this source: the compiler vectorises the lanes
- * whatever the CPU's vector width, and with contraction off (-ffp-contract=off) every
- * machine computes the same bits.
+ * Two passes, the second mostly from cache:
+ *
+ *   1. s = sum (x - x0), with x0 the first value (0 if it is not finite), and min, max;
+ *      mean = x0 + s / n. Shifting by a value of the tensor keeps the terms of the order
+ *      of its spread, not of |mean|.
+ *   2. M2 = sum (x - m)^2 - n (m - mean)^2, with m = mean rounded to float32 (exact:
+ *      sum (x - m)^2 = M2 + n (mean - m)^2); the terms are >= 0, so nothing cancels.
+ *
+ * The differences and squares are float32, as the values are; each sum runs in LANES
+ * lanes (element j to lane j % LANES) that add K terms in float32 before passing their
+ * sum to a double lane. So each float32 partial sum holds at most K rounded terms, and
+ * with u = 2^-24: the mean is within K u (max - min) of the exact one (each term
+ * |x - x0| <= max - min), and M2 within (K + 2) u = 6e-7 of sum (x - m)^2 (terms >= 0),
+ * which exceeds M2 by n (m - mean)^2 <= n u^2 mean^2; the double sums add ~1e-16. So the
+ * record's figures keep float32's precision, whatever the length (the error of torch's
+ * float32 reductions grows with it). Doing the inner
+ * work on float32 vectors (16 values per AVX-512 register instead of 8 doubles) halves
+ * the time of a pass on this CPU against double throughout.
+ *
+ * The order of every addition is fixed by this source, lanes added in lane order at the
+ * end: the compiler vectorises the lanes whatever the CPU's vector width, and with
+ * contraction off (-ffp-contract=off) every machine computes the same bits.
  */
 #include <math.h>
 #include <stdint.h>
 
-#define LANES 16
+#define LANES 32
+#define K 8
 
 #define STATS(NAME, VALUE)                                                          \
     static void NAME(const float *x, const float *b, int64_t n, double *out)        \
     {                                                                                \
-        double s[LANES] = {0}, q[LANES] = {0}, sum = 0.0, m2 = 0.0, mean;            \
-        float lo[LANES], hi[LANES], mn = INFINITY, mx = -INFINITY;                   \
+        double s[LANES] = {0}, q[LANES] = {0}, sum = 0.0, m2 = 0.0, mean, dm;        \
+        float f[LANES], lo[LANES], hi[LANES], mn = INFINITY, mx = -INFINITY, x0, m;  \
         int nan[LANES] = {0}, anynan = 0, l;                                         \
-        int64_t full = n - n % LANES, j;                                             \
+        int64_t full = n - n % (LANES * K), j, k;                                    \
         (void)b;                                                                     \
+        if (n == 0) { /* as the sums would say: no values */                         \
+            out[0] = NAN;                                                            \
+            out[1] = 0.0;                                                            \
+            out[2] = INFINITY;                                                       \
+            out[3] = -INFINITY;                                                      \
+            return;                                                                  \
+        }                                                                            \
+        x0 = VALUE(0);                                                               \
+        x0 = x0 - x0 == 0.0f ? x0 : 0.0f; /* inf or NaN: no shift */                 \
         for (l = 0; l < LANES; l++) {                                                \
             lo[l] = INFINITY;                                                        \
             hi[l] = -INFINITY;                                                       \
         }                                                                            \
-        for (j = 0; j < full; j += LANES)                                            \
-            for (l = 0; l < LANES; l++) {                                            \
-                float v = VALUE(j + l);                                              \
-                s[l] += (double)v;                                                   \
-                lo[l] = v < lo[l] ? v : lo[l];                                       \
-                hi[l] = v > hi[l] ? v : hi[l];                                       \
-                nan[l] |= v != v;                                                    \
-            }                                                                        \
+        for (j = 0; j < full; j += LANES * K) {                                      \
+            for (l = 0; l < LANES; l++)                                              \
+                f[l] = 0.0f;                                                         \
+            for (k = j; k < j + LANES * K; k += LANES)                               \
+                for (l = 0; l < LANES; l++) {                                        \
+                    float v = VALUE(k + l);                                          \
+                    f[l] += v - x0;                                                  \
+                    lo[l] = v < lo[l] ? v : lo[l];                                   \
+                    hi[l] = v > hi[l] ? v : hi[l];                                   \
+                    nan[l] |= v != v;                                                \
+                }                                                                    \
+            for (l = 0; l < LANES; l++)                                              \
+                s[l] += (double)f[l];                                                \
+        }                                                                            \
         for (j = full; j < n; j++) {                                                 \
             float v = VALUE(j);                                                      \
-            s[0] += (double)v;                                                       \
+            s[0] += (double)(v - x0);                                                \
             lo[0] = v < lo[0] ? v : lo[0];                                           \
             hi[0] = v > hi[0] ? v : hi[0];                                           \
             nan[0] |= v != v;                                                        \
@@ -51,20 +82,29 @@
             mx = hi[l] > mx ? hi[l] : mx;                                            \
             anynan |= nan[l];                                                        \
         }                                                                            \
-        mean = sum / (double)n;                                                      \
-        for (j = 0; j < full; j += LANES)                                            \
-            for (l = 0; l < LANES; l++) {                                            \
-                double d = (double)VALUE(j + l) - mean;                              \
-                q[l] += d * d;                                                       \
-            }                                                                        \
+        mean = (double)x0 + sum / (double)n;                                         \
+        m = (float)mean;                                                             \
+        for (j = 0; j < full; j += LANES * K) {                                      \
+            for (l = 0; l < LANES; l++)                                              \
+                f[l] = 0.0f;                                                         \
+            for (k = j; k < j + LANES * K; k += LANES)                               \
+                for (l = 0; l < LANES; l++) {                                        \
+                    float d = VALUE(k + l) - m;                                      \
+                    f[l] += d * d;                                                   \
+                }                                                                    \
+            for (l = 0; l < LANES; l++)                                              \
+                q[l] += (double)f[l];                                                \
+        }                                                                            \
         for (j = full; j < n; j++) {                                                 \
-            double d = (double)VALUE(j) - mean;                                      \
-            q[0] += d * d;                                                           \
+            float d = VALUE(j) - m;                                                  \
+            q[0] += (double)(d * d);                                                 \
         }                                                                            \
         for (l = 0; l < LANES; l++)                                                  \
             m2 += q[l];                                                              \
+        dm = (double)m - mean;                                                       \
+        m2 -= (double)n * dm * dm;                                                   \
         out[0] = mean;                                                               \
-        out[1] = m2;                                                                 \
+        out[1] = m2 < 0.0 ? 0.0 : m2; /* NaN stays NaN */                            \
         out[2] = anynan ? NAN : (double)mn;                                          \
         out[3] = anynan ? NAN : (double)mx;                                          \
     }
