@@ -216,6 +216,72 @@ def test_functional_capture_only_where_a_forward_calls_more_than_its_children():
     assert Probes(mlp).functional is False
 
 
+def test_functional_capture_between_discovery_steps(monkeypatch):
+    """The mode covers whole forwards on discovery steps only (the first record step and
+    every REDISCOVER-th); in between it is entered only in hosts, modules whose own
+    forward called an activation. A host's activation is recorded at every record step;
+    one that a forward starts calling later is found at the next discovery step; the
+    zoo's GPT (its GELU a module) has no host and runs its other record steps without
+    the mode."""
+    from plumb.probes import capture
+
+    class Cell(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return torch.tanh(self.fc(x))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cell, self.out = Cell(), nn.Linear(8, 4)
+            self.late = False
+
+        def forward(self, x):
+            y = self.out(self.cell(self.cell(x)))
+            return torch.sigmoid(y) if self.late else y
+
+    entered: list[int] = []
+    enter = capture.Capture._enter_mode
+    monkeypatch.setattr(capture.Capture, "_enter_mode", lambda p: entered.append(1) or enter(p))
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    steps = capture.REDISCOVER + 2
+    with Probes(model, every=1) as p:
+        for i in range(steps):
+            model.late = i >= 2
+            loss = model(torch.randn(4, 8)).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            p.step(loss)
+    rows = [r["layer"] for r in p.history.rows]
+    assert [r["cell.tanh"]["calls"] for r in rows] == [2] * steps
+    found = [i for i, r in enumerate(rows) if "sigmoid" in r]  # the root's: not a host yet
+    assert found == [capture.REDISCOVER, capture.REDISCOVER + 1]
+    assert list(rows[-1]) == ["cell.fc", "cell.tanh", "out", "sigmoid"]
+    # the GPT: one entry per forward on the discovery step, none on the 4 after it
+    model = zoo.GPT(zoo.GPTConfig(n_layer=2), seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batch = zoo.text_windows(seed=0)
+    entered.clear()
+    per_step = []
+    with Probes(model, every=1) as p:
+        for _ in range(5):
+            x, y = batch()
+            loss = zoo.sequence_loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            p.step(loss)
+            per_step.append(len(entered))
+    assert p.functional is True and not p._hosts
+    assert per_step == [1, 1, 1, 1, 1]
+
+
 def test_functional_gelu_inside_a_module_and_named_kinds():
     class NewGELU(nn.Module):  # makemore's, written out with torch.tanh
         def forward(self, x):

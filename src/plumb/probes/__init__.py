@@ -219,6 +219,10 @@ class Probes(Capture):
         self.shapes: dict[str, tuple[int, ...]] = {}  # their (first call's) output shapes
         self.kinds: dict[str, str] = {}  # every recorded key's kind
         self.functional_layers: dict[str, str] = {}  # functional key -> kind
+        self._hosts: set[str] = set()  # modules whose own forward called one (capture.py)
+        self._armed_records = 0  # record steps armed so far (full functional discovery)
+        self._discover = True  # this record step's functional capture covers whole forwards
+        self._zeros: dict[torch.device, Tensor] = {}  # |p.grad|^2 of a cleared grad
         self.graph = Chains()  # which weight layers feed each other (chains)
         self.modes = BatchNormWatch(lambda: self.step_count)  # watch_modes=True
         self.window = DeadWindow()  # dead units since the doctor's reset_window()

@@ -3,7 +3,14 @@
 (activation functions called inside modules are seen through a ``TorchFunctionMode``),
 every captured output a gradient hook, every parameter a hook that notes what ``p.grad``
 held before this backward. A call is held from its backward until ``step()``; past
-``hold_bytes`` the held calls of other passes are folded into statistics."""
+``hold_bytes`` the held calls of other passes are folded into statistics.
+
+The mode sees every torch call of the forward it covers (~3-5 us each: ~0.6 ms of a GPT
+record step, 110 calls). So it covers the whole forward only on discovery steps (the
+first record step and every ``REDISCOVER``-th after it); on the others it is active only
+while the innermost running module is a host, one whose own forward called an
+activation function on a discovery step. A model with no host (the zoo's GPT: its GELU
+is a module) then runs its record steps without the mode."""
 
 from __future__ import annotations
 
@@ -23,6 +30,8 @@ from plumb.kinds import FUNCTIONAL, WEIGHT_LAYERS
 from plumb.probes.graph import first_tensor, logits_of
 from plumb.probes.layout import as_rows, dense
 from plumb.stats import Plan, Row, RowStats, merge
+
+REDISCOVER = 10  # every 10th record step the functional capture covers whole forwards
 
 
 @dataclass
@@ -92,6 +101,8 @@ class Capture:
         if not self._is_record(self.step_count) or self._armed or self._external:
             return
         self._armed = True
+        self._discover = self._armed_records % REDISCOVER == 0
+        self._armed_records += 1
         if not self._handles:  # else kept from the record step before (``_disarm(keep=True)``)
             for name, m in self._named.items():
                 if self.functional or name in self._probed or m is self.model:
@@ -127,16 +138,25 @@ class Capture:
         def hook(module: nn.Module, args: Any) -> None:
             if not self._armed:  # hooks kept between two record steps (``_disarm``)
                 return
+            scoped = self.functional and not self._discover
             if not self._stack:
                 self._pass = _Pass()
                 if self.graph.chains is None:
                     self.graph.new_graph()
-                if self.functional and torch.is_grad_enabled():
-                    self._mode = _FunctionalCapture(self)
-                    self._mode.__enter__()
+                if self.functional and not scoped and torch.is_grad_enabled():
+                    self._enter_mode()  # discovery: the whole forward
+            if scoped:  # the mode only while a host's own code runs (module docstring)
+                if self._mode is not None:
+                    self._exit_mode()
+                if name in self._hosts and torch.is_grad_enabled():
+                    self._enter_mode()
             self._stack.append(name)
 
         return hook
+
+    def _enter_mode(self) -> None:
+        self._mode = _FunctionalCapture(self)
+        self._mode.__enter__()
 
     def _exit_mode(self) -> None:
         mode, self._mode = self._mode, None
@@ -149,7 +169,12 @@ class Capture:
                 return
             if self._stack and self._stack[-1] == name:
                 self._stack.pop()
-            if not self._stack and self._mode is not None:
+            if self.functional and not self._discover:  # back in the caller: its scope
+                if self._mode is not None:
+                    self._exit_mode()
+                if self._stack and self._stack[-1] in self._hosts and torch.is_grad_enabled():
+                    self._enter_mode()
+            elif not self._stack and self._mode is not None:
                 self._exit_mode()
             if output is None or not torch.is_grad_enabled():
                 return
@@ -176,6 +201,7 @@ class Capture:
         key = f"{inner}.{kind}" if inner else kind
         if self._filter is not None and not self._filter(key):
             return
+        self._hosts.add(inner)
         self.functional_layers.setdefault(key, kind)
         self._capture(key, kind, out, None)
 
