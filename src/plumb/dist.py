@@ -107,8 +107,18 @@ def clean_name(name: str) -> str:
     return ".".join(p for p in name.split(".") if p not in WRAPPER_PARTS)
 
 
+_DTENSOR_TYPES: dict[type, bool] = {}
+
+
 def is_dtensor(t: Tensor) -> bool:
-    return hasattr(t, "to_local") and hasattr(t, "placements")
+    """A DTensor (FSDP2's parameters, tensor parallel), by what its class has: no import
+    of torch.distributed. Per class, once (a record step asks ~150 times, and a missing
+    attribute costs an exception each time)."""
+    cls = type(t)
+    known = _DTENSOR_TYPES.get(cls)
+    if known is None:
+        known = _DTENSOR_TYPES[cls] = hasattr(cls, "to_local") and hasattr(cls, "placements")
+    return known
 
 
 def local(t: Tensor) -> Tensor:

@@ -285,12 +285,14 @@ class Capture:
         if i in self._carried or not self._armed:
             return
         p = self.params[i][1]
-        g = dense(local(p.grad)) if p.grad is not None else None
-        self._carried[i] = (
-            g.detach().float().square().sum()
-            if g is not None
-            else torch.zeros((), dtype=torch.float32, device=local(p).device)
-        )
+        if p.grad is None:  # cleared (set_to_none): one zero per device, shared
+            device = local(p).device
+            zero = self._zeros.get(device)
+            if zero is None:
+                zero = self._zeros[device] = torch.zeros((), dtype=torch.float32, device=device)
+            self._carried[i] = zero
+        else:
+            self._carried[i] = dense(local(p.grad)).detach().float().square().sum()
 
     def _model_io(self, args: Any, output: Any) -> None:
         """The model's input scale (first record step) and its first recorded output."""
