@@ -17,7 +17,9 @@ first call's time (inductor's on-disk cache makes a second process faster).
 
 Part 1 also prints the FLOP limit of the lecture-deep step (its matmul FLOPs, below, at
 this thread's measured float32 matmul peak) and how far the fused step is from it
-(issue 24's target: within 2x).
+(issue 24's target: within 2x), and the floor under any step: its 18 matmuls alone,
+eagerly into preallocated outputs and as one compiled graph, and an empty compiled
+graph's call.
 
 Part 2 (``--scaling``): batch 32 .. 4096 x n_hidden 100 .. 1024, fused vs torch.nn eager
 and compiled, with the achieved GFLOP/s (6 x batch x sum of fan_in x fan_out per step:
@@ -74,6 +76,56 @@ def matmul_peak() -> float:
         a @ b
         times.append(time.perf_counter() - t0)
     return 2 * 1024**3 / statistics.median(times) / 1e9
+
+
+def floor(vocab: int, block: int, batch: int = 32, n_embd: int = 10, n_hidden: int = 100):
+    """What any step of lecture-deep pays before its first elementwise op: its 18 matmuls
+    (forward X W, backward dY W^T and X^T dY, for the 6 Linears) run eagerly into
+    preallocated outputs, the same 18 as one graph compiled as the fused step is
+    (inductor, C++ wrapper: it allocates its outputs), and the call of an empty compiled
+    graph given the fused step's number of tensors. Microseconds, median of 7 x 500."""
+    from plumb.fused import COMPILE_OPTIONS
+
+    fans = [(n_embd * block, n_hidden)] + [(n_hidden, n_hidden)] * 4 + [(n_hidden, vocab)]
+    X = [torch.randn(batch, a) for a, _ in fans]
+    W = [torch.randn(a, b) for a, b in fans]
+    dY = [torch.randn(batch, b) for _, b in fans]
+    outs = [(torch.empty(batch, b), torch.empty(batch, a), torch.empty(a, b)) for a, b in fans]
+
+    def eager() -> None:
+        for x, w, dy, (o, dx, dw) in zip(X, W, dY, outs, strict=True):
+            torch.mm(x, w, out=o)
+            torch.mm(dy, w.t(), out=dx)
+            torch.mm(x.t(), dy, out=dw)
+
+    def graph(X, W, dY):
+        return [
+            m for x, w, dy in zip(X, W, dY, strict=False) for m in (x @ w, dy @ w.t(), x.t() @ dy)
+        ]
+
+    def empty(ts, lr):
+        return lr * 2
+
+    opts = dict(fullgraph=True, dynamic=False, options=COMPILE_OPTIONS)
+    compiled, nothing = torch.compile(graph, **opts), torch.compile(empty, **opts)
+    ts, lr = [torch.randn(8) for _ in range(3 * len(fans) + 4)], torch.zeros(())
+
+    def us(f) -> float:
+        for _ in range(50):
+            f()
+        times = []
+        for _ in range(7):
+            t0 = time.perf_counter()
+            for _ in range(500):
+                f()
+            times.append((time.perf_counter() - t0) / 500 * 1e6)
+        return statistics.median(times)
+
+    return {
+        "matmuls_eager_us": us(eager),
+        "matmuls_compiled_us": us(lambda: compiled(X, W, dY)),
+        "empty_graph_call_us": us(lambda: nothing(ts, lr)),
+    }
 
 
 def steps_for(X, Y, vocab: int, block: int, batch: int, n_hidden: int, which: list[str]):
@@ -189,6 +241,15 @@ def main() -> None:
         "(target <= 2)"
     )
     results["limit"] = {"matmul_peak_gflops": peak, "limit_us": limit_us, "fused_x_limit": over}
+    fl = floor(V, T)
+    print(
+        f"  the floor: its 18 matmuls alone {fl['matmuls_eager_us']:.0f} us eager "
+        f"({fl['matmuls_eager_us'] / limit_us:.2f}x the limit), "
+        f"{fl['matmuls_compiled_us']:.0f} us as one compiled graph "
+        f"({fl['matmuls_compiled_us'] / limit_us:.2f}x); "
+        f"an empty compiled graph's call {fl['empty_graph_call_us']:.0f} us"
+    )
+    results["limit"].update(fl)
     if args.scaling:
         print(f"\nscaling (float32 matmul peak on 1 thread: {peak:.1f} GFLOP/s)")
         print(f"  {'batch':>6} {'hidden':>6}  " + "  ".join(f"{k:>24}" for k in ALL[1:]))
