@@ -271,12 +271,7 @@ def test_functional_capture_between_discovery_steps(monkeypatch):
     per_step = []
     with Probes(model, every=1) as p:
         for _ in range(5):
-            x, y = batch()
-            loss = zoo.sequence_loss(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            p.step(loss)
+            _train(model, batch, zoo.sequence_loss, opt, 1, p)
             per_step.append(len(entered))
     assert p.functional is True and not p._hosts
     assert per_step == [1, 1, 1, 1, 1]
