@@ -468,3 +468,33 @@ def test_codes_are_derived_from_the_rules_declarations(monkeypatch):
     monkeypatch.setattr(rules, "RULES", [odd])
     with pytest.raises(AssertionError, match="not-declared"):
         rules.apply_rules(_evidence())
+
+
+def test_a_loop_that_never_clears_its_gradients_gets_no_lr_advice(monkeypatch):
+    """Without zero_grad each step applies the sum of every earlier gradient and the loss
+    climbs whatever the lr: the lr findings are dropped and the first fix is zero_grad
+    (the zoo's GRU at AdamW 3e-3, 600 steps, had "lower lr" as its first fix). Other
+    findings stay, and an lr finding without the accumulation stays too."""
+
+    def lr(ev):
+        return [Finding("lr-too-high", "error", "model", "the loss climbed")]
+
+    def carry(ev):
+        return [Finding("gradients-accumulating", "error", "model", "not cleared")]
+
+    def tails(ev):
+        return [Finding("saturated-activations", "warning", "cell.tanh", "tails")]
+
+    lr.codes, carry.codes, tails.codes = (
+        ("lr-too-high",),
+        ("gradients-accumulating",),
+        ("saturated-activations",),
+    )
+    monkeypatch.setattr(rules, "RULES", [lr, carry, tails])
+    found = rules.apply_rules(_evidence())
+    assert [f.code for f in found] == ["gradients-accumulating", "saturated-activations"]
+    monkeypatch.setattr(rules, "RULES", [lr, tails])
+    assert [f.code for f in rules.apply_rules(_evidence())] == [
+        "lr-too-high",
+        "saturated-activations",
+    ]
