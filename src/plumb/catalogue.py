@@ -1064,10 +1064,6 @@ CONSEQUENCES: dict[str, tuple[tuple[str, ...], str]] = {
         "on the way to NaN, activations and gradients blow up first",
     ),
     "raw-pixels": (("overconfident-init",), "inputs of scale 255 give logits of scale ~100"),
-    "gpt-no-zero-grad": (
-        ("lr-too-high",),
-        "gradients summed over steps make each update grow like an lr growing with the step",
-    ),
     "gru-lr-100x": (
         ("saturated-activations",),
         "too-large steps drive the gates into saturation",
@@ -1075,10 +1071,6 @@ CONSEQUENCES: dict[str, tuple[tuple[str, ...], str]] = {
     "cnn-lr-100x": (
         ("dead-units",),
         "too-large steps push ReLU units where they never fire again",
-    ),
-    "resmlp-no-zero-grad": (
-        ("lr-too-high",),
-        "gradients summed over steps make each update grow like an lr growing with the step",
     ),
 }
 
