@@ -405,9 +405,10 @@ class Plan:
     ) -> tuple[Tensor, list[tuple[int, Tensor]], list[list[Tensor]]]:
         """``row_values`` on the CPU: every row's mean, M2, min, max in one call of
         ``plumb.native.row_stats`` (float32 runs summed in float64, no stacking: each
-        tensor read where it lies); off counts and per-unit masks of the saturating and rectifying outputs as
-        in ``_KindGroup.off``. Also returns, per group, its rows' float32 contiguous
-        tensors: what ``count`` and ``satmap`` read in place of the stacked group."""
+        tensor read where it lies); off counts and per-unit masks of the saturating and
+        rectifying outputs as in ``_KindGroup.off``. Also returns, per group, its rows'
+        float32 contiguous tensors: what ``count`` and ``satmap`` read in place of the
+        stacked group."""
         groups: list[list[Tensor]] = []
         xs: list[Tensor] = []
         bs: list[Tensor | None] = []
