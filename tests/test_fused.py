@@ -12,9 +12,12 @@ import torch.nn.functional as F
 from hyp import examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torch import Tensor
 
 import plumb
+from plumb import native
 from plumb import nn as pnn
+from plumb.cstep import NativeStep
 from plumb.fused import FusedStep, build_spec, forward_backward, supports
 from plumb.models import MLP, ModelConfig, preset_config
 from plumb.optim import SGD
@@ -100,11 +103,14 @@ def test_lecture_deep_float32_gradients_and_first_loss(names):
         assert (gr - want).norm() <= 1e-5 * want.norm(), name
 
 
+@pytest.mark.parametrize("native_step", [False, True], ids=["python", "c"])
 @pytest.mark.parametrize("optimizer", ["sgd", "sgd-weight-decay", "adamw"])
-def test_updates_match_the_optimizers(optimizer):
-    """Three fused steps (run eagerly) against autograd + plumb's SGD (with and without
-    weight decay) / torch's AdamW: parameters, optimizer state and buffers within float32
-    rounding."""
+def test_updates_match_the_optimizers(optimizer, native_step):
+    """Three fused steps (the Python function run eagerly, and the step in C) against
+    autograd + plumb's SGD (with and without weight decay) / torch's AdamW: parameters,
+    optimizer state and buffers within float32 rounding."""
+    if native_step and not (native.available() and native.sgemm()):
+        pytest.skip("no C compiler or no sgemm in torch's library")
     cfg = ModelConfig(
         n_layers=2, n_hidden=16, n_embd=4, norm="batch", activation="tanh", out_norm=True
     )
@@ -119,7 +125,8 @@ def test_updates_match_the_optimizers(optimizer):
         return torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
 
     oa, ob = make(a), make(b)
-    fused = FusedStep(b, ob, compile=False)
+    fused = FusedStep(b, ob, compile=False, native=native_step)
+    assert (fused.native is not None) == native_step
     for k in range(3):
         X, Y = _batch(cfg, 16, k)
         loss = F.cross_entropy(a(X), Y)
@@ -139,11 +146,14 @@ def test_updates_match_the_optimizers(optimizer):
             torch.testing.assert_close(sa["exp_avg_sq"], sb["exp_avg_sq"], rtol=1e-4, atol=1e-9)
 
 
-def test_a_non_finite_step_updates_nothing():
+@pytest.mark.parametrize("native_step", [False, True], ids=["python", "c"])
+def test_a_non_finite_step_updates_nothing(native_step):
+    if native_step and not (native.available() and native.sgemm()):
+        pytest.skip("no C compiler or no sgemm in torch's library")
     cfg = ModelConfig(n_layers=1, n_hidden=8, n_embd=2, norm="none")
     model = MLP(cfg, torch.Generator().manual_seed(0))
     opt = SGD(model.parameters(), lr=0.1)
-    fused = FusedStep(model, opt, compile=False)
+    fused = FusedStep(model, opt, compile=False, native=native_step)
     with torch.no_grad():
         model.layers.output.weight[0, 0] = float("inf")
     before = [p.clone() for p in model.parameters()]
@@ -180,11 +190,16 @@ def test_engine_selection_and_fallback():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("step_in", ["c", "graph"])
 @pytest.mark.parametrize("optimizer, lr", [("sgd", 0.1), ("adamw", 3e-3)])
-def test_compiled_loss_curve_matches_eager(names, optimizer, lr):
-    """1,000 steps of lecture-deep, compiled fused engine against the eager engine:
-    every step's loss within 1e-4, the final weights close, the eval losses equal to
-    four decimals."""
+def test_compiled_loss_curve_matches_eager(names, optimizer, lr, step_in, monkeypatch):
+    """1,000 steps of lecture-deep, the fused engine (its plain steps in C, or all in the
+    compiled graph) against the eager engine: every step's loss within 1e-4, the final
+    weights close, the eval losses equal to four decimals."""
+    if step_in == "graph":
+        monkeypatch.setattr(NativeStep, "usable", staticmethod(lambda fused: False))
+    elif not (native.available() and native.sgemm()):
+        pytest.skip("no C compiler or no sgemm in torch's library")
 
     def run(engine):
         g = torch.Generator().manual_seed(2147483647)
@@ -200,7 +215,7 @@ def test_compiled_loss_curve_matches_eager(names, optimizer, lr):
     mf, rf = run("fused")
     diff = (re_.losses - rf.losses).abs()
     assert diff.max().item() < 1e-4, diff.max().item()
-    assert rf.compile_seconds > 0
+    assert (rf.compile_seconds > 0) == (step_in == "graph")  # C: nothing compiled
     assert plumb.split_loss(me, names.val) == pytest.approx(
         plumb.split_loss(mf, names.val), abs=1e-4
     )
@@ -265,7 +280,7 @@ def _three_shapes() -> None:
             preset_config("lecture-deep", vocab_size=11, n_hidden=h, n_layers=1),
             torch.Generator().manual_seed(0),
         )
-        step = FusedStep(m, SGD(m.parameters(), lr=0.1))
+        step = FusedStep(m, SGD(m.parameters(), lr=0.1), native=False)
         X, Y = torch.randint(0, 11, (4, 3)), torch.randint(0, 11, (4,))
         loss, ok = step(X, Y, 0.1)
         assert bool(ok) and math.isfinite(float(loss))
@@ -289,3 +304,188 @@ def test_histogram_counts_after_the_graph_equal_the_in_graph_scatter():
     assert torch.equal(a, b)
     sizes = {(r.section, r.name): r.numel for r in step.plan.rows}
     assert a.sum(1).tolist() == [sizes[k] for k in keys]
+
+
+# --- the step in C (plumb.cstep) ------------------------------------------------------------
+needs_native = pytest.mark.skipif(
+    not (native.available() and native.sgemm()),
+    reason="no C compiler or no sgemm in torch's library: the graph runs instead",
+)
+
+
+def _err(got: Tensor, want: Tensor) -> float:
+    return (got.double() - want).norm().item()
+
+
+@needs_native
+@settings(max_examples=examples(100), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    c=configs,
+    B=st.integers(2, 48),
+    seed=st.integers(0, 10_000),
+    optimizer=st.sampled_from(["sgd", "sgd-weight-decay", "adamw"]),
+)
+def test_native_step_is_as_accurate_as_the_graph(c, B, seed, optimizer):
+    """One step in C against the same step of the Python function (what the graph
+    compiles), both in float32, each measured against autograd in float64: the loss,
+    every gradient and every updated parameter and buffer of the C step are within 4x the
+    Python step's error plus 1e-5 of the value's norm (float32 rounding, not a different
+    formula: a wrong term is off by its own size), and the two agree on ``ok``. Updated
+    parameters are compared for SGD (AdamW's see below)."""
+    if c["out_norm"] and c["norm"] == "none":
+        c["out_norm"] = False
+    cfg = ModelConfig(**c)
+    ref = MLP(cfg, torch.Generator().manual_seed(seed)).double()
+    X, Y = _batch(cfg, B, seed)
+
+    def make(m):
+        if optimizer == "adamw":
+            return torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
+        return SGD(m.parameters(), lr=0.1, weight_decay=0.5 if "decay" in optimizer else 0.0)
+
+    o64 = make(ref)
+    loss64 = F.cross_entropy(ref(X), Y)
+    loss64.backward()
+    grads64 = {n: p.grad.clone() for n, p in ref.named_parameters()}
+    o64.step()
+    runs = {}
+    for in_c in (False, True):
+        m = MLP(cfg, torch.Generator().manual_seed(seed))
+        step = FusedStep(m, make(m), compile=False, native=in_c)
+        assert (step.native is not None) == in_c
+        if in_c:
+            loss, ok = step(X, Y, step.optimizer.param_groups[0]["lr"])
+            grads = step.native.work.grads
+        else:
+            snap = [p.clone() for p in step.params], [b.clone() for b in step.buffers]
+            _, grads, _ = forward_backward(step.specs, *snap, X, Y)
+            loss, ok = step(X, Y, step.optimizer.param_groups[0]["lr"])
+        runs[in_c] = (loss, bool(ok), dict(zip(step.names, grads, strict=True)), m)
+    (lp, okp, gp, mp), (ln, okn, gn, mn) = runs[False], runs[True]
+    assert okn == okp
+    if not math.isfinite(loss64.item()) or not okp:
+        return  # a degenerate draw (a zero-variance batch in an unbiased norm): agreed
+    want = loss64.item()
+    assert abs(ln.item() - want) <= 4 * abs(lp.item() - want) + 1e-5 * abs(want)
+    for name, g64 in grads64.items():
+        tol = 4 * _err(gp[name], g64) + 1e-5 * g64.norm().item() + 1e-7
+        assert _err(gn[name], g64) <= tol, name
+    after = dict(ref.named_parameters())
+    # AdamW's first step moves each weight by ~lr sign(g): a gradient that is 0 in exact
+    # math (a bias before a norm) is float32 noise of either sign on either side, so its
+    # update is not comparable; AdamW's update is test_updates_match_the_optimizers'
+    for (name, p), q in zip(mp.named_parameters(), mn.parameters(), strict=True):
+        if optimizer == "adamw":
+            break
+        tol = 4 * _err(p, after[name]) + 1e-5 * after[name].norm().item() + 1e-7
+        assert _err(q, after[name]) <= tol, name
+    for a, b, w in zip(mp.buffers(), mn.buffers(), ref.buffers(), strict=True):
+        assert _err(b, w) <= 4 * _err(a, w) + 1e-5 * w.norm().item() + 1e-7
+
+
+@needs_native
+@pytest.mark.parametrize("act, slope", [(1, 0.0), (2, 0.0), (3, 0.0), (4, 0.2)])
+def test_native_activations_are_within_a_few_ulp(act, slope):
+    """mlpstep.c's tanh, sigmoid, relu and leaky relu on a dense grid over [-30, 30] and on
+    inf, -inf, NaN, 0, -0 and subnormals, against float64: within 8 ulp of the float32
+    result or 1e-7 absolute (tanh is ~4 ulp at worst by its construction, exp ~2); NaN
+    stays NaN, the infinities go to the limits."""
+    y = torch.cat(
+        [
+            torch.linspace(-30, 30, 200_001),
+            torch.tensor([math.inf, -math.inf, 0.0, -0.0, 1e-40, -1e-40, 1e-30, 88.5, -88.5]),
+        ]
+    )
+    a = torch.empty_like(y)
+    native._act(act, slope, y.data_ptr(), a.data_ptr(), y.numel())
+    y64 = y.double()
+    want = {
+        1: torch.tanh(y64),
+        2: torch.sigmoid(y64),
+        3: y64.clamp_min(0),
+        4: torch.where(y64 > 0, y64, y64 * slope),
+    }[act]
+    ulp = torch.finfo(torch.float32).eps * want.abs().float().clamp_min(1e-38)
+    close = (a.double() - want).abs() <= torch.maximum(8 * ulp.double(), torch.tensor(1e-7))
+    assert (close | (a.double() == want)).all()  # == for the infinities
+    nan = torch.tensor([math.nan])
+    native._act(act, slope, nan.data_ptr(), nan.data_ptr(), 1)
+    assert math.isnan(nan.item())
+
+
+@needs_native
+def test_native_step_refuses_bad_ids_and_follows_replaced_optimizer_state():
+    """An id outside the embedding raises as indexing would, before anything changes; a
+    new batch size gets its own workspace; AdamW state replaced by ``load_state_dict``
+    (new tensors) is followed, so a resumed run continues as the Python step does."""
+    cfg = ModelConfig(n_layers=2, n_hidden=12, n_embd=3, norm="batch", activation="tanh")
+    runs = []
+    for in_c in (False, True):
+        m = MLP(cfg, torch.Generator().manual_seed(0))
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        step = FusedStep(m, opt, compile=False, native=in_c)
+        for k in range(2):
+            step(*_batch(cfg, 16, k), 1e-2)
+        saved = copy.deepcopy(opt.state_dict())
+        step(*_batch(cfg, 16, 9), 1e-2)  # a step the resume forgets
+        opt.load_state_dict(saved)
+        step.state[:] = [opt.state[p] for p in step.params]
+        for k in range(2, 4):
+            step(*_batch(cfg, 8 if k == 3 else 16, k), 1e-2)
+        runs.append((m, opt, step))
+    (ma, oa, _), (mb, ob, sb) = runs
+    for p, q in zip(ma.parameters(), mb.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+        assert float(oa.state[p]["step"]) == float(ob.state[q]["step"]) == 4
+    before = [p.clone() for p in mb.parameters()]
+    X, Y = _batch(cfg, 8, 0)
+    X = X.long()
+    X[3, 0] = cfg.vocab_size
+    with pytest.raises(IndexError, match="index out of range"):
+        sb(X, Y, 1e-2)
+    assert all(torch.equal(p, q) for p, q in zip(mb.parameters(), before, strict=True))
+
+
+@needs_native
+@pytest.mark.parametrize(
+    "norm, activation", [("batch", "tanh"), ("layer", "relu"), ("none", "sigmoid")]
+)
+def test_native_record_step_measures_what_the_python_step_measures(norm, activation):
+    """A record step with the step in C (statistics by plumb.native, in place) against
+    the Python function's (stacked torch reductions), same state and batch: the same rows
+    and counts, every mean within 1e-5 of its row's spread and |mean|, M2 within 1e-4, min and max
+    within 1e-5 of the row's scale (float32 rounding of two kernels), off counts and
+    all-off units within one value of each other (a tanh a few ulp apart can cross the
+    threshold), histograms with the same totals and at most 1 % + 2 values moved."""
+    cfg = ModelConfig(n_layers=2, n_hidden=20, n_embd=4, norm=norm, activation=activation)
+    X, Y = _batch(cfg, 24, 1)
+    got = {}
+    for in_c in (False, True):
+        m = MLP(cfg, torch.Generator().manual_seed(5))
+        step = FusedStep(m, SGD(m.parameters(), lr=0.1), compile=False, native=in_c)
+        step(X, Y, 0.1)  # a step first: the updates and BatchNorm's buffers move
+        act = f"layers.{activation}1" if activation != "relu" else "layers.relu1"
+        _, _, me = step.record(X, Y, 0.1, bins=16, histograms=True, saturation_layer=act)
+        got[in_c] = me
+    a, b = got[False], got[True]
+    sa, sb = a.stats[0], b.stats[0]
+    assert sa.keys == sb.keys and len(sa.keys) > 30
+    va, vb = sa.values, sb.values
+    assert torch.equal(va[:, 0], vb[:, 0])  # N
+    spread = (va[:, 2] / va[:, 0]).sqrt()
+    scale = torch.maximum(va[:, 3].abs(), va[:, 4].abs())
+    # + 1e-5 |mean|: the stacked side's float32 sum errs by ~u |mean| per few values
+    assert ((va[:, 1] - vb[:, 1]).abs() <= 1e-5 * (spread + va[:, 1].abs()) + 1e-30).all()
+    assert ((va[:, 2] - vb[:, 2]).abs() <= 1e-4 * va[:, 2] + 1e-30).all()
+    for col in (3, 4):
+        assert ((va[:, col] - vb[:, col]).abs() <= 1e-5 * scale + 1e-30).all()
+    assert ((va[:, 5] - vb[:, 5]).abs() <= 1).all()
+    assert [r for r, _ in sa.units] == [r for r, _ in sb.units]
+    for (_, ma), (_, mb) in zip(sa.units, sb.units, strict=True):
+        assert (ma != mb).sum() <= 1
+    assert a.hist_keys == b.hist_keys and a.counts.shape == b.counts.shape
+    assert torch.equal(a.counts.sum(1), b.counts.sum(1))
+    assert ((a.counts - b.counts).abs().sum(1) <= 0.01 * a.counts.sum(1) + 2).all()
+    assert (a.smap is None) == (b.smap is None)
+    if a.smap is not None:
+        assert (a.smap - b.smap).abs().max() <= 1 / 20  # one unit of 20 across the threshold

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from plumb import nn as pnn
+from plumb.cstep import NativeStep
 from plumb.kinds import layer_kind
 from plumb.models import MLP
 from plumb.optim import SGD
@@ -560,7 +561,9 @@ class FusedStep:
     probes measure (``plumb.probes``: outputs, their gradients, weight-layer inputs,
     parameters, gradients and updates); ``layout`` says how to read it."""
 
-    def __init__(self, model: MLP, optimizer: Any, *, compile: bool = True):
+    def __init__(
+        self, model: MLP, optimizer: Any, *, compile: bool = True, native: bool | None = None
+    ):
         reason = supports(model, optimizer)
         if reason is not None:
             raise ValueError(f"the fused engine does not apply: {reason}")
@@ -603,6 +606,10 @@ class FusedStep:
         self.compile_seconds = 0.0  # first calls of the compiled variants (compile time)
         self.marker: Any = None  # a file to write once compiled (``train.compile_marker``)
         self._first = {"step", "record", "hist"}
+        # the plain step in C where it can run (plumb.cstep): by default with ``compile``
+        # (``compile=False`` runs the Python function, for tests); ``native=False``: never
+        use = compile if native is None else native
+        self.native = NativeStep(self) if use and NativeStep.usable(self) else None
 
     # ----- the step, with and without measurements ---------------------------------------
     def _update(self, params, grads, opt, lr, ok) -> None:
@@ -650,6 +657,40 @@ class FusedStep:
                 smap = self.plan.satmap(groups)
                 hist = (counts, torch.stack([lo, hi], 1), smap)
         return loss, ok, values, masks, hist
+
+    def _native_record(
+        self, X: Tensor, Y: Tensor, lr: float, histograms: bool
+    ) -> tuple[Tensor, Tensor, Measured] | None:
+        """``record`` with the step in C (``plumb.cstep``): the step keeps every tensor
+        the probes measure in its workspace and the parameters' values before the
+        update; their statistics and histogram counts are plumb.native's (the kernel the
+        Monitor uses on any model), read where the tensors lie. None: the graph runs."""
+        done = self.native(X, Y, lr, measure=True)
+        if done is None:
+            return None
+        loss, ok = done
+        work = self.native.work
+        tensors = work.measured(self.specs, self.params, self.model.config.block_size)
+        prev = {n: [work.prev[k] for k in ks] for n, ks in self._prev_params.items()}
+        values, units, groups, _ = self.plan.row_values(
+            tensors, prev, stacks=histograms, native_rows=True
+        )
+        stats = RowStats(
+            list(self.plan.keys),
+            values,
+            [(r, m) for r, (_, m) in zip(self._unit_rows, units, strict=True)],
+        )
+        measured = Measured(self.plan, [stats], [], **self._static)
+        if histograms:
+            at = torch.tensor(self._hist_at)
+            lo, hi = values[at, Stat.MIN].float(), values[at, Stat.MAX].float()
+            rows = self._hist_rows
+            measured.counts = self.plan.count(
+                groups, rows, list(range(len(rows))), lo, hi, len(rows)
+            )
+            measured.ranges, measured.smap = torch.stack([lo, hi], 1), self.plan.satmap(groups)
+            measured.hist_keys = list(self._hist_keys)
+        return loss, ok, measured
 
     def _prepare(self, batch: int, bins: int, saturation_layer: str | None) -> None:
         """The rows a record step measures (forward order: each layer's output and its
@@ -739,6 +780,10 @@ class FusedStep:
         return out
 
     def __call__(self, X: Tensor, Y: Tensor, lr: float) -> tuple[Tensor, Tensor]:
+        if self.native is not None:
+            done = self.native(X, Y, lr)
+            if done is not None:
+                return done
         loss, ok = self._timed("step", self._step, *self._args(X, Y, lr))
         self._sync_steps()
         return loss, ok
@@ -757,6 +802,10 @@ class FusedStep:
         with ``histograms``, the stacked values that histograms are counted from)."""
         if self._prepared != (X.shape[0], bins, saturation_layer):
             self._prepare(X.shape[0], bins, saturation_layer)
+        if self.native is not None:
+            done = self._native_record(X, Y, lr, histograms)
+            if done is not None:
+                return done
         variant = ("hist", self._record_hist) if histograms else ("record", self._record)
         loss, ok, values, masks, hist = self._timed(*variant, *self._args(X, Y, lr))
         self._sync_steps()

@@ -36,7 +36,11 @@ TUNED = ("-march=native",)  # dropped when the compiler refuses it
 
 _fn = None  # plumb_row_stats
 _hist = None  # plumb_histograms
+_step = None  # plumb_mlp_step (mlpstep.c), with torch's sgemm in ``_sgemm``
+_act = None  # plumb_activation (mlpstep.c's activations alone, for tests)
+_sgemm: int | None = None
 _tried = False
+SOURCES = ("rowstats.c", "mlpstep.c")
 
 
 def _compilers() -> list[str]:
@@ -46,39 +50,51 @@ def _compilers() -> list[str]:
 
 
 def _load():
-    """The compiled ``plumb_row_stats`` (``plumb_histograms`` beside it in ``_hist``), or
-    None (no compiler, a failed build, disabled)."""
-    global _fn, _hist, _tried
+    """The compiled ``plumb_row_stats`` (``plumb_histograms`` and ``plumb_mlp_step``
+    beside it in ``_hist``, ``_step``), or None (no compiler, a failed build, disabled)."""
+    global _fn, _hist, _step, _act, _tried
     if _tried:
         return _fn
     _tried = True
     if os.environ.get("PLUMB_NATIVE", "1") == "0":
         return None
-    source = resources.files("plumb").joinpath("rowstats.c").read_text()
     out = tempfile.mkdtemp(prefix="plumb-native-")
     atexit.register(shutil.rmtree, out, True)
-    src, lib = os.path.join(out, "rowstats.c"), os.path.join(out, "rowstats.so")
-    with open(src, "w") as f:
-        f.write(source)
+    srcs = []
+    for name in SOURCES:
+        srcs.append(os.path.join(out, name))
+        with open(srcs[-1], "w") as f:
+            f.write(resources.files("plumb").joinpath(name).read_text())
+    lib = os.path.join(out, "plumb_native.so")
     for cc in _compilers():
         for flags in (FLAGS + TUNED, FLAGS):
             try:
                 done = subprocess.run(
-                    [cc, *flags, "-o", lib, src], capture_output=True, timeout=120
+                    [cc, *flags, "-o", lib, *srcs, "-lm"], capture_output=True, timeout=120
                 )
             except (OSError, subprocess.SubprocessError):
                 break
             if done.returncode == 0:
                 try:
                     so = ctypes.CDLL(lib)
-                    fn, hist = so.plumb_row_stats, so.plumb_histograms
+                    fn, hist, step = so.plumb_row_stats, so.plumb_histograms, so.plumb_mlp_step
                 except (OSError, AttributeError):
                     continue
                 fn.restype = hist.restype = None
                 fn.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 4
                 hist.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 5
                 hist.argtypes += [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
-                _fn, _hist = fn, hist
+                step.restype = ctypes.c_int
+                step.argtypes = [ctypes.c_void_p] * 3 + [
+                    ctypes.c_float,
+                    ctypes.c_int64,
+                    ctypes.c_void_p,
+                ]
+                act = so.plumb_activation
+                act.restype = None
+                act.argtypes = [ctypes.c_int64, ctypes.c_float] + [ctypes.c_void_p] * 2
+                act.argtypes += [ctypes.c_int64]
+                _fn, _hist, _step, _act = fn, hist, step, act
                 return _fn
     return None
 
@@ -86,6 +102,41 @@ def _load():
 def available() -> bool:
     """True when the native statistics can run (compiled on the first call)."""
     return _load() is not None
+
+
+def sgemm() -> int | None:
+    """The address of the Fortran ``sgemm_`` of the BLAS that torch's CPU library calls
+    (MKL in x86 wheels, OpenBLAS in ARM ones), checked on one product against torch's,
+    or None: no such symbol, a product that disagrees, or plumb.native unavailable."""
+    global _sgemm
+    if _sgemm is not None or _load() is None:
+        return _sgemm or None
+    _sgemm = 0
+    lib_dir = os.path.join(os.path.dirname(torch.__file__), "lib")
+    for name in sorted(os.listdir(lib_dir)) if os.path.isdir(lib_dir) else []:
+        if not name.startswith(("libtorch_cpu.", "torch_cpu.")):
+            continue
+        try:
+            addr = ctypes.cast(ctypes.CDLL(os.path.join(lib_dir, name)).sgemm_, ctypes.c_void_p)
+        except (OSError, AttributeError):
+            continue
+        if addr.value and _sgemm_agrees(addr.value):
+            _sgemm = addr.value
+            break
+    return _sgemm or None
+
+
+def _sgemm_agrees(addr: int) -> bool:
+    """C = A B for a (3, 5) x (5, 4) product through ``addr``, against torch's."""
+    fn = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 13))(addr)
+    g = torch.Generator().manual_seed(0)
+    a, b, c = torch.randn(3, 5, generator=g), torch.randn(5, 4, generator=g), torch.zeros(3, 4)
+    dims = [ctypes.c_int64(v) for v in (4, 3, 5)]  # N, M, K (column-major C^T = B^T A^T)
+    one, zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
+    ref = ctypes.byref
+    fn(b"N", b"N", ref(dims[0]), ref(dims[1]), ref(dims[2]), ref(one), b.data_ptr(),
+       ref(dims[0]), a.data_ptr(), ref(dims[2]), ref(zero), c.data_ptr(), ref(dims[0]))  # fmt: skip
+    return bool(torch.allclose(c, a @ b, rtol=1e-5, atol=1e-5))
 
 
 def _check(ts: list[Tensor]) -> None:
