@@ -9,7 +9,8 @@ Three models, each with its usual recipe, same process, CPU, 1 thread:
                    Adam 3e-3
 
 lecture-deep runs twice: under the eager engine (autograd and hooks) and under the fused
-engine (plumb.fused: a record step measures the same statistics inside its compiled graph).
+engine (plumb.fused: on the CPU its step in C, which keeps what a record step measures;
+plumb.native takes the statistics).
 
 Configurations:
 
@@ -100,7 +101,7 @@ MODELS = {"lecture-deep": lecture_deep, "gpt": gpt, "lstm": lstm}
 
 
 def make_fused(build, mode):
-    """The fused engine's step; with a Monitor, its record steps measure in the graph."""
+    """The fused engine's step; with a Monitor, its record steps measure for themselves."""
     model, opt, batch, _ = build()
     engine = FusedEngine(model, opt)
     mon = Monitor(model, report=False, **mode) if isinstance(mode, dict) else None

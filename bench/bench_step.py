@@ -3,8 +3,10 @@
 Same process, CPU, 1 thread, the full step (forward, cross-entropy, backward, SGD update):
 
     plumb eager     plumb.nn layers under autograd (the notebook's ops), plumb's SGD
-    plumb fused     plumb.fused: forward, hand-written backward and update as one
-                    torch.compile'd graph
+    plumb fused     plumb.fused: forward, hand-written backward and update, on the CPU
+                    as one call of its step in C (plumb.cstep: torch's sgemm, loops)
+    plumb fused graph  the same step as one torch.compile'd graph (what CUDA runs, and
+                    the CPU without a C compiler)
     torch.nn eager  the same architecture from torch.nn (fused BatchNorm kernels),
                     torch.optim.SGD
     torch.nn compiled  that model under torch.compile (the forward; autograd backward)
@@ -147,8 +149,8 @@ def steps_for(X, Y, vocab: int, block: int, batch: int, n_hidden: int, which: li
         if name.startswith("plumb"):
             model = MLP(cfg, torch.Generator().manual_seed(1))
             opt = SGD(model.parameters(), lr=0.1)
-            if name == "plumb fused":
-                fused = FusedStep(model, opt)
+            if name.startswith("plumb fused"):  # on this CPU the step in C; or the graph
+                fused = FusedStep(model, opt, native=None if name == "plumb fused" else False)
 
                 def step(fused=fused, draw=draw):
                     x, y = draw()
@@ -201,7 +203,7 @@ def interleaved(steps: dict, rounds: int, n: int, block: int = 50) -> dict[str, 
     return {k: statistics.median(v) for k, v in per.items()}
 
 
-ALL = ["plumb eager", "plumb fused", "torch.nn eager", "torch.nn compiled"]
+ALL = ["plumb eager", "plumb fused", "plumb fused graph", "torch.nn eager", "torch.nn compiled"]
 
 
 def main() -> None:
@@ -225,6 +227,7 @@ def main() -> None:
         print(f"  {k:<18} {us:8.1f} us/step   (first call {steps[k][1]:5.1f} s)")
     ratios = {
         "fused / torch.nn eager": (med["plumb fused"] / med["torch.nn eager"], 0.5),
+        "fused graph / torch.nn eager": (med["plumb fused graph"] / med["torch.nn eager"], 0.5),
         "fused / torch.nn compiled": (med["plumb fused"] / med["torch.nn compiled"], 0.7),
         "plumb eager / torch.nn eager": (med["plumb eager"] / med["torch.nn eager"], 1.15),
     }

@@ -272,7 +272,17 @@ def test_lock_refuses_a_second_run_and_takes_over_a_stale_one(tmp_path, capsys):
 
 def test_two_processes_on_one_directory(tmp_path):
     out = tmp_path / "r"
-    argv = ["train", *SMALL, *QUIET, "--no-probes", "--steps", "4000", "--checkpoint-every", "50"]
+    # long enough to still run when the second starts (SIGTERM ends it): ~0.1 ms a step
+    argv = [
+        "train",
+        *SMALL,
+        *QUIET,
+        "--no-probes",
+        "--steps",
+        "1000000",
+        "--checkpoint-every",
+        "500",
+    ]
     first = subprocess.Popen(plumb_cmd(*argv, "--out", str(out)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         _wait_for_checkpoint(out, first)

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 import plumb
+import plumb.cstep
 from plumb import native
 from plumb import nn as pnn
 from plumb.cstep import NativeStep
@@ -164,11 +165,19 @@ def test_a_non_finite_step_updates_nothing(native_step):
         assert torch.equal(p, q)
 
 
-def test_engine_selection_and_fallback():
+def test_engine_selection_and_fallback(monkeypatch):
+    """auto takes the fused engine for any run when its step runs in C (nothing to
+    compile), else only runs long enough to pay for the compile; outside the family the
+    eager engine, saying why."""
     cfg = ModelConfig(n_layers=1, n_hidden=8, n_embd=2)
     model = MLP(cfg, torch.Generator().manual_seed(0))
     sgd = SGD(model.parameters(), lr=0.1)
     long = TrainConfig(steps=50_000)
+    if native.available() and native.sgemm():
+        engine, why = select_engine("auto", model, sgd, TrainConfig(steps=500))
+        assert engine.name == "fused" and "nothing to compile" in why
+        assert engine.step.native is not None
+    monkeypatch.setattr(plumb.cstep, "usable", lambda params, buffers: False)
     assert select_engine("auto", model, sgd, long)[0].name == "fused"
     engine, why = select_engine("auto", model, sgd, TrainConfig(steps=500))
     assert engine.name == "eager" and "500 steps" in why
@@ -486,6 +495,10 @@ def test_native_record_step_measures_what_the_python_step_measures(norm, activat
     assert a.hist_keys == b.hist_keys and a.counts.shape == b.counts.shape
     assert torch.equal(a.counts.sum(1), b.counts.sum(1))
     assert ((a.counts - b.counts).abs().sum(1) <= 0.01 * a.counts.sum(1) + 2).all()
+    # the logits and their gradient, for the doctor (no hooks see them in this engine)
+    assert a.output.shape == b.output.shape == (24, cfg.vocab_size)
+    torch.testing.assert_close(b.output, a.output, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(b.output_grad, a.output_grad, rtol=1e-4, atol=1e-7)
     assert (a.smap is None) == (b.smap is None)
     if a.smap is not None:
         assert (a.smap - b.smap).abs().max() <= 1 / 20  # one unit of 20 across the threshold

@@ -182,10 +182,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--engine",
         choices=("auto", "eager", "fused"),
-        help="auto (default): the fused engine (compiled whole step, hand-written backward) "
-        "for plumb's MLP when the run is long enough to pay for the compile (~34,000 steps "
-        "cold, ~3,000 with a cached compile), else eager; eager: autograd, bit-exact "
-        "with the notebook",
+        help="auto (default): the fused engine (whole step with a hand-written backward) "
+        "for plumb's MLP: on the CPU its step in C, nothing to compile; else compiled, when "
+        "the run is long enough to pay for the compile (~34,000 steps cold, ~3,000 "
+        "cached); else eager; eager: autograd, bit-exact with the notebook",
     )
     g.add_argument(
         "--print-every", type=int, help="print the loss every N steps with --no-progress (10000)"

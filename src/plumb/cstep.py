@@ -162,6 +162,25 @@ class Workspace:
         return True
 
 
+def usable(params: list[Tensor], buffers: list[Tensor]) -> bool:
+    """The step can run in C: float32 CPU parameters and buffers, plumb.native built,
+    torch's sgemm found."""
+    if not all(_ok(t) for t in (*params, *buffers)):
+        return False
+    return native.available() and native.sgemm() is not None
+
+
+def runs_at(specs: list[Any], params: list[Tensor], B: int) -> bool:
+    """Whether batches of ``B`` run in C: with at most 2 torch threads (measured on this
+    2-core machine, ``bench_step.py --scaling``: the C step at most as slow as the graph
+    at every size, 0.58x at lecture-deep's, 0.95-0.99x from 512 x 320 up, at 2 threads),
+    else only while every block's values are at most MAX_VALUES: the C step's loops
+    outside the matmuls use one thread, and with many threads on large blocks the
+    graph's threaded kernels would win."""
+    widest = max(params[s.weight].shape[1] for s in specs)
+    return torch.get_num_threads() <= 2 or B * widest <= MAX_VALUES
+
+
 class NativeStep:
     """``step(X, Y, lr, measure=False) -> (loss, ok)``: a ``FusedStep``'s step in C, on
     its specs, flat parameter and buffer lists and optimizer settings. ``ok`` False: a
@@ -178,21 +197,12 @@ class NativeStep:
 
     @staticmethod
     def usable(fused: Any) -> bool:
-        """The step can run in C: float32 CPU parameters and buffers, plumb.native built,
-        torch's sgemm found."""
-        if not all(_ok(t) for t in (*fused.params, *fused.buffers)):
-            return False
-        return native.available() and native.sgemm() is not None
+        """The step of ``fused`` (a FusedStep) can run in C (``usable``)."""
+        return usable(fused.params, fused.buffers)
 
     def runs_at(self, B: int) -> bool:
-        """Whether batches of ``B`` run here: with at most 2 torch threads (measured on
-        this 2-core machine, ``bench_step.py --scaling``: the C step at most as slow as
-        the graph at every size, 0.58x at lecture-deep's, 0.95-0.99x from 512 x 320 up,
-        at 2 threads), else only while every block's values are at most MAX_VALUES: the
-        C step's loops outside the matmuls use one thread, and with many threads on
-        large blocks the graph's threaded kernels would win."""
-        widest = max(self.params[s.weight].shape[1] for s in self.specs)
-        return torch.get_num_threads() <= 2 or B * widest <= MAX_VALUES
+        """Whether batches of ``B`` run here (``runs_at``)."""
+        return runs_at(self.specs, self.params, B)
 
     def _state_ok(self, work: Workspace) -> bool:
         if not self.adamw:

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from plumb import cstep
 from plumb import nn as pnn
 from plumb.cstep import NativeStep
 from plumb.kinds import layer_kind
@@ -369,6 +370,14 @@ def supports(model: nn.Module, optimizer: Any) -> str | None:
     return None
 
 
+def runs_in_c(model: MLP, batch: int) -> bool:
+    """Whether a FusedStep of ``model`` would run batches of ``batch`` as its step in C
+    (``plumb.cstep``), nothing compiled: CPU float32, plumb.native built, torch's sgemm
+    found, and ``cstep.runs_at``."""
+    specs, params, buffers, _ = build_spec(model)
+    return cstep.usable(params, buffers) and cstep.runs_at(specs, params, batch)
+
+
 def build_spec(model: MLP) -> tuple[list[LayerSpec], list[Tensor], list[Tensor], list[str]]:
     """The blocks of ``model`` (Linear [-> norm] [-> activation]) as specs over flat lists
     of its parameters and buffers (the model's own tensors: the step updates them in
@@ -656,7 +665,8 @@ class FusedStep:
                     counts = self.plan.count(groups, rows, slots, lo, hi, len(rows))
                 smap = self.plan.satmap(groups)
                 hist = (counts, torch.stack([lo, hi], 1), smap)
-        return loss, ok, values, masks, hist
+        _, logits, dlogits = ps.outputs[-1]
+        return loss, ok, values, masks, hist, (logits, dlogits)
 
     def _native_record(
         self, X: Tensor, Y: Tensor, lr: float, histograms: bool
@@ -681,6 +691,8 @@ class FusedStep:
             [(r, m) for r, (_, m) in zip(self._unit_rows, units, strict=True)],
         )
         measured = Measured(self.plan, [stats], [], **self._static)
+        last = work.blocks[-1]  # the logits and their gradient (kept until the next step)
+        measured.output, measured.output_grad = last["a"], last["da"]
         if histograms:
             at = torch.tensor(self._hist_at)
             lo, hi = values[at, Stat.MIN].float(), values[at, Stat.MAX].float()
@@ -807,12 +819,13 @@ class FusedStep:
             if done is not None:
                 return done
         variant = ("hist", self._record_hist) if histograms else ("record", self._record)
-        loss, ok, values, masks, hist = self._timed(*variant, *self._args(X, Y, lr))
+        loss, ok, values, masks, hist, out = self._timed(*variant, *self._args(X, Y, lr))
         self._sync_steps()
         stats = RowStats(
             list(self.plan.keys), values, list(zip(self._unit_rows, masks, strict=True))
         )
         measured = Measured(self.plan, [stats], [], **self._static)
+        measured.output, measured.output_grad = out
         if hist:
             counts, measured.ranges, measured.smap = hist
             if self._count_outside:  # the graph returned each value's bin

@@ -33,7 +33,7 @@ from plumb import nn as pnn
 from plumb.data import Dataset, Split
 from plumb.dist import GlobalStep, sync_batchnorm, world
 from plumb.errors import PlumbError
-from plumb.fused import FusedStep, supports
+from plumb.fused import FusedStep, runs_in_c, supports
 from plumb.memory import reuse_freed_memory
 from plumb.models import LECTURE_SEED
 from plumb.optim import SGD, WeightAverage
@@ -418,9 +418,10 @@ def select_engine(
     name: str, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig
 ) -> tuple[Any, str]:
     """(engine, why): ``eager`` (autograd; bit-exact with the notebook), ``fused`` (the
-    compiled whole step, when the configuration is in its family; else eager, saying
-    why) or ``auto`` (fused in its family when the run is long enough to pay for the
-    compile: ``auto_choice``; not under ``--compile``)."""
+    whole step in C on the CPU or compiled, when the configuration is in its family;
+    else eager, saying why) or ``auto`` (fused in its family when its step runs in C,
+    else when the run is long enough to pay for the compile: ``auto_choice``; not under
+    ``--compile``)."""
     if name not in ENGINES:
         raise PlumbError(f"engine must be one of {', '.join(ENGINES)}; got {name!r}")
     _, size = world()
@@ -438,15 +439,19 @@ def select_engine(
         reason = "the run updates through non-finite steps (on_nonfinite=continue)"
     if reason is None and name == "auto" and cfg.compile:
         reason = "--compile asks for torch.compile of the model (the eager engine's)"
-    marker = compile_marker(model, optimizer, cfg) if reason is None else None
+    if reason is not None:
+        return eager, f"eager engine (autograd): the fused engine does not apply: {reason}"
+    if runs_in_c(model, cfg.batch_size):  # nothing to compile
+        why = ", chosen by auto: its step runs in C, nothing to compile" if name == "auto" else ""
+        engine = FusedEngine(model, optimizer)
+        return engine, "fused engine (forward, hand-written backward and update in C)" + why
+    marker = compile_marker(model, optimizer, cfg)
     warm = marker is not None and marker.is_file()
     why = ""
-    if reason is None and name == "auto":
+    if name == "auto":
         fused, why = auto_choice(cfg.steps, warm)
         if not fused:
             return eager, f"eager engine (autograd), chosen by auto: {why}"
-    if reason is not None:
-        return eager, f"eager engine (autograd): the fused engine does not apply: {reason}"
     engine = FusedEngine(model, optimizer)
     engine.step.marker = marker
     expect = (

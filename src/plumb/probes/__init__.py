@@ -395,6 +395,9 @@ class Probes(Capture):
         else:
             self._losses.append(torch.tensor(float(loss)))
         if measured is not None and self._is_record(self.step_count):
+            if self.output is None and measured.output is not None:  # as _first_output
+                self.output = measured.output.detach().float().cpu().clone()
+                self.output_grad = measured.output_grad.detach().float().cpu().clone()
             self.snapshots.append(self._snapshot(self.step_count, measured))
         elif self._armed:
             skipped = self._skipped()

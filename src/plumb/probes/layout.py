@@ -56,6 +56,9 @@ class Measured:
     counts: Tensor | None = None
     ranges: Tensor | None = None
     hist_keys: list[tuple[str, str]] | None = None
+    # the model's output (logits) and its gradient, from an engine without hooks
+    output: Tensor | None = None
+    output_grad: Tensor | None = None
 
 
 PARAM_SECTIONS = ("param", "param_grad", "param_update")
