@@ -397,7 +397,7 @@ def test_native_step_is_as_accurate_as_the_graph(c, B, seed, optimizer):
 def test_native_activations_are_within_a_few_ulp(act, slope):
     """mlpstep.c's tanh, sigmoid, relu and leaky relu on a dense grid over [-30, 30] and on
     inf, -inf, NaN, 0, -0 and subnormals, against float64: within 8 ulp of the float32
-    result or 1e-7 absolute (tanh is ~4 ulp at worst by its construction, exp ~2); NaN
+    result or 1e-7 absolute (tanh's rational approximation is within 7 ulp, exp ~2); NaN
     stays NaN, the infinities go to the limits."""
     y = torch.cat(
         [

@@ -50,9 +50,17 @@ class _Param(ctypes.Structure):
 class _Net(ctypes.Structure):
     _fields_ = [(n, ctypes.c_int64) for n in ("B", "T", "E", "V", "n_layers", "n_params")]
     _fields_ += [("adamw", ctypes.c_int64)]
-    _fields_ += [(n, _P) for n in ("C", "dC", "emb", "layers", "params", "steps")]
+    _fields_ += [(n, _P) for n in ("C", "dC", "emb", "layers", "params", "steps", "ids", "targets")]
     _fields_ += [(n, ctypes.c_float) for n in ("beta1", "beta2", "adam_eps", "weight_decay")]
     _fields_ += [("sgemm", _P)]
+
+
+def _ids(t: Tensor) -> Tensor:
+    """``t`` as the C step reads ids: uint8 or int64, contiguous (as plumb's datasets keep
+    them: no copy), else an int64 copy."""
+    if t.dtype in (torch.uint8, torch.int64) and t.is_contiguous():
+        return t
+    return t.long().contiguous()
 
 
 def _ok(t: Tensor) -> bool:
@@ -121,6 +129,9 @@ class Workspace:
         net.layers = ctypes.addressof(self._layers)
         net.params = ctypes.addressof(self._params)
         net.steps = ctypes.addressof(self._steps)
+        self.ids = torch.zeros(B, step.block_size, dtype=torch.int64)
+        self.targets = torch.zeros(B, dtype=torch.int64)
+        net.ids, net.targets = self.ids.data_ptr(), self.targets.data_ptr()
         if step.adamw:
             net.beta1, net.beta2, net.adam_eps, net.weight_decay = step.hyper
         else:
@@ -229,12 +240,14 @@ class NativeStep:
             return None
         if not work.runs:
             return None
-        ids = X if X.dtype is torch.int64 and X.is_contiguous() else X.long().contiguous()
-        tgt = Y if Y.dtype is torch.int64 and Y.is_contiguous() else Y.long().contiguous()
+        ids, tgt = _ids(X), _ids(Y)
         if not ids.is_cpu or ids.shape != (B, self.block_size) or tgt.shape != (B,):
             return None
         loss = torch.empty(())
-        rc = native._step(work.ref, ids.data_ptr(), tgt.data_ptr(), lr, measure, loss.data_ptr())
+        widths = 16 * ids.element_size() + tgt.element_size()
+        rc = native._step(
+            work.ref, ids.data_ptr(), tgt.data_ptr(), widths, lr, measure, loss.data_ptr()
+        )
         if rc < 0:
             what = "an id outside the embedding" if rc == -1 else "a target outside the output"
             raise IndexError(f"the batch holds {what} (index out of range in self)")

@@ -85,11 +85,8 @@ def _load():
                 hist.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 5
                 hist.argtypes += [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
                 step.restype = ctypes.c_int
-                step.argtypes = [ctypes.c_void_p] * 3 + [
-                    ctypes.c_float,
-                    ctypes.c_int64,
-                    ctypes.c_void_p,
-                ]
+                step.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_float]
+                step.argtypes += [ctypes.c_int64, ctypes.c_void_p]
                 act = so.plumb_activation
                 act.restype = None
                 act.argtypes = [ctypes.c_int64, ctypes.c_float] + [ctypes.c_void_p] * 2
