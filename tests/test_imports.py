@@ -79,6 +79,7 @@ def test_the_floors():
     assert edges["plumb.io"] <= {"plumb.errors"}  # the ground floor
     assert not edges["plumb.memory"]
     assert not edges["plumb.native"]  # the C statistics: ground floor, like memory
+    assert edges["plumb.cstep"] <= {"plumb.native"}  # the fused step in C: only its library
     assert edges["plumb.kinds"] <= {"plumb.nn"}  # what a layer is: read by every room
     # process groups know nothing of what is measured (plumb.stats pools over ranks)
     assert not edges["plumb.dist"] & {"plumb.stats", "plumb.probes", "plumb.record"}

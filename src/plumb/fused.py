@@ -1,7 +1,8 @@
 """The fused engine: plumb's MLP trained by one function that holds the forward pass, a
 backward pass written out by hand (the lecture series' next lesson), the BatchNorm
 running-statistics update and the optimizer update, compiled as one graph with
-``torch.compile``.
+``torch.compile``; on the CPU the same step also exists in C (``plumb.cstep``,
+``mlpstep.c``), which runs instead of the graph where it can.
 
 The family it covers (``supports``): ``plumb.models.MLP`` with any norm (batch, layer,
 the lecture's batch norm, none), any activation (tanh, relu, leaky_relu, sigmoid,
@@ -560,7 +561,9 @@ def _own_code(method: Any) -> Any:
 class FusedStep:
     """``step(X, Y, lr) -> (loss, ok)`` for ``model`` and ``optimizer``: the forward, the
     hand-written backward, the running statistics and the update, compiled as one graph
-    (``compile=False``: the same function run eagerly, for tests). ``ok`` is False when
+    (``compile=False``: the same function run eagerly, for tests); on the CPU, where it
+    can, the same step written out in C instead (``plumb.cstep``; ``native=True`` forces
+    it on, ``False`` off, None: with ``compile``). ``ok`` is False when
     the loss or a gradient was not finite: then nothing was updated (the running
     statistics excepted, as in eager mode). Parameters, buffers and the optimizer's
     state are the model's and optimizer's own tensors, updated in place, so evaluation,

@@ -338,8 +338,9 @@ class EagerEngine:
 
 class FusedEngine:
     """A step of the fused engine (``plumb.fused``): forward, hand-written backward,
-    running statistics and update as one compiled graph; on a record step it measures
-    the probes' statistics in the same graph."""
+    running statistics and update as one compiled graph, or on the CPU one call of the
+    same step in C; on a record step it measures the probes' statistics from the tensors
+    the step holds."""
 
     name = "fused"
 
