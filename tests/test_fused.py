@@ -467,15 +467,24 @@ def test_native_record_step_measures_what_the_python_step_measures(norm, activat
     threshold), histograms with the same totals and at most 1 % + 2 values moved."""
     cfg = ModelConfig(n_layers=2, n_hidden=20, n_embd=4, norm=norm, activation=activation)
     X, Y = _batch(cfg, 24, 1)
-    got = {}
+    steps = {}
     for in_c in (False, True):
         m = MLP(cfg, torch.Generator().manual_seed(5))
-        step = FusedStep(m, SGD(m.parameters(), lr=0.1), compile=False, native=in_c)
-        step(X, Y, 0.1)  # a step first: the updates and BatchNorm's buffers move
-        act = f"layers.{activation}1" if activation != "relu" else "layers.relu1"
-        _, _, me = step.record(X, Y, 0.1, bins=16, histograms=True, saturation_layer=act)
-        got[in_c] = me
-    a, b = got[False], got[True]
+        steps[in_c] = FusedStep(m, SGD(m.parameters(), lr=0.1), compile=False, native=in_c)
+        steps[in_c](X, Y, 0.1)  # a step first: the updates and BatchNorm's buffers move
+    act = f"layers.{activation}1" if activation != "relu" else "layers.relu1"
+    # the C step's record builds its native calls once per workspace: a second batch of
+    # the same size must be read anew, and a new batch size gets new buffers and calls
+    for seed, B in ((1, 24), (2, 24), (3, 16)):
+        X, Y = _batch(cfg, B, seed)
+        a, b = (
+            steps[c].record(X, Y, 0.1, bins=16, histograms=True, saturation_layer=act)[2]
+            for c in (False, True)
+        )
+        _same_measurements(a, b, cfg, B)
+
+
+def _same_measurements(a, b, cfg, B):
     sa, sb = a.stats[0], b.stats[0]
     assert sa.keys == sb.keys and len(sa.keys) > 30
     va, vb = sa.values, sb.values
@@ -495,7 +504,7 @@ def test_native_record_step_measures_what_the_python_step_measures(norm, activat
     assert torch.equal(a.counts.sum(1), b.counts.sum(1))
     assert ((a.counts - b.counts).abs().sum(1) <= 0.01 * a.counts.sum(1) + 2).all()
     # the logits and their gradient, for the doctor (no hooks see them in this engine)
-    assert a.output.shape == b.output.shape == (24, cfg.vocab_size)
+    assert a.output.shape == b.output.shape == (B, cfg.vocab_size)
     torch.testing.assert_close(b.output, a.output, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(b.output_grad, a.output_grad, rtol=1e-4, atol=1e-7)
     assert (a.smap is None) == (b.smap is None)

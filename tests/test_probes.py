@@ -592,6 +592,48 @@ def test_native_statistics_of_awkward_tensors(n):
     assert torch.equal(counts, want) and counts.sum().item() == 4 * n
 
 
+@pytest.mark.parametrize("kind", ["tanh", "sigmoid", "relu", "leaky_relu"])
+@pytest.mark.parametrize("shape", [(7,), (32, 100), (4, 5, 6), (3, 4, 5, 6)])
+def test_native_off_counts_are_the_off_masks(kind, shape):
+    """plumb.native's off kernel counts the values ``off_mask`` marks, with its float32
+    comparisons at the threshold (values one ulp either side of it, +-0, subnormals,
+    NaN, infinities), and per unit (``unit_dim``'s layout) whether every example is off:
+    the numbers ``_KindGroup.off`` takes from torch."""
+    from plumb.stats import _OFF_THRESHOLD, off_mask, unit_dim
+
+    if not native.available():
+        pytest.skip("no C compiler here: plumb.stats keeps torch's reductions")
+    t = torch.tensor(_OFF_THRESHOLD.get(kind, 0.0), dtype=torch.float32)
+    edge = [t, -t, 0.5 + t, 0.5 - t, torch.tensor(0.0), torch.tensor(-0.0), torch.tensor(1e-40)]
+    edge += [torch.tensor(-1e-40), torch.tensor(float("nan"))]
+    edge += [torch.tensor(float("inf")), torch.tensor(float("-inf"))]
+    near = [torch.nextafter(e.float(), torch.tensor(d)) for e in edge for d in (-1.0, 1.0)]
+    pool = torch.stack([e.float() for e in edge] + near)
+    g = torch.Generator().manual_seed(len(shape) * 10 + len(kind))
+    x = torch.where(
+        torch.rand(shape, generator=g) < 0.5,
+        pool[torch.randint(0, len(pool), shape, generator=g)],
+        torch.randn(shape, generator=g) * 2,
+    )
+    ud = unit_dim(kind, len(shape))
+    if ud is not None:  # one unit off for every example
+        x.select(ud, 0).fill_(-1.0 if kind not in ("tanh", "sigmoid") else 1.0)
+    units = 0 if ud is None else shape[ud]
+    inner = 1 if ud is None else math.prod(shape[ud + 1 :])
+    rows = native.Rows(
+        [], [], [(x, kind, float(t), units, inner), (x * 0 - 1, kind, float(t), 0, 1)]
+    )
+    counts, all_off = rows.off()
+    mask = off_mask(kind, x)
+    assert counts.tolist() == [mask.sum().item(), off_mask(kind, x * 0 - 1).sum().item()]
+    if ud is None:
+        assert all_off.size == 0
+    else:
+        want = mask.movedim(ud, -1).reshape(-1, units).all(0).double()
+        assert all_off.tolist() == want.tolist() and all_off[0] == 1.0
+    assert 0 < counts[0] < x.numel()
+
+
 def test_summarize_gives_each_rows_definitions_including_the_edge_cases():
     """The host's statistics, computed for all rows at once, equal each row's
     definitions: std = sqrt(M2 / (n - 1)) (0 for one value, NaN for none or a NaN M2),

@@ -38,6 +38,7 @@ _fn = None  # plumb_row_stats
 _hist = None  # plumb_histograms
 _step = None  # plumb_mlp_step (mlpstep.c), with torch's sgemm in ``_sgemm``
 _act = None  # plumb_activation (mlpstep.c's activations alone, for tests)
+_off = None  # plumb_off_counts
 _sgemm: int | None = None
 _tried = False
 SOURCES = ("rowstats.c", "mlpstep.c")
@@ -52,7 +53,7 @@ def _compilers() -> list[str]:
 def _load():
     """The compiled ``plumb_row_stats`` (``plumb_histograms`` and ``plumb_mlp_step``
     beside it in ``_hist``, ``_step``), or None (no compiler, a failed build, disabled)."""
-    global _fn, _hist, _step, _act, _tried
+    global _fn, _hist, _step, _act, _off, _tried
     if _tried:
         return _fn
     _tried = True
@@ -91,7 +92,10 @@ def _load():
                 act.restype = None
                 act.argtypes = [ctypes.c_int64, ctypes.c_float] + [ctypes.c_void_p] * 2
                 act.argtypes += [ctypes.c_int64]
-                _fn, _hist, _step, _act = fn, hist, step, act
+                off = so.plumb_off_counts
+                off.restype = None
+                off.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 9
+                _fn, _hist, _step, _act, _off = fn, hist, step, act, off
                 return _fn
     return None
 
@@ -148,46 +152,104 @@ def row_stats(xs: list[Tensor], bs: list[Tensor | None]) -> Tensor:
     NaN. Tensors: float32, contiguous, on the CPU (``bs[i]`` the shape of ``xs[i]``).
     Within rowstats.c's bounds of the exact values: the mean within 8 u (max - min), M2
     within 10 u of sum (v - m)^2 (m: the mean in float32), u = 2^-24."""
-    fn = _load()
-    if fn is None:
-        raise RuntimeError("plumb.native is not available (see plumb.native.available)")
-    n = len(xs)
-    if len(bs) != n:
-        raise ValueError("plumb.native.row_stats: one bs[i] (or None) per xs[i]")
-    # The same values twice (a layer's input is the layer before's output) are read once:
-    # equal (pointer, length) without ``b`` give equal rows, bit for bit.
-    ptrs, lens, bps, where = [], [], [], []
-    first: dict[tuple[int, int], int] = {}
-    f32 = torch.float32
-    for x, b in zip(xs, bs, strict=True):
-        if x.dtype is not f32 or not x.is_cpu or not x.is_contiguous():
-            _check([x])  # raises
-        k = (x.data_ptr(), x.numel())
-        j = first.get(k) if b is None else None
-        if j is None:
-            if b is not None:
-                _check([b])
-                if b.numel() != k[1]:
-                    raise ValueError(
-                        "plumb.native.row_stats: bs[i] must be None or the size of xs[i]"
-                    )
-            j = len(ptrs)
-            ptrs.append(k[0])
-            lens.append(k[1])
-            bps.append(b.data_ptr() if b is not None else None)
-            if b is None:
-                first[k] = j
-        where.append(j)
-    m = len(ptrs)
-    out = np.empty((m, 4), dtype=np.float64)
-    fn(
-        m,
-        (ctypes.c_void_p * m)(*ptrs),
-        (ctypes.c_void_p * m)(*bps),
-        (ctypes.c_int64 * m)(*lens),
-        out.ctypes.data,
-    )
-    return torch.from_numpy(out if m == n else out[where])
+    return torch.from_numpy(Rows(xs, bs).stats())
+
+
+#: ``plumb_off_counts``' kinds: tanh |v| > t, sigmoid |v - 0.5| > t, else (a rectifier) v <= 0
+OFF_KINDS = {"tanh": 1, "sigmoid": 2}
+
+
+class Rows:
+    """``row_stats`` of fixed tensors, and the off counts of some (``plumb_off_counts``),
+    with the call's arguments built once: ``stats()`` and ``off()`` read the values the
+    tensors hold at the call. A record step that measures the same buffers every time
+    (``plumb.fused``'s step in C) builds one and keeps it: ~80 tensors' arguments cost
+    more Python than the kernel takes to read them. Holds the tensors (their memory stays
+    valid while it lives).
+
+    ``offs``: (tensor, kind, threshold, units, inner) per output whose values are counted
+    off (``plumb.stats.off_mask``: kind "tanh" |v| > threshold, "sigmoid" |v - 0.5| >
+    threshold, else v <= 0, in float32), laid out (outer, units, inner); units 0: no
+    per-unit masks."""
+
+    def __init__(
+        self,
+        xs: list[Tensor],
+        bs: list[Tensor | None],
+        offs: list[tuple[Tensor, str, float, int, int]] = (),  # type: ignore[assignment]
+    ):
+        if _load() is None:
+            raise RuntimeError("plumb.native is not available (see plumb.native.available)")
+        if len(bs) != len(xs):
+            raise ValueError("plumb.native.row_stats: one bs[i] (or None) per xs[i]")
+        # The same values twice (a layer's input is the layer before's output) are read
+        # once: equal (pointer, length) without ``b`` give equal rows, bit for bit.
+        ptrs, lens, bps, where = [], [], [], []
+        first: dict[tuple[int, int], int] = {}
+        f32 = torch.float32
+        for x, b in zip(xs, bs, strict=True):
+            if x.dtype is not f32 or not x.is_cpu or not x.is_contiguous():
+                _check([x])  # raises
+            k = (x.data_ptr(), x.numel())
+            j = first.get(k) if b is None else None
+            if j is None:
+                if b is not None:
+                    _check([b])
+                    if b.numel() != k[1]:
+                        raise ValueError(
+                            "plumb.native.row_stats: bs[i] must be None or the size of xs[i]"
+                        )
+                j = len(ptrs)
+                ptrs.append(k[0])
+                lens.append(k[1])
+                bps.append(b.data_ptr() if b is not None else None)
+                if b is None:
+                    first[k] = j
+            where.append(j)
+        m = len(ptrs)
+        self._keep = (list(xs), list(bs), [o[0] for o in offs])
+        self.n, self._m = len(xs), m
+        self._where = None if m == len(xs) else np.asarray(where)
+        self._args = (
+            m,
+            (ctypes.c_void_p * m)(*ptrs),
+            (ctypes.c_void_p * m)(*bps),
+            (ctypes.c_int64 * m)(*lens),
+        )
+        _check([o[0] for o in offs])
+        units = [int(o[3]) for o in offs]
+        for t, _, _, u, inner in offs:
+            if u < 0 or inner < 1 or (u > 0 and t.numel() % (u * inner)):
+                raise ValueError("plumb.native.Rows: an off tensor is not (outer, units, inner)")
+        k = len(offs)
+        self.units = units  # per off tensor
+        self.n_off, self.n_units = k, sum(units)
+        self._off_args = (
+            k,
+            (ctypes.c_void_p * k)(*[o[0].data_ptr() for o in offs]),
+            (ctypes.c_int64 * k)(*[o[0].numel() for o in offs]),
+            (ctypes.c_int64 * k)(*[OFF_KINDS.get(o[1], 0) for o in offs]),
+            (ctypes.c_float * k)(*[o[2] for o in offs]),
+            (ctypes.c_int64 * k)(*units),
+            (ctypes.c_int64 * k)(*[o[4] for o in offs]),
+            ctypes.create_string_buffer(max(units, default=0) + 1),
+        )
+
+    def stats(self) -> np.ndarray:
+        """(n, 4) float64, a new array: ``row_stats`` of the tensors as they are now."""
+        out = np.empty((self._m, 4), dtype=np.float64)
+        _fn(*self._args, out.ctypes.data)
+        return out if self._where is None else out[self._where]
+
+    def off(self) -> tuple[np.ndarray, np.ndarray]:
+        """(values off per off tensor, per-unit all-off flags of every off tensor with
+        units, concatenated in order: 1.0 off for every example, else 0.0), new float64
+        arrays."""
+        counts = np.empty(self.n_off, dtype=np.float64)
+        all_off = np.empty(self.n_units, dtype=np.float64)
+        if self.n_off:
+            _off(*self._off_args, counts.ctypes.data, all_off.ctypes.data)
+        return counts, all_off
 
 
 def histograms(xs: list[Tensor], lo: Tensor, scale: Tensor, slots: list[int], out: Tensor) -> None:
@@ -195,27 +257,49 @@ def histograms(xs: list[Tensor], lo: Tensor, scale: Tensor, slots: list[int], ou
     values on ``bins`` equal bins: bin = floor((v - lo[i]) * scale[i]) in float32, NaN in
     bin 0, clamped to [0, bins - 1] (``plumb.stats.Plan.bin_indices``' arithmetic).
     ``lo``, ``scale``: float32 (len(xs),); tensors as for ``row_stats``."""
-    fn = _load()
-    if fn is None:
-        raise RuntimeError("plumb.native is not available (see plumb.native.available)")
-    n, bins = len(xs), out.shape[1]
-    _check(xs)
-    lo, scale = lo.float().contiguous().cpu(), scale.float().contiguous().cpu()
-    if lo.numel() != n or scale.numel() != n or len(slots) != n:
-        raise ValueError("plumb.native.histograms: one lo, scale and slot per tensor")
     if out.dtype != torch.int64 or not out.is_contiguous() or out.device.type != "cpu":
         raise ValueError("plumb.native.histograms counts into a contiguous int64 CPU table")
-    if any(not 0 <= s < out.shape[0] for s in slots):
-        raise ValueError("plumb.native.histograms: a slot outside the table")
-    scratch = torch.empty(4 * bins, dtype=torch.int64)
-    _hist(
-        n,
-        (ctypes.c_void_p * n)(*[x.data_ptr() for x in xs]),
-        (ctypes.c_int64 * n)(*[x.numel() for x in xs]),
-        lo.data_ptr(),
-        scale.data_ptr(),
-        (ctypes.c_int64 * n)(*slots),
-        bins,
-        scratch.data_ptr(),
-        out.data_ptr(),
-    )
+    Histograms(xs, slots, out.shape[0], out.shape[1]).add(lo, scale, out)
+
+
+class Histograms:
+    """``histograms`` of fixed tensors into fixed slots, the call's arguments built once
+    (as ``Rows``): ``add(lo, scale, out)`` counts the values the tensors hold now."""
+
+    def __init__(self, xs: list[Tensor], slots: list[int], n_slots: int, bins: int):
+        if _load() is None:
+            raise RuntimeError("plumb.native is not available (see plumb.native.available)")
+        _check(xs)
+        n = len(xs)
+        if len(slots) != n:
+            raise ValueError("plumb.native.histograms: one lo, scale and slot per tensor")
+        if any(not 0 <= s < n_slots for s in slots):
+            raise ValueError("plumb.native.histograms: a slot outside the table")
+        self.n, self.shape = n, (n_slots, bins)
+        self._keep = list(xs)
+        self._scratch = torch.empty(4 * bins, dtype=torch.int64)
+        self._xs = (ctypes.c_void_p * n)(*[x.data_ptr() for x in xs])
+        self._ns = (ctypes.c_int64 * n)(*[x.numel() for x in xs])
+        self._slots = (ctypes.c_int64 * n)(*slots)
+
+    def add(self, lo: Tensor, scale: Tensor, out: Tensor) -> None:
+        """Add the counts into ``out`` ((n_slots, bins) int64, contiguous, CPU); ``lo``,
+        ``scale``: (n,) per tensor."""
+        if out.dtype != torch.int64 or not out.is_contiguous() or out.device.type != "cpu":
+            raise ValueError("plumb.native.histograms counts into a contiguous int64 CPU table")
+        if tuple(out.shape) != self.shape:
+            raise ValueError(f"plumb.native.histograms: the table is not {self.shape}")
+        lo, scale = lo.float().contiguous().cpu(), scale.float().contiguous().cpu()
+        if lo.numel() != self.n or scale.numel() != self.n:
+            raise ValueError("plumb.native.histograms: one lo, scale and slot per tensor")
+        _hist(
+            self.n,
+            self._xs,
+            self._ns,
+            lo.data_ptr(),
+            scale.data_ptr(),
+            self._slots,
+            self.shape[1],
+            self._scratch.data_ptr(),
+            out.data_ptr(),
+        )

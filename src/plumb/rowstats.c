@@ -171,3 +171,60 @@ void plumb_histograms(int64_t count, const float *const *xs, const int64_t *ns,
                 counts[slot[i] * bins + j] += scratch[t * bins + j];
     }
 }
+
+/* Off counts of saturating and rectifying outputs (plumb.stats.off_mask): tensor i holds
+ * ns[i] values laid out (outer, units[i], inner[i]); a value v is off when
+ *
+ *     kind 1 (tanh):     |v| > thr[i]          kind 2 (sigmoid): |v - 0.5f| > thr[i]
+ *     kind 0 (rectifier): v <= 0
+ *
+ * in float32 (NaN is never off, as torch's comparisons say). counts[i]: the values off;
+ * with units[i] > 0, all_off[u] (the next units[i] entries per tensor, in order): 1.0
+ * where unit u is off for every outer and inner index, else 0.0. scratch: max units
+ * bytes. */
+void plumb_off_counts(int64_t count, const float *const *xs, const int64_t *ns,
+                      const int64_t *kinds, const float *thr, const int64_t *units,
+                      const int64_t *inner, unsigned char *scratch, double *counts,
+                      double *all_off)
+{
+    for (int64_t i = 0; i < count; i++) {
+        const float *x = xs[i], t = thr[i];
+        const int64_t n = ns[i], kind = kinds[i], U = units[i], in = inner[i];
+        int64_t off = 0, j, u, k;
+        unsigned char *acc = scratch;
+        if (U > 0)
+            for (u = 0; u < U; u++)
+                acc[u] = 1;
+        for (j = 0; j < n;) {
+            /* one (units, inner) slab at a time when there are units, else all values */
+            int64_t m = U > 0 ? U * in : n, c = 0;
+            const float *s = x + j;
+            if (kind == 1)
+                for (k = 0; k < m; k++)
+                    c += fabsf(s[k]) > t;
+            else if (kind == 2)
+                for (k = 0; k < m; k++)
+                    c += fabsf(s[k] - 0.5f) > t;
+            else
+                for (k = 0; k < m; k++)
+                    c += s[k] <= 0.0f;
+            off += c;
+            if (U > 0 && c < m) /* some value of the slab is on: its units are not all off */
+                for (u = 0; u < U; u++) {
+                    unsigned char all = acc[u];
+                    for (k = 0; k < in && all; k++) {
+                        float v = s[u * in + k];
+                        all = kind == 1   ? fabsf(v) > t
+                              : kind == 2 ? fabsf(v - 0.5f) > t
+                                          : v <= 0.0f;
+                    }
+                    acc[u] = all;
+                }
+            j += m;
+        }
+        counts[i] = (double)off;
+        for (u = 0; u < U; u++)
+            all_off[u] = acc[u];
+        all_off += U;
+    }
+}

@@ -30,6 +30,7 @@ edges, all histograms of a step in one ``bincount``.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -237,6 +238,50 @@ class _Group:
     n_hist: int  # the first n_hist rows get histograms (outputs, their grads, param grads)
 
 
+#: the off thresholds of ``off_mask`` as ``plumb.native.Rows`` takes them (float32 there)
+_OFF_THRESHOLD = {"tanh": TANH_SATURATION, "sigmoid": 0.5 - SIGMOID_SATURATION}
+
+
+class NativeRows:
+    """``Plan.row_values`` of fixed tensors on the CPU, its native calls' arguments built
+    once (``Plan.native_rows``). ``run()``: (values (rows, N_STATS) float64, per-unit
+    masks [(row, (U,) float64)], the groups' flat tensors), new tensors each call: every
+    row's mean, M2, min, max by ``plumb.native``'s statistics kernel (float32 runs summed in
+    float64, each tensor read where it lies), and the saturating and rectifying outputs'
+    off counts and all-off units by its off kernel (``off_mask``'s comparisons in
+    float32, the masks ``_KindGroup.off`` gives)."""
+
+    def __init__(
+        self,
+        rows: native.Rows,
+        numels: tuple[float, ...],
+        missing: list[int],
+        off_rows: list[int],
+        unit_rows: list[int],
+        groups: list[list[Tensor]],
+    ):
+        self.rows, self.groups = rows, groups
+        self.numels = np.asarray(numels, dtype=np.float64)
+        self.missing = np.asarray(missing, dtype=np.int64)
+        self.off_rows = np.asarray(off_rows, dtype=np.int64)
+        self.unit_rows = unit_rows
+        self.unit_sizes = [u for u in rows.units if u > 0]
+
+    def run(self) -> tuple[Tensor, list[tuple[int, Tensor]], list[list[Tensor]]]:
+        m = self.rows.stats()
+        counts, all_off = self.rows.off()
+        out = np.empty((m.shape[0], N_STATS), dtype=np.float64)
+        out[:, Stat.N] = self.numels
+        out[:, Stat.MEAN : Stat.MAX + 1] = m
+        if self.missing.size:
+            out[self.missing, Stat.MEAN : Stat.MAX + 1] = np.nan
+        out[:, Stat.OFF] = 0.0
+        out[self.off_rows, Stat.OFF] = counts
+        masks = torch.from_numpy(all_off).split(self.unit_sizes) if self.unit_sizes else ()
+        units = list(zip(self.unit_rows, masks, strict=True))
+        return torch.from_numpy(out), units, self.groups
+
+
 class Plan:
     """Grouping, offsets and keys for one set of row shapes, built once and reused.
 
@@ -403,18 +448,21 @@ class Plan:
     def _native(
         self, tensors: list[Tensor], prev: dict[int, Tensor]
     ) -> tuple[Tensor, list[tuple[int, Tensor]], list[list[Tensor]]]:
-        """``row_values`` on the CPU: every row's mean, M2, min, max in one call of
-        ``plumb.native.row_stats`` (float32 runs summed in float64, no stacking: each
-        tensor read where it lies); off counts and per-unit masks of the saturating and
-        rectifying outputs as in ``_KindGroup.off``. Also returns, per group, its rows'
-        float32 contiguous tensors: what ``count`` and ``satmap`` read in place of the
-        stacked group."""
+        """``row_values`` on the CPU (``NativeRows``, built for this call)."""
+        return self.native_rows(tensors, prev).run()
+
+    def native_rows(self, tensors: list[Tensor], prev: dict[int, list[Tensor]]) -> NativeRows:
+        """``row_values`` of ``tensors`` (one per row; ``prev[numel]``: the parameters'
+        values before the update, in the group's param order) as a ``NativeRows``, whose
+        ``run()`` reads the tensors' values at the call: a caller that measures the same
+        tensors every record step builds it once."""
         groups: list[list[Tensor]] = []
         xs: list[Tensor] = []
         bs: list[Tensor | None] = []
         missing: list[int] = []  # update rows with no snapshot before the update: NaN
-        offs: list[tuple[Tensor, Tensor]] = []
-        units: list[tuple[int, Tensor]] = []
+        offs: list[tuple[Tensor, str, float, int, int]] = []
+        off_rows: list[int] = []
+        unit_rows: list[int] = []
         for g in self.groups:
             base = len(xs)
             flat = [_f32(tensors[i]) for i in g.members]  # as they lie, when they can
@@ -427,21 +475,21 @@ class Plan:
                     if before is None:
                         missing.append(len(xs))
                     xs.append(p)
-                    bs.append(before[j] if before is not None else None)
+                    bs.append(_f32(before[j]) if before is not None else None)
             for kg in g.kinds:
-                X = torch.stack([flat[pos].reshape(-1) for pos in kg.positions])
-                counts, all_off = kg.off(X)
-                offs.append((kg.rows, counts))
-                if all_off is not None:
-                    units += [(base + pos, all_off[j]) for j, pos in enumerate(kg.positions)]
-        m = native.row_stats(xs, bs)
-        if missing:
-            m[missing] = float("nan")
-        off = torch.zeros(m.shape[0], dtype=torch.float64)
-        for rows, counts in offs:
-            off.index_copy_(0, rows, counts)
-        n = torch.tensor(self.numels, dtype=torch.float64)
-        return torch.cat([n.unsqueeze(1), m, off.unsqueeze(1)], 1), units, groups
+                ud = unit_dim(kg.kind, len(kg.shape))
+                units = 0 if ud is None else kg.shape[ud]
+                inner = 1 if ud is None else math.prod(kg.shape[ud + 1 :])
+                for pos in kg.positions:
+                    offs.append(
+                        (flat[pos], kg.kind, _OFF_THRESHOLD.get(kg.kind, 0.0), units, inner)
+                    )
+                    off_rows.append(base + pos)
+                    if units:
+                        unit_rows.append(base + pos)
+        return NativeRows(
+            native.Rows(xs, bs, offs), self.numels, missing, off_rows, unit_rows, groups
+        )
 
     def _chunked(
         self,
@@ -540,6 +588,26 @@ class Plan:
             base += len(g.members) + (0 if g.params is None else g.params.stop - g.params.start)
         return out
 
+    def native_histograms(
+        self,
+        stacks: list[list[Tensor]],
+        rows: list[tuple[int, int]],
+        slots: list[int],
+        n_slots: int,
+    ) -> native.Histograms:
+        """``count``'s native call on ``row_values``' native rows (lists of flat tensors),
+        its arguments built once for ``count_native``."""
+        xs = [stacks[gi][j] for gi, j in rows]
+        return native.Histograms(xs, slots, n_slots, self.bins)
+
+    def count_native(self, hists: native.Histograms, lo: Tensor, hi: Tensor) -> Tensor:
+        """``count`` by ``hists`` (``native_histograms``): a new (n_slots, bins) table, the
+        bins of ``bin_indices`` by the same float32 arithmetic."""
+        scale = self.bins / (hi - lo).clamp_min(torch.finfo(torch.float32).tiny)
+        counts = torch.zeros(hists.shape, dtype=torch.int64)
+        hists.add(lo, scale, counts)
+        return counts
+
     def bin_indices(
         self,
         stacks: list[Tensor],
@@ -596,10 +664,7 @@ class Plan:
         if not rows:
             return counts.view(n_slots, self.bins)
         if isinstance(stacks[rows[0][0]], list):  # plumb.native's rows: each tensor in place
-            scale = self.bins / (hi - lo).clamp_min(torch.finfo(torch.float32).tiny)
-            xs = [stacks[gi][j] for gi, j in rows]
-            native.histograms(xs, lo, scale, slots, counts.view(n_slots, self.bins))
-            return counts.view(n_slots, self.bins)
+            return self.count_native(self.native_histograms(stacks, rows, slots, n_slots), lo, hi)
         scatter = torch.compiler.is_compiling() or lo.device.type != "cpu"
         idx = self.bin_indices(stacks, rows, slots, lo, hi, torch.int64 if scatter else torch.int32)
         if scatter:
