@@ -8,6 +8,7 @@ import re
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -722,7 +723,7 @@ def test_a_flush_decodes_its_steps_together_as_each_would_decode_alone():
     torch.manual_seed(0)
     net = Net()
     opt = torch.optim.SGD(net.parameters(), lr=0.02)
-    alone = []
+    alone, snaps = [], []
     with Monitor(net, report=False, every=1, hist_every=5) as mon:
         for i in range(24):
             x = torch.randn(8, 5, 8)
@@ -734,6 +735,7 @@ def test_a_flush_decodes_its_steps_together_as_each_would_decode_alone():
             opt.step()
             mon.step(loss)
             s = mon.snapshots[-1]
+            snaps.append(s)
             alone.append(decode(s.step, s.layout, s.values.cpu().numpy()))
         mon.flush()
         together = mon.history.rows
@@ -745,3 +747,70 @@ def test_a_flush_decodes_its_steps_together_as_each_would_decode_alone():
     for a, t in zip(alone, together, strict=True):
         t = {k: v for k, v in t.items() if k != "loss"}
         assert json.dumps(a) == json.dumps(t)  # values, NaNs and key order
+        s = next(s for s in snaps if s.step == t["step"])
+        want = _reference_row(s.step, s.layout, s.values.cpu().numpy())
+        assert json.dumps(want) == json.dumps(t)  # the definitions, key by key
+
+
+def _reference_row(step, layout, values):
+    """A record row by the definitions, key by key and statistic by statistic (what
+    ``decode_many`` computes on whole arrays): ``summary``'s mean, std, rms, min, max and
+    off of each key; grad:data = std(grad) / std(p) in float32, left out while std(p) <
+    CONSTANT_SPREAD rms(p); update:data = log10(rms(update) / rms(p)); grad_carry =
+    sqrt(carried) / |grad| (0 when |grad| = 0); calls first when > 1."""
+    from plumb.kinds import RECTIFYING, SATURATING
+    from plumb.record import CONSTANT_SPREAD, STAT_ORDER
+    from plumb.stats import N_STATS, summary
+
+    K = len(layout.keys)
+    stats = values[: K * N_STATS].reshape(K, N_STATS)
+    rest = values[K * N_STATS :]
+    col = summary(stats)
+    layer = {k: {} for k in layout.order}
+    param = {k: {} for k in layout.params}
+    norm = {}
+    for i, ((section, name), calls) in enumerate(zip(layout.keys, layout.calls, strict=True)):
+        v = {f: float(c[i]) for f, c in col.items()}
+        if section == "layer":
+            d = layer.setdefault(name, {})
+            d.update((f, v[f]) for f in ("mean", "std", "min", "max"))
+            kind = layout.kinds.get(name, "other")
+            if kind in SATURATING + RECTIFYING:
+                d["saturated" if kind in SATURATING else "zero"] = v["off"]
+            if calls > 1:
+                d["calls"] = calls
+        elif section == "layer_grad":
+            layer.setdefault(name, {}).update(grad_mean=v["mean"], grad_std=v["std"])
+        elif section == "layer_in":
+            layer.setdefault(name, {})["in_rms"] = v["rms"]
+        elif section == "param":
+            param.setdefault(name, {}).update(mean=v["mean"], std=v["std"], rms=v["rms"])
+        elif section == "param_grad":
+            param.setdefault(name, {}).update(grad_mean=v["mean"], grad_std=v["std"])
+            norm[name] = math.sqrt(stats[i, 2] + stats[i, 0] * stats[i, 1] ** 2)
+        else:
+            param.setdefault(name, {})["update_rms"] = v["rms"]
+    for j, name in enumerate(layout.dead):
+        layer[name]["dead"] = float(rest[j])
+    for d in param.values():
+        std, rms = d.get("std", math.nan), d.get("rms", math.nan)
+        if "grad_std" in d and ("rms" not in d or std >= CONSTANT_SPREAD * rms):
+            d["grad_data"] = float(np.float32(d["grad_std"]) / np.float32(std))
+        if "update_rms" in d:
+            d["update_data"] = float(np.log10(d.pop("update_rms") / rms))
+    for j, name in enumerate(layout.carry):
+        total = norm.get(name, math.nan)
+        carried = math.sqrt(rest[len(layout.dead) + j])
+        param[name]["grad_carry"] = carried / total if total > 0 else 0.0
+
+    def ordered(d):
+        return {
+            f: d[f]
+            for f in [f for f in STAT_ORDER if f in d] + [f for f in d if f not in STAT_ORDER]
+        }
+
+    return {
+        "step": step,
+        "layer": {k: ordered(d) for k, d in layer.items()},
+        "param": {k: ordered(d) for k, d in param.items() if d},
+    }

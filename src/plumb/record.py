@@ -166,69 +166,138 @@ def decode_many(steps: list[int], layout: Any, values: np.ndarray) -> list[dict[
     """The rows of record steps that share one layout, from their values ``(S, V)``:
     per layer (forward order) mean, std, min, max, saturated | zero, dead, grad_mean,
     grad_std, in_rms, calls (when > 1); per parameter mean, std, rms, grad_mean,
-    grad_std, grad_data, update_data, grad_carry (``_derive``). The arithmetic runs on
-    whole columns, one per statistic, and is elementwise, so a step's numbers are the
-    ones it would get decoded alone; only the dicts are built step by step."""
+    grad_std, grad_data, update_data, grad_carry (``_derive``'s definitions).
+
+    The arithmetic runs on whole (steps, keys) arrays and is elementwise, so a step's
+    numbers are the ones it would get decoded alone. Every number of every row is then
+    gathered into one array, read back as Python floats at once, and the dicts are
+    built step by step (``_Recipe``: which number goes where, from the layout alone)."""
     S, K = len(steps), len(layout.keys)
     stats = values[:, : K * N_STATS].reshape(S * K, N_STATS)
     rest = values[:, K * N_STATS :]
-    col = {k: v.reshape(S, K) for k, v in summary(stats).items()}
+    col = summary(stats)
     with np.errstate(divide="ignore", invalid="ignore"):
         norm = np.sqrt(
             stats[:, Stat.M2] + stats[:, Stat.N] * stats[:, Stat.MEAN] * stats[:, Stat.MEAN]
         ).reshape(S, K)
-    # each statistic as a column (S,) over the steps, per layer and per parameter
-    layer: dict[str, dict[str, Any]] = {k: {} for k in layout.order}
-    param: dict[str, dict[str, Any]] = {k: {} for k in getattr(layout, "params", [])}
-    grad_norm: dict[str, np.ndarray] = {}
-    for i, ((section, name), calls) in enumerate(zip(layout.keys, layout.calls, strict=True)):
-        if section == "layer":
-            d = layer.setdefault(name, {})
-            d.update((f, col[f][:, i]) for f in ("mean", "std", "min", "max"))
-            kind = layout.kinds.get(name, "other")
-            if kind in SATURATING:
-                d["saturated"] = col["off"][:, i]
-            elif kind in RECTIFYING:
-                d["zero"] = col["off"][:, i]
-            if calls > 1:
-                d["calls"] = [calls] * S
-        elif section == "layer_grad":
-            d = layer.setdefault(name, {})
-            d["grad_mean"], d["grad_std"] = col["mean"][:, i], col["std"][:, i]
-        elif section.startswith("layer"):
-            layer.setdefault(name, {})["in_rms"] = col["rms"][:, i]
-        elif section == "param":
-            d = param.setdefault(name, {})
-            d["mean"], d["std"], d["rms"] = col["mean"][:, i], col["std"][:, i], col["rms"][:, i]
-        elif section == "param_grad":
-            d = param.setdefault(name, {})
-            d["grad_mean"], d["grad_std"] = col["mean"][:, i], col["std"][:, i]
-            grad_norm[name] = norm[:, i]
-        else:
-            param.setdefault(name, {})["update_rms"] = col["rms"][:, i]
-    n_dead = len(layout.dead)
-    for j, name in enumerate(layout.dead):
-        layer[name]["dead"] = rest[:, j]
+    r = _Recipe(layout)
+    base = [col[k].reshape(S, K) for k in _SUMMARY]
+    base.append(rest)
+    nan = np.full((S, 1), np.nan)  # column K of these: a key the layout does not have
+    std, rms = np.concatenate([base[1], nan], 1), np.concatenate([base[2], nan], 1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        for j, name in enumerate(layout.carry):
-            total = grad_norm.get(name, np.full(S, np.nan))
-            c = np.sqrt(rest[:, n_dead + j]) / total
-            param[name]["grad_carry"] = np.where(total > 0, c, 0.0)
-    masks = _derive(param)
-    layer_cols = [(k, _columns(d, {})) for k, d in layer.items()]
-    param_cols = [(k, _columns(d, masks.get(k, {}))) for k, d in param.items() if d]
+        # grad:data = std(grad) / std(p) in float32, as the lecture's grad.std() / p.std()
+        gs, ps = std[:, r.gd_grad], std[:, r.gd_param]
+        grad_data = (gs.astype(np.float32) / ps.astype(np.float32)).astype(np.float64)
+        spread = ps >= CONSTANT_SPREAD * rms[:, r.gd_param]  # not constant (NaN: False)
+        update_data = np.log10(rms[:, r.ud_update] / rms[:, r.ud_param])
+        total = np.concatenate([norm, nan], 1)[:, r.carry_grad]
+        carry = np.sqrt(rest[:, r.carry_rest]) / total
+        grad_carry = np.where(total > 0, carry, 0.0)
+    base += [grad_data, update_data, grad_carry]
+    cols = np.concatenate(base, 1)[:, r.gather].T.tolist()  # per number, its steps
+    layers = [(k, list(zip(f, cols[a:b], strict=True))) for k, f, a, b in r.layers]
+    params = [(k, list(zip(f, cols[a:b], strict=True))) for k, f, a, b in r.params]
+    masks = spread[:, r.gd_masked].tolist() if r.gd_masked.size else [[]] * S
     rows = []
     for j, step in enumerate(steps):
-        rows.append(
-            {
-                "step": step,
-                "layer": {k: {f: v[j] for f, v, _ in cs} for k, cs in layer_cols},
-                "param": {
-                    k: {f: v[j] for f, v, m in cs if m is None or m[j]} for k, cs in param_cols
-                },
-            }
-        )
+        layer = {k: {f: c[j] for f, c in cs} for k, cs in layers}
+        for k, calls in r.calls:  # first, as in STAT_ORDER
+            layer[k] = {"calls": calls, **layer[k]}
+        param = {k: {f: c[j] for f, c in cs} for k, cs in params}
+        keep = masks[j]
+        if not all(keep):
+            for k, ok in zip(r.masked, keep, strict=True):
+                if not ok:
+                    del param[k]["grad_data"]
+        rows.append({"step": step, "layer": layer, "param": param})
     return rows
+
+
+#: ``summary``'s arrays in the order ``decode_many`` stacks them
+_SUMMARY = ("mean", "std", "rms", "min", "max", "off")
+
+
+class _Recipe:
+    """Where each number of a decoded row comes from, for one layout: columns of the
+    arrays ``decode_many`` stacks (the ``_SUMMARY`` statistics per key, then the
+    snapshot's rest: dead fractions and carried norms, then the derived grad:data,
+    update:data and grad_carry), in row order, and the dicts' slices of them."""
+
+    def __init__(self, layout: Any):
+        K = len(layout.keys)
+        n_rest = len(layout.dead) + len(layout.carry)
+        stat = {k: i * K for i, k in enumerate(_SUMMARY)}
+        layer: dict[str, dict[str, int]] = {k: {} for k in layout.order}
+        param: dict[str, dict[str, int]] = {k: {} for k in getattr(layout, "params", [])}
+        calls: dict[str, int] = {}
+        at: dict[tuple[str, str], int] = {}
+        for i, ((section, name), c) in enumerate(zip(layout.keys, layout.calls, strict=True)):
+            at[(section, name)] = i
+            if section == "layer":
+                d = layer.setdefault(name, {})
+                d.update((f, stat[f] + i) for f in ("mean", "std", "min", "max"))
+                kind = layout.kinds.get(name, "other")
+                if kind in SATURATING:
+                    d["saturated"] = stat["off"] + i
+                elif kind in RECTIFYING:
+                    d["zero"] = stat["off"] + i
+                if c > 1:
+                    calls[name] = c
+            elif section == "layer_grad":
+                d = layer.setdefault(name, {})
+                d["grad_mean"], d["grad_std"] = stat["mean"] + i, stat["std"] + i
+            elif section.startswith("layer"):
+                layer.setdefault(name, {})["in_rms"] = stat["rms"] + i
+            elif section == "param":
+                d = param.setdefault(name, {})
+                d.update((f, stat[f] + i) for f in ("mean", "std", "rms"))
+            elif section == "param_grad":
+                d = param.setdefault(name, {})
+                d["grad_mean"], d["grad_std"] = stat["mean"] + i, stat["std"] + i
+            else:
+                param.setdefault(name, {})["update_rms"] = i
+        rest = len(_SUMMARY) * K
+        for j, name in enumerate(layout.dead):
+            layer[name]["dead"] = rest + j
+        # derived columns: grad:data where a gradient is, update:data where an update
+        # is, grad_carry per carried parameter; a missing key reads the NaN column K
+        gd = [n for n, d in param.items() if "grad_std" in d]
+        ud = [n for n, d in param.items() if "update_rms" in d]
+        self.gd_grad = np.array([at[("param_grad", n)] for n in gd], dtype=np.int64)
+        self.gd_param = np.array([at.get(("param", n), K) for n in gd], dtype=np.int64)
+        self.ud_update = np.array([param[n].pop("update_rms") for n in ud], dtype=np.int64)
+        self.ud_param = np.array([at.get(("param", n), K) for n in ud], dtype=np.int64)
+        self.carry_grad = np.array(
+            [at.get(("param_grad", n), K) for n in layout.carry], dtype=np.int64
+        )
+        self.carry_rest = np.array(
+            [len(layout.dead) + j for j in range(len(layout.carry))], dtype=np.int64
+        )
+        derived = rest + n_rest
+        for j, n in enumerate(gd):
+            param[n]["grad_data"] = derived + j
+        derived += len(gd)
+        for j, n in enumerate(ud):
+            param[n]["update_data"] = derived + j
+        derived += len(ud)
+        for j, n in enumerate(layout.carry):
+            param[n]["grad_carry"] = derived + j
+        # grad:data is left out at steps where the parameter is constant (it has a std)
+        masked = [j for j, n in enumerate(gd) if "rms" in param[n]]
+        self.gd_masked = np.array(masked, dtype=np.int64)
+        self.masked = [gd[j] for j in masked]
+        gather: list[int] = []
+        self.layers, self.params = [], []
+        for out, dicts in ((self.layers, layer), (self.params, param)):
+            for k, d in dicts.items():
+                if out is self.params and not d:
+                    continue
+                names = [f for f in STAT_ORDER if f in d] + [f for f in d if f not in STAT_ORDER]
+                out.append((k, names, len(gather), len(gather) + len(names)))
+                gather += [d[f] for f in names]
+        self.calls = list(calls.items())  # (layer, calls) where a module ran more than once
+        self.gather = np.array(gather, dtype=np.int64)
 
 
 STAT_ORDER = (
@@ -250,44 +319,12 @@ STAT_ORDER = (
 )
 
 
-def _columns(d: dict[str, Any], masks: dict[str, list[bool]]) -> list[tuple[str, list, Any]]:
-    """A layer's or parameter's columns as (statistic, Python values per step, the steps
-    that have it or None), statistics in ``STAT_ORDER`` (any others after)."""
-    names = [k for k in STAT_ORDER if k in d] + [k for k in d if k not in STAT_ORDER]
-    return [
-        (k, d[k].tolist() if isinstance(d[k], np.ndarray) else d[k], masks.get(k)) for k in names
-    ]
-
-
 #: The one definition of update:data, for every view that names it.
 UPDATE_DATA = "log10(rms(Δp) / rms(p))"
 #: grad:data is left out while a parameter's elements differ by less than this fraction
 #: of their size: a gain initialised to ones has std ~0, and std(grad) / std(p) would
 #: then be a ratio of rounding (1/lr after one step), not the lecture's measure.
 CONSTANT_SPREAD = 1e-2
-
-
-def _derive(params: dict[str, dict[str, Any]]) -> dict[str, dict[str, list[bool]]]:
-    """Per parameter, columns over steps: grad:data = std(grad) / std(p) (float32
-    arithmetic, as the lecture's ``grad.std() / p.std()``), at the steps where the
-    parameter is not (still) constant (std(p) >= CONSTANT_SPREAD rms(p); the returned
-    masks say which); update:data = log10(rms(p_t - p_{t-1}) / rms(p_t))."""
-    masks: dict[str, dict[str, list[bool]]] = {}
-    with np.errstate(divide="ignore", invalid="ignore"):
-        for name, stats in params.items():
-            nan = np.nan
-            std, rms = stats.get("std", nan), stats.get("rms", nan)
-            if "grad_std" in stats:
-                gs = np.asarray(stats["grad_std"], dtype=np.float64)
-                ratio = gs.astype(np.float32) / np.asarray(std, dtype=np.float32)
-                stats["grad_data"] = np.broadcast_to(ratio.astype(np.float64), gs.shape)
-                if "rms" in stats:  # else grad:data at every step (NaN: no std)
-                    spread = np.asarray(std) >= CONSTANT_SPREAD * np.asarray(rms)
-                    masks.setdefault(name, {})["grad_data"] = spread.tolist()
-            upd = stats.pop("update_rms", None)
-            if upd is not None:
-                stats["update_data"] = np.log10(np.asarray(upd, dtype=np.float64) / rms)
-    return masks
 
 
 def hist_tensors(history: History) -> dict[str, torch.Tensor]:
