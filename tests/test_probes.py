@@ -633,6 +633,22 @@ def test_native_off_counts_are_the_off_masks(kind, shape):
         want = mask.movedim(ud, -1).reshape(-1, units).all(0).double()
         assert all_off.tolist() == want.tolist() and all_off[0] == 1.0
     assert 0 < counts[0] < x.numel()
+    # fill: the statistics and the counts written into a record's rows in place; a row
+    # given as MISSING (no parameter values before the update) is NaN
+    flat = x.reshape(-1).contiguous()
+    rows = native.Rows(
+        [flat, flat, flat],
+        [None, native.Rows.MISSING, None],
+        [(x, kind, float(t), units, inner)],
+        off_rows=[2],
+    )
+    out = torch.zeros(3, 6, dtype=torch.float64)
+    flags = rows.fill(out, 1, 5)
+    assert torch.equal(flags, torch.from_numpy(all_off))
+    stats = native.row_stats([flat], [None])[0]
+    for r in (0, 2):  # bit for bit, NaN (x holds NaN) included
+        assert np.array_equal(out[r, 1:5].numpy(), stats.numpy(), equal_nan=True)
+    assert out[1, 1:5].isnan().all() and out[:, 5].tolist() == [0, 0, counts[0]]
 
 
 def test_summarize_gives_each_rows_definitions_including_the_edge_cases():

@@ -83,6 +83,7 @@ def _load():
                     continue
                 fn.restype = hist.restype = None
                 fn.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 4
+                fn.argtypes += [ctypes.c_int64, ctypes.c_void_p]
                 hist.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 5
                 hist.argtypes += [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
                 step.restype = ctypes.c_int
@@ -94,7 +95,7 @@ def _load():
                 act.argtypes += [ctypes.c_int64]
                 off = so.plumb_off_counts
                 off.restype = None
-                off.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 9
+                off.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 10
                 _fn, _hist, _step, _act, _off = fn, hist, step, act, off
                 return _fn
     return None
@@ -161,22 +162,26 @@ OFF_KINDS = {"tanh": 1, "sigmoid": 2}
 
 class Rows:
     """``row_stats`` of fixed tensors, and the off counts of some (``plumb_off_counts``),
-    with the call's arguments built once: ``stats()`` and ``off()`` read the values the
-    tensors hold at the call. A record step that measures the same buffers every time
-    (``plumb.fused``'s step in C) builds one and keeps it: ~80 tensors' arguments cost
-    more Python than the kernel takes to read them. Holds the tensors (their memory stays
-    valid while it lives).
+    with the call's arguments built once: ``stats()``, ``off()`` and ``fill()`` read the
+    values the tensors hold at the call. A record step that measures the same buffers
+    every time (``plumb.fused``'s step in C) builds one and keeps it: ~80 tensors'
+    arguments cost more Python than the kernel takes to read them. Holds the tensors
+    (their memory stays valid while it lives).
 
-    ``offs``: (tensor, kind, threshold, units, inner) per output whose values are counted
-    off (``plumb.stats.off_mask``: kind "tanh" |v| > threshold, "sigmoid" |v - 0.5| >
-    threshold, else v <= 0, in float32), laid out (outer, units, inner); units 0: no
-    per-unit masks."""
+    ``bs[i]`` None, a tensor (row i is ``xs[i] - bs[i]``), or ``MISSING`` (row i is NaN:
+    nothing to measure). ``offs``: (tensor, kind, threshold, units, inner) per output
+    whose values are counted off (``plumb.stats.off_mask``: kind "tanh" |v| > threshold,
+    "sigmoid" |v - 0.5| > threshold, else v <= 0, in float32), laid out (outer, units,
+    inner); units 0: no per-unit masks."""
+
+    MISSING = "missing"
 
     def __init__(
         self,
         xs: list[Tensor],
-        bs: list[Tensor | None],
+        bs: list[Tensor | str | None],
         offs: list[tuple[Tensor, str, float, int, int]] = (),  # type: ignore[assignment]
+        off_rows: list[int] | None = None,
     ):
         if _load() is None:
             raise RuntimeError("plumb.native is not available (see plumb.native.available)")
@@ -184,37 +189,37 @@ class Rows:
             raise ValueError("plumb.native.row_stats: one bs[i] (or None) per xs[i]")
         # The same values twice (a layer's input is the layer before's output) are read
         # once: equal (pointer, length) without ``b`` give equal rows, bit for bit.
-        ptrs, lens, bps, where = [], [], [], []
+        ptrs, lens, bps, same = [], [], [], []
         first: dict[tuple[int, int], int] = {}
         f32 = torch.float32
-        for x, b in zip(xs, bs, strict=True):
+        for i, (x, b) in enumerate(zip(xs, bs, strict=True)):
             if x.dtype is not f32 or not x.is_cpu or not x.is_contiguous():
                 _check([x])  # raises
             k = (x.data_ptr(), x.numel())
-            j = first.get(k) if b is None else None
-            if j is None:
-                if b is not None:
-                    _check([b])
-                    if b.numel() != k[1]:
-                        raise ValueError(
-                            "plumb.native.row_stats: bs[i] must be None or the size of xs[i]"
-                        )
-                j = len(ptrs)
-                ptrs.append(k[0])
-                lens.append(k[1])
-                bps.append(b.data_ptr() if b is not None else None)
-                if b is None:
-                    first[k] = j
-            where.append(j)
-        m = len(ptrs)
+            if isinstance(b, str):
+                same.append(-2)
+                b = None
+            elif b is None:
+                same.append(first.setdefault(k, i))
+                same[-1] = -1 if same[-1] == i else same[-1]
+            else:
+                _check([b])
+                if b.numel() != k[1]:
+                    raise ValueError(
+                        "plumb.native.row_stats: bs[i] must be None or the size of xs[i]"
+                    )
+                same.append(-1)
+            ptrs.append(k[0])
+            lens.append(k[1])
+            bps.append(b.data_ptr() if b is not None else None)
+        n = self.n = len(xs)
         self._keep = (list(xs), list(bs), [o[0] for o in offs])
-        self.n, self._m = len(xs), m
-        self._where = None if m == len(xs) else np.asarray(where)
         self._args = (
-            m,
-            (ctypes.c_void_p * m)(*ptrs),
-            (ctypes.c_void_p * m)(*bps),
-            (ctypes.c_int64 * m)(*lens),
+            n,
+            (ctypes.c_void_p * n)(*ptrs),
+            (ctypes.c_void_p * n)(*bps),
+            (ctypes.c_int64 * n)(*lens),
+            (ctypes.c_int64 * n)(*same),
         )
         _check([o[0] for o in offs])
         units = [int(o[3]) for o in offs]
@@ -234,12 +239,19 @@ class Rows:
             (ctypes.c_int64 * k)(*[o[4] for o in offs]),
             ctypes.create_string_buffer(max(units, default=0) + 1),
         )
+        self._in_order = (ctypes.c_int64 * k)(*range(k))
+        self.off_rows = None if off_rows is None else list(off_rows)  # for ``fill``
+        if off_rows is not None and (
+            len(off_rows) != k or any(not 0 <= r < self.n for r in off_rows)
+        ):
+            raise ValueError("plumb.native.Rows: one row (of the n) per off tensor")
+        self._at: tuple[int, int, ctypes.Array] | None = None  # fill's (stride, column, at)
 
     def stats(self) -> np.ndarray:
         """(n, 4) float64, a new array: ``row_stats`` of the tensors as they are now."""
-        out = np.empty((self._m, 4), dtype=np.float64)
-        _fn(*self._args, out.ctypes.data)
-        return out if self._where is None else out[self._where]
+        out = np.empty((self.n, 4), dtype=np.float64)
+        _fn(*self._args, 4, out.ctypes.data)
+        return out
 
     def off(self) -> tuple[np.ndarray, np.ndarray]:
         """(values off per off tensor, per-unit all-off flags of every off tensor with
@@ -248,8 +260,34 @@ class Rows:
         counts = np.empty(self.n_off, dtype=np.float64)
         all_off = np.empty(self.n_units, dtype=np.float64)
         if self.n_off:
-            _off(*self._off_args, counts.ctypes.data, all_off.ctypes.data)
+            _off(*self._off_args, self._in_order, counts.ctypes.data, all_off.ctypes.data)
         return counts, all_off
+
+    def fill(self, out: Tensor, column: int, off_column: int) -> Tensor:
+        """Into ``out`` ((n, C) float64, contiguous, CPU): row i's mean, M2, min, max at
+        columns ``column``..``column + 3``, and off tensor j's count at (``off_rows[j]``,
+        ``off_column``); returns the per-unit flags (as ``off``), a new tensor."""
+        if (
+            out.dtype != torch.float64
+            or not out.is_contiguous()
+            or out.device.type != "cpu"
+            or out.dim() != 2
+            or out.shape[0] != self.n
+            or not (0 <= column <= out.shape[1] - 4 and 0 <= off_column < out.shape[1])
+        ):
+            raise ValueError("plumb.native.Rows.fill: out must be (n, C) contiguous float64")
+        if self.off_rows is None and self.n_off:
+            raise ValueError("plumb.native.Rows.fill: give Rows the off tensors' rows")
+        stride = out.shape[1]
+        if self._at is None or self._at[:2] != (stride, off_column):
+            at = [r * stride + off_column for r in self.off_rows or ()]
+            self._at = (stride, off_column, (ctypes.c_int64 * self.n_off)(*at))
+        base = out.data_ptr()
+        _fn(*self._args, stride, base + 8 * column)
+        all_off = torch.empty(self.n_units, dtype=torch.float64)
+        if self.n_off:
+            _off(*self._off_args, self._at[2], base, all_off.data_ptr())
+        return all_off
 
 
 def histograms(xs: list[Tensor], lo: Tensor, scale: Tensor, slots: list[int], out: Tensor) -> None:

@@ -114,16 +114,23 @@
 STATS(stats_of_values, PLAIN)
 STATS(stats_of_updates, UPDATE)
 
-/* count tensors: xs[i] (and bs[i], or NULL) of ns[i] values; out (count, 4) doubles:
- * mean, M2, min, max of each */
+/* count rows: xs[i] (and bs[i], or NULL) of ns[i] values; row i's mean, M2, min, max at
+ * out + stride * i (stride >= 4 doubles). same[i] >= 0 (< i): the row is row same[i]'s
+ * (the same tensor given twice), copied; -2: NaN (no values to measure); -1: computed. */
 void plumb_row_stats(int64_t count, const float *const *xs, const float *const *bs,
-                     const int64_t *ns, double *out)
+                     const int64_t *ns, const int64_t *same, int64_t stride, double *out)
 {
     for (int64_t i = 0; i < count; i++) {
-        if (bs[i])
-            stats_of_updates(xs[i], bs[i], ns[i], out + 4 * i);
+        double *o = out + stride * i;
+        if (same[i] >= 0)
+            for (int k = 0; k < 4; k++)
+                o[k] = out[stride * same[i] + k];
+        else if (same[i] == -2)
+            o[0] = o[1] = o[2] = o[3] = NAN;
+        else if (bs[i])
+            stats_of_updates(xs[i], bs[i], ns[i], o);
         else
-            stats_of_values(xs[i], 0, ns[i], out + 4 * i);
+            stats_of_values(xs[i], 0, ns[i], o);
     }
 }
 
@@ -178,14 +185,14 @@ void plumb_histograms(int64_t count, const float *const *xs, const int64_t *ns,
  *     kind 1 (tanh):     |v| > thr[i]          kind 2 (sigmoid): |v - 0.5f| > thr[i]
  *     kind 0 (rectifier): v <= 0
  *
- * in float32 (NaN is never off, as torch's comparisons say). counts[i]: the values off;
- * with units[i] > 0, all_off[u] (the next units[i] entries per tensor, in order): 1.0
- * where unit u is off for every outer and inner index, else 0.0. scratch: max units
+ * in float32 (NaN is never off, as torch's comparisons say). counts[at[i]]: the values
+ * off; with units[i] > 0, all_off[u] (the next units[i] entries per tensor, in order):
+ * 1.0 where unit u is off for every outer and inner index, else 0.0. scratch: max units
  * bytes. */
 void plumb_off_counts(int64_t count, const float *const *xs, const int64_t *ns,
                       const int64_t *kinds, const float *thr, const int64_t *units,
-                      const int64_t *inner, unsigned char *scratch, double *counts,
-                      double *all_off)
+                      const int64_t *inner, unsigned char *scratch, const int64_t *at,
+                      double *counts, double *all_off)
 {
     for (int64_t i = 0; i < count; i++) {
         const float *x = xs[i], t = thr[i];
@@ -222,7 +229,7 @@ void plumb_off_counts(int64_t count, const float *const *xs, const int64_t *ns,
                 }
             j += m;
         }
-        counts[i] = (double)off;
+        counts[at[i]] = (double)off;
         for (u = 0; u < U; u++)
             all_off[u] = acc[u];
         all_off += U;

@@ -249,37 +249,27 @@ class NativeRows:
     row's mean, M2, min, max by ``plumb.native``'s statistics kernel (float32 runs summed in
     float64, each tensor read where it lies), and the saturating and rectifying outputs'
     off counts and all-off units by its off kernel (``off_mask``'s comparisons in
-    float32, the masks ``_KindGroup.off`` gives)."""
+    float32, the masks ``_KindGroup.off`` gives), written by the kernels into the values
+    (N and zero off counts come from a template)."""
 
     def __init__(
         self,
         rows: native.Rows,
         numels: tuple[float, ...],
-        missing: list[int],
-        off_rows: list[int],
         unit_rows: list[int],
         groups: list[list[Tensor]],
     ):
         self.rows, self.groups = rows, groups
-        self.numels = np.asarray(numels, dtype=np.float64)
-        self.missing = np.asarray(missing, dtype=np.int64)
-        self.off_rows = np.asarray(off_rows, dtype=np.int64)
+        self.template = torch.zeros(len(numels), N_STATS, dtype=torch.float64)
+        self.template[:, Stat.N] = torch.tensor(numels, dtype=torch.float64)
         self.unit_rows = unit_rows
         self.unit_sizes = [u for u in rows.units if u > 0]
 
     def run(self) -> tuple[Tensor, list[tuple[int, Tensor]], list[list[Tensor]]]:
-        m = self.rows.stats()
-        counts, all_off = self.rows.off()
-        out = np.empty((m.shape[0], N_STATS), dtype=np.float64)
-        out[:, Stat.N] = self.numels
-        out[:, Stat.MEAN : Stat.MAX + 1] = m
-        if self.missing.size:
-            out[self.missing, Stat.MEAN : Stat.MAX + 1] = np.nan
-        out[:, Stat.OFF] = 0.0
-        out[self.off_rows, Stat.OFF] = counts
-        masks = torch.from_numpy(all_off).split(self.unit_sizes) if self.unit_sizes else ()
-        units = list(zip(self.unit_rows, masks, strict=True))
-        return torch.from_numpy(out), units, self.groups
+        out = self.template.clone()
+        all_off = self.rows.fill(out, Stat.MEAN, Stat.OFF)
+        masks = all_off.split(self.unit_sizes) if self.unit_sizes else ()
+        return out, list(zip(self.unit_rows, masks, strict=True)), self.groups
 
 
 class Plan:
@@ -458,8 +448,8 @@ class Plan:
         tensors every record step builds it once."""
         groups: list[list[Tensor]] = []
         xs: list[Tensor] = []
-        bs: list[Tensor | None] = []
-        missing: list[int] = []  # update rows with no snapshot before the update: NaN
+        # update rows with no snapshot before the update: NaN (native.Rows.MISSING)
+        bs: list[Tensor | str | None] = []
         offs: list[tuple[Tensor, str, float, int, int]] = []
         off_rows: list[int] = []
         unit_rows: list[int] = []
@@ -472,10 +462,8 @@ class Plan:
             if g.params is not None:
                 before = prev.get(g.numel)
                 for j, p in enumerate(flat[g.params]):
-                    if before is None:
-                        missing.append(len(xs))
                     xs.append(p)
-                    bs.append(_f32(before[j]) if before is not None else None)
+                    bs.append(_f32(before[j]) if before is not None else native.Rows.MISSING)
             for kg in g.kinds:
                 ud = unit_dim(kg.kind, len(kg.shape))
                 units = 0 if ud is None else kg.shape[ud]
@@ -487,9 +475,8 @@ class Plan:
                     off_rows.append(base + pos)
                     if units:
                         unit_rows.append(base + pos)
-        return NativeRows(
-            native.Rows(xs, bs, offs), self.numels, missing, off_rows, unit_rows, groups
-        )
+        rows = native.Rows(xs, bs, offs, off_rows)
+        return NativeRows(rows, self.numels, unit_rows, groups)
 
     def _chunked(
         self,
