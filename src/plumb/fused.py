@@ -693,7 +693,7 @@ class FusedStep:
             self._rows = (key, self.plan.native_rows(tensors, prev), work, self.plan)
         values, units, groups = self._rows[1].run()
         stats = RowStats(
-            list(self.plan.keys),
+            self.plan.keys,  # the plan's own list: merge knows it again by identity
             values,
             [(r, m) for r, (_, m) in zip(self._unit_rows, units, strict=True)],
         )
@@ -829,9 +829,7 @@ class FusedStep:
         variant = ("hist", self._record_hist) if histograms else ("record", self._record)
         loss, ok, values, masks, hist, out = self._timed(*variant, *self._args(X, Y, lr))
         self._sync_steps()
-        stats = RowStats(
-            list(self.plan.keys), values, list(zip(self._unit_rows, masks, strict=True))
-        )
+        stats = RowStats(self.plan.keys, values, list(zip(self._unit_rows, masks, strict=True)))
         measured = Measured(self.plan, [stats], [], **self._static)
         measured.output, measured.output_grad = out
         if hist:

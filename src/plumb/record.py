@@ -146,8 +146,13 @@ def _decode_runs(snaps: list, values: np.ndarray) -> list[dict[str, Any]]:
     i = 0
     while i < len(snaps):
         layout, n = snaps[i].layout, snaps[i].values.numel()
-        j = i + 1
-        while j < len(snaps) and snaps[j].values.numel() == n and snaps[j].layout == layout:
+        key = _decoded_by(layout)
+        j = i + 1  # histogram steps (their hist_keys) decode with the steps around them
+        while (
+            j < len(snaps)
+            and snaps[j].values.numel() == n
+            and (snaps[j].layout is layout or _decoded_by(snaps[j].layout) == key)
+        ):
             j += 1
         block = values[offset : offset + (j - i) * n].reshape(j - i, n)
         rows += decode_many([s.step for s in snaps[i:j]], layout, block)
@@ -180,7 +185,12 @@ def decode_many(steps: list[int], layout: Any, values: np.ndarray) -> list[dict[
         norm = np.sqrt(
             stats[:, Stat.M2] + stats[:, Stat.N] * stats[:, Stat.MEAN] * stats[:, Stat.MEAN]
         ).reshape(S, K)
-    r = _Recipe(layout)
+    key = _decoded_by(layout)
+    r = _RECIPES.get(key)
+    if r is None:
+        if len(_RECIPES) > 32:  # layouts keep changing: do not grow without bound
+            _RECIPES.clear()
+        r = _RECIPES[key] = _Recipe(layout)
     base = [col[k].reshape(S, K) for k in _SUMMARY]
     base.append(rest)
     nan = np.full((S, 1), np.nan)  # column K of these: a key the layout does not have
@@ -213,6 +223,22 @@ def decode_many(steps: list[int], layout: Any, values: np.ndarray) -> list[dict[
         rows.append({"step": step, "layer": layer, "param": param})
     return rows
 
+
+def _decoded_by(layout: Any) -> tuple:
+    """What of a layout ``decode_many`` reads (all but its histogram keys), hashable."""
+    return (
+        tuple(layout.keys),
+        tuple(layout.calls),
+        tuple(layout.order),
+        tuple(layout.kinds.get(k, "other") for k in layout.order),
+        tuple(layout.dead),
+        tuple(layout.carry),
+        tuple(getattr(layout, "params", [])),
+    )
+
+
+#: ``_Recipe`` per ``_decoded_by`` of a layout
+_RECIPES: dict[tuple, Any] = {}
 
 #: ``summary``'s arrays in the order ``decode_many`` stacks them
 _SUMMARY = ("mean", "std", "rms", "min", "max", "off")

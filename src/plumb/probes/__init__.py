@@ -200,7 +200,7 @@ class Probes(Capture):
         self.sinks = list(sinks)
         self.step_count = 0
         self.snapshots: list[Snapshot] = []  # on the device, until flush()
-        self._losses: list[Tensor] = []  # per step, on the device, until flush()
+        self._losses: list[Tensor | float] = []  # per step until flush(): on the device, or a float
         self._plans: dict[tuple, Plan] = {}
         self._merge_cache: dict = {}
         self._prev: dict[int, Tensor] = {}  # numel -> stacked parameters before the update
@@ -387,13 +387,13 @@ class Probes(Capture):
         if self._output_node is not None and isinstance(loss, Tensor):
             self.loss_graph = loss_path(loss, self._output_node)
         self._output_node = None
-        if isinstance(loss, Tensor):  # kept on the device until flush(): no sync
-            loss = loss.detach()
+        if isinstance(loss, Tensor) and not loss.is_cpu:  # kept on the device
+            loss = loss.detach()  # until flush(): no sync
             if loss.dim() != 0:
                 loss = loss.reshape(())
             self._losses.append(loss if loss.dtype == torch.float32 else loss.float())
-        else:
-            self._losses.append(torch.tensor(float(loss)))
+        else:  # a CPU loss is read now (no sync): a 0-d tensor kept per step cost ~3 us
+            self._losses.append(loss.item() if isinstance(loss, Tensor) else float(loss))
         if measured is not None and self._is_record(self.step_count):
             if self.output is None and measured.output is not None:  # as _first_output
                 self.output = measured.output.detach().float().cpu().clone()
@@ -408,7 +408,8 @@ class Probes(Capture):
         self.step_count += 1
         if self.step_count % self.flush_every == 0:
             self.flush()
-        self._arm()
+        if not self._external:  # an engine that measures for itself needs no hooks
+            self._arm()
 
     def _measure(self, step: int) -> Snapshot:
         """A record step of the hooks: the held calls' and the parameters' statistics."""
@@ -462,9 +463,14 @@ class Probes(Capture):
         dead_keys = [
             k for (s, k) in merged.keys if s == "layer" and ("layer", k) in merged.unit_off
         ]
-        dead_vals = _fractions([merged.unit_off[("layer", k)] for k in dead_keys])
+        masks = {k: merged.unit_off[("layer", k)] for k in dead_keys}
+        stacked = _stacked(list(masks.values()))
+        if stacked is not None:  # the fraction of units off, per layer
+            dead_vals = stacked.double().mean(1)
+        else:
+            dead_vals = _fractions(list(masks.values()))
         positions = {k: v * self.world for k, v in m.positions.items()}  # equal shares
-        self.window.update(merged, dead_keys, positions)
+        self.window.update(masks, positions, stacked)
         hist_keys = [k for k in merged.keys if k[0] in HISTOGRAMS] if hist else []
         counts = ranges = None
         if hist and m.counts is not None:
@@ -566,7 +572,7 @@ class Probes(Capture):
         if self.history is None:
             self.history = History(self.meta())
         start = self.step_count - len(self._losses)
-        losses = torch.stack(self._losses).float() if self._losses else torch.empty(0)
+        losses = _loss_tensor(self._losses)
         if self.world > 1 and self._losses:  # the global loss: the ranks' mean
             losses = mean_over_ranks(losses)
         losses = losses.cpu()
@@ -583,6 +589,30 @@ class Probes(Capture):
             self.writer.write(self.history, rows, hists)
         for sink in self.sinks if self.rank == 0 else ():  # one writer: rank 0
             sink.write(self.history, rows, hists)
+
+
+def _loss_tensor(losses: list[Tensor | float]) -> Tensor:
+    """The steps' losses as one float32 tensor (on the device of the first one kept as a
+    tensor; a float kept for a CPU loss is the float32 value itself, exact)."""
+    if not losses:
+        return torch.empty(0)
+    device = next((t.device for t in losses if isinstance(t, Tensor)), None)
+    if device is None:
+        return torch.tensor(losses, dtype=torch.float32)
+    return torch.stack(
+        [t if isinstance(t, Tensor) else torch.tensor(t, device=device) for t in losses]
+    ).float()
+
+
+def _stacked(masks: list[Tensor]) -> Tensor | None:
+    """The masks as one (k, U) tensor when they are 1-D of one length (a model's usual
+    case), else None."""
+    if not masks or any(m.dim() != 1 for m in masks):
+        return None
+    n = masks[0].shape[0]
+    if any(m.shape[0] != n for m in masks):
+        return None
+    return torch.stack(masks)
 
 
 def _fractions(masks: list[Tensor]) -> Tensor | None:

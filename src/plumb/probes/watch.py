@@ -11,8 +11,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from plumb.stats import Merged
-
 
 @dataclass
 class BatchNormEvent:
@@ -64,21 +62,44 @@ class BatchNormWatch:
 class DeadWindow:
     """Per layer, the units off at every record step since ``reset`` (the doctor's dead
     units: a unit must be active somewhere in the window), and the examples (positions)
-    each unit has seen."""
+    each unit has seen. ``off[layer]``: 1.0 where the unit was off at every record step.
+
+    Record steps that bring the same layers with masks of one shape (a model's usual
+    case) are ANDed in one multiply: the window keeps them stacked and ``off`` holds
+    views of the stack."""
 
     def __init__(self) -> None:
         self.off: dict[str, Tensor] = {}
         self.examples: dict[str, int] = {}
+        self._stack: tuple[tuple, Tensor] | None = None  # (keys and shape, (k, U) masks)
 
-    def update(self, merged: Merged, dead_keys: list[str], positions: dict[str, int]) -> None:
-        for k in dead_keys:
-            mask = merged.unit_off[("layer", k)]
+    def update(
+        self,
+        masks: dict[str, Tensor],
+        positions: dict[str, int],
+        stacked: Tensor | None = None,
+    ) -> None:
+        """AND this record step's per-unit masks into the window (``stacked``: the same
+        masks as one (k, U) tensor, when they share a shape)."""
+        for k in masks:
+            self.examples[k] = self.examples.get(k, 0) + positions.get(k, 0)
+        if stacked is not None:
+            sig = (tuple(masks), tuple(stacked.shape), stacked.dtype, stacked.device)
+            if self._stack is not None and self._stack[0] == sig:
+                self._stack[1].mul_(stacked)  # the views in ``off`` follow
+                return
+        for k, mask in masks.items():
             prev = self.off.get(k)
             self.off[k] = mask if prev is None or prev.shape != mask.shape else prev * mask
-            self.examples[k] = self.examples.get(k, 0) + positions.get(k, 0)
+        self._stack = None
+        if stacked is not None:  # from now on one multiply: the window's own stack
+            stack = torch.stack([self.off[k] for k in masks])
+            self._stack = (sig, stack)
+            for i, k in enumerate(masks):
+                self.off[k] = stack[i]
 
     def reset(self) -> None:
-        self.off, self.examples = {}, {}
+        self.off, self.examples, self._stack = {}, {}, None
 
     def dead(self) -> dict[str, tuple[float, int, int]]:
         """{layer: (fraction of units off at every record step of the window, units,
