@@ -485,7 +485,7 @@ def test_native_record_step_measures_what_the_python_step_measures(norm, activat
 
 
 def _same_measurements(a, b, cfg, B):
-    sa, sb = a.stats[0], b.stats[0]
+    sa, sb = a.rows()[0], b.rows()[0]
     assert sa.keys == sb.keys and len(sa.keys) > 30
     va, vb = sa.values, sb.values
     assert torch.equal(va[:, 0], vb[:, 0])  # N

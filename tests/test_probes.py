@@ -633,22 +633,31 @@ def test_native_off_counts_are_the_off_masks(kind, shape):
         want = mask.movedim(ud, -1).reshape(-1, units).all(0).double()
         assert all_off.tolist() == want.tolist() and all_off[0] == 1.0
     assert 0 < counts[0] < x.numel()
-    # fill: the statistics and the counts written into a record's rows in place; a row
-    # given as MISSING (no parameter values before the update) is NaN
-    flat = x.reshape(-1).contiguous()
+    # fill: the statistics, the counts and the fraction of units off written into a
+    # record's buffer where set_layout says; a row given as MISSING (no parameter values
+    # before the update) is NaN
+    flat_x = x.reshape(-1).contiguous()
     rows = native.Rows(
-        [flat, flat, flat],
+        [flat_x, flat_x, flat_x],
         [None, native.Rows.MISSING, None],
         [(x, kind, float(t), units, inner)],
         off_rows=[2],
+        dead=[0 if units else -1],
     )
-    out = torch.zeros(3, 6, dtype=torch.float64)
-    flags = rows.fill(out, 1, 5)
-    assert torch.equal(flags, torch.from_numpy(all_off))
-    stats = native.row_stats([flat], [None])[0]
+    rows.set_layout(6, 1, 5, tail=18 if units else None)
+    buf = torch.full((19,), -7.0, dtype=torch.float64)
+    flags = rows.fill(buf)
+    out = buf[:18].view(3, 6)
+    assert np.array_equal(flags, all_off)
+    stats = native.row_stats([flat_x], [None])[0]
     for r in (0, 2):  # bit for bit, NaN (x holds NaN) included
         assert np.array_equal(out[r, 1:5].numpy(), stats.numpy(), equal_nan=True)
-    assert out[1, 1:5].isnan().all() and out[:, 5].tolist() == [0, 0, counts[0]]
+    assert out[1, 1:5].isnan().all() and out[2, 5] == counts[0]
+    assert out[:, 0].tolist() == [-7.0] * 3 and out[:2, 5].tolist() == [-7.0] * 2  # untouched
+    if units:  # the fraction of units off for every example: torch's mean of the flags
+        assert buf[18].item() == torch.from_numpy(all_off).mean().item() > 0
+    else:
+        assert buf[18].item() == -7.0
 
 
 def test_summarize_gives_each_rows_definitions_including_the_edge_cases():

@@ -691,22 +691,29 @@ class FusedStep:
             tensors = work.measured(self.specs, self.params, self.model.config.block_size)
             prev = {n: [work.prev[k] for k in ks] for n, ks in self._prev_params.items()}
             self._rows = (key, self.plan.native_rows(tensors, prev), work, self.plan)
-        values, units, groups = self._rows[1].run()
-        stats = RowStats(
-            self.plan.keys,  # the plan's own list: merge knows it again by identity
-            values,
-            [(r, m) for r, (_, m) in zip(self._unit_rows, units, strict=True)],
-        )
-        measured = Measured(self.plan, [stats], [], **self._static)
+        rows, plan, unit_rows = self._rows[1], self.plan, self._unit_rows
+        run = rows.run()
+
+        def stats_of() -> list[RowStats]:  # the rows, when the probes lay them out
+            values, units, _ = rows.row_values(run)
+            units = [(r, m) for r, (_, m) in zip(unit_rows, units, strict=True)]
+            return [RowStats(plan.keys, values, units)]  # the plan's own keys list
+
+        measured = Measured(self.plan, [], [], **self._static)
+        measured.stats_of, measured.source = stats_of, rows
+        measured.flat, measured.dead_stack = run[0], rows.dead_stack(run)
         last = work.blocks[-1]  # the logits and their gradient (kept until the next step)
         measured.output, measured.output_grad = last["a"], last["da"]
         if histograms:
+            values, _, groups = rows.row_values(run)
             at = torch.tensor(self._hist_at)
             lo, hi = values[at, Stat.MIN].float(), values[at, Stat.MAX].float()
             if len(self._rows) == 4:  # the histograms' native call, built once as well
-                rows = self._hist_rows
-                slots = list(range(len(rows)))
-                self._rows += (self.plan.native_histograms(groups, rows, slots, len(rows)),)
+                hist_rows = self._hist_rows
+                slots = list(range(len(hist_rows)))
+                self._rows += (
+                    self.plan.native_histograms(groups, hist_rows, slots, len(hist_rows)),
+                )
             measured.counts = self.plan.count_native(self._rows[4], lo, hi)
             measured.ranges, measured.smap = torch.stack([lo, hi], 1), self.plan.satmap(groups)
             measured.hist_keys = list(self._hist_keys)

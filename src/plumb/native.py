@@ -95,7 +95,7 @@ def _load():
                 act.argtypes += [ctypes.c_int64]
                 off = so.plumb_off_counts
                 off.restype = None
-                off.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 10
+                off.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 11
                 _fn, _hist, _step, _act, _off = fn, hist, step, act, off
                 return _fn
     return None
@@ -182,6 +182,7 @@ class Rows:
         bs: list[Tensor | str | None],
         offs: list[tuple[Tensor, str, float, int, int]] = (),  # type: ignore[assignment]
         off_rows: list[int] | None = None,
+        dead: list[int] | None = None,
     ):
         if _load() is None:
             raise RuntimeError("plumb.native is not available (see plumb.native.available)")
@@ -245,7 +246,15 @@ class Rows:
             len(off_rows) != k or any(not 0 <= r < self.n for r in off_rows)
         ):
             raise ValueError("plumb.native.Rows: one row (of the n) per off tensor")
-        self._at: tuple[int, int, ctypes.Array] | None = None  # fill's (stride, column, at)
+        self._layout: tuple | None = None  # fill's (stride, column, at, fractions at, size)
+        # per off tensor, its entry in fill's fractions (-1: none; only tensors with units)
+        self.dead = None if dead is None else [int(d) for d in dead]
+        if self.dead is not None and (
+            len(self.dead) != k
+            or any(d >= 0 and u == 0 for d, u in zip(self.dead, units, strict=True))
+        ):
+            raise ValueError("plumb.native.Rows: one dead index per off tensor, -1 without units")
+        self._no_fractions = (ctypes.c_int64 * max(k, 1))(*([-1] * max(k, 1)))
 
     def stats(self) -> np.ndarray:
         """(n, 4) float64, a new array: ``row_stats`` of the tensors as they are now."""
@@ -260,33 +269,63 @@ class Rows:
         counts = np.empty(self.n_off, dtype=np.float64)
         all_off = np.empty(self.n_units, dtype=np.float64)
         if self.n_off:
-            _off(*self._off_args, self._in_order, counts.ctypes.data, all_off.ctypes.data)
+            _off(
+                *self._off_args,
+                self._in_order,
+                self._no_fractions,
+                counts.ctypes.data,
+                all_off.ctypes.data,
+            )
         return counts, all_off
 
-    def fill(self, out: Tensor, column: int, off_column: int) -> Tensor:
-        """Into ``out`` ((n, C) float64, contiguous, CPU): row i's mean, M2, min, max at
-        columns ``column``..``column + 3``, and off tensor j's count at (``off_rows[j]``,
-        ``off_column``); returns the per-unit flags (as ``off``), a new tensor."""
+    def set_layout(
+        self, stride: int, column: int, off_column: int, tail: int | None = None
+    ) -> None:
+        """Where ``fill`` writes in its flat float64 buffer: row i's mean, M2, min, max at
+        ``i * stride + column`` onwards, off tensor j's count at ``off_rows[j] * stride +
+        off_column``, and with ``tail``, at ``tail + dead[j]`` the fraction of off tensor
+        j's units off for every example (``Rows(dead=...)``)."""
+        k = self.n_off
+        if self.off_rows is None and k:
+            raise ValueError("plumb.native.Rows: give Rows the off tensors' rows to fill")
+        if not (0 <= column <= stride - 4 and 0 <= off_column < stride):
+            raise ValueError("plumb.native.Rows.set_layout: columns outside the stride")
+        size = self.n * stride
+        frac = [-1] * k
+        if tail is not None:
+            if self.dead is None or tail < size:
+                raise ValueError("plumb.native.Rows.set_layout: a tail after the rows, and dead")
+            frac = [tail + d if d >= 0 else -1 for d in self.dead]
+            size = max(size, max(frac, default=-1) + 1)
+        at = [r * stride + off_column for r in self.off_rows or ()]
+        self._layout = (
+            stride,
+            column,
+            (ctypes.c_int64 * max(k, 1))(*at),
+            (ctypes.c_int64 * max(k, 1))(*(frac or [-1])),
+            size,
+        )
+
+    def fill(self, flat: Tensor) -> np.ndarray:
+        """Write the statistics, off counts and dead fractions into ``flat`` (1-D float64,
+        contiguous, CPU, at least ``set_layout``'s size) where ``set_layout`` says; returns
+        the per-unit flags (as ``off``), a new array."""
+        layout = self._layout
+        if layout is None:
+            raise ValueError("plumb.native.Rows.fill: set_layout first")
+        stride, column, at, frac, size = layout
         if (
-            out.dtype != torch.float64
-            or not out.is_contiguous()
-            or out.device.type != "cpu"
-            or out.dim() != 2
-            or out.shape[0] != self.n
-            or not (0 <= column <= out.shape[1] - 4 and 0 <= off_column < out.shape[1])
+            flat.dtype is not torch.float64
+            or not flat.is_cpu
+            or not flat.is_contiguous()
+            or flat.numel() < size
         ):
-            raise ValueError("plumb.native.Rows.fill: out must be (n, C) contiguous float64")
-        if self.off_rows is None and self.n_off:
-            raise ValueError("plumb.native.Rows.fill: give Rows the off tensors' rows")
-        stride = out.shape[1]
-        if self._at is None or self._at[:2] != (stride, off_column):
-            at = [r * stride + off_column for r in self.off_rows or ()]
-            self._at = (stride, off_column, (ctypes.c_int64 * self.n_off)(*at))
-        base = out.data_ptr()
+            raise ValueError(f"plumb.native.Rows.fill: want >= {size} contiguous float64 values")
+        base = flat.data_ptr()
         _fn(*self._args, stride, base + 8 * column)
-        all_off = torch.empty(self.n_units, dtype=torch.float64)
+        all_off = np.empty(self.n_units, dtype=np.float64)
         if self.n_off:
-            _off(*self._off_args, self._at[2], base, all_off.data_ptr())
+            _off(*self._off_args, at, frac, base, all_off.ctypes.data)
         return all_off
 
 

@@ -187,12 +187,14 @@ void plumb_histograms(int64_t count, const float *const *xs, const int64_t *ns,
  *
  * in float32 (NaN is never off, as torch's comparisons say). counts[at[i]]: the values
  * off; with units[i] > 0, all_off[u] (the next units[i] entries per tensor, in order):
- * 1.0 where unit u is off for every outer and inner index, else 0.0. scratch: max units
- * bytes. */
+ * 1.0 where unit u is off for every outer and inner index, else 0.0, and where
+ * frac_at[i] >= 0, counts[frac_at[i]] = (units all off) / units[i] (the fraction of
+ * dead units: an integer over an integer, as torch's mean of the flags divides their
+ * exact sum). scratch: max units bytes. */
 void plumb_off_counts(int64_t count, const float *const *xs, const int64_t *ns,
                       const int64_t *kinds, const float *thr, const int64_t *units,
                       const int64_t *inner, unsigned char *scratch, const int64_t *at,
-                      double *counts, double *all_off)
+                      const int64_t *frac_at, double *counts, double *all_off)
 {
     for (int64_t i = 0; i < count; i++) {
         const float *x = xs[i], t = thr[i];
@@ -230,8 +232,13 @@ void plumb_off_counts(int64_t count, const float *const *xs, const int64_t *ns,
             j += m;
         }
         counts[at[i]] = (double)off;
-        for (u = 0; u < U; u++)
+        off = 0;
+        for (u = 0; u < U; u++) {
             all_off[u] = acc[u];
+            off += acc[u];
+        }
+        if (U > 0 && frac_at[i] >= 0)
+            counts[frac_at[i]] = (double)off / (double)U;
         all_off += U;
     }
 }

@@ -258,13 +258,19 @@ _OFF_THRESHOLD = {"tanh": TANH_SATURATION, "sigmoid": 0.5 - SIGMOID_SATURATION}
 
 class NativeRows:
     """``Plan.row_values`` of fixed tensors on the CPU, its native calls' arguments built
-    once (``Plan.native_rows``). ``run()``: (values (rows, N_STATS) float64, per-unit
-    masks [(row, (U,) float64)], the groups' flat tensors), new tensors each call: every
-    row's mean, M2, min, max by ``plumb.native``'s statistics kernel (float32 runs summed in
-    float64, each tensor read where it lies), and the saturating and rectifying outputs'
-    off counts and all-off units by its off kernel (``off_mask``'s comparisons in
-    float32, the masks ``_KindGroup.off`` gives), written by the kernels into the values
-    (N and zero off counts come from a template)."""
+    once (``Plan.native_rows``): every row's mean, M2, min, max by ``plumb.native``'s
+    statistics kernel (float32 runs summed in float64, each tensor read where it lies),
+    and the saturating and rectifying outputs' off counts and all-off units by its off
+    kernel (``off_mask``'s comparisons in float32: the masks ``_KindGroup.off`` gives),
+    written by the kernels into one new buffer per ``run``.
+
+    The buffer (``run()``'s result) holds the (rows, N_STATS) values (N from a template),
+    then each masked row's fraction of units off, in row order: what ``Probes`` lays out
+    as a record step's snapshot when no two rows share a key (nothing to pool), so that
+    it can take the buffer as it is (``plumb.probes.Measured.flat``). ``row_values``
+    gives ``Plan.row_values``' (values, units, groups) of a run, as views;
+    ``dead_stack`` the masks as one (k, U) tensor in row order when they share a
+    length, else None."""
 
     def __init__(
         self,
@@ -274,16 +280,41 @@ class NativeRows:
         groups: list[list[Tensor]],
     ):
         self.rows, self.groups = rows, groups
-        self.template = torch.zeros(len(numels), N_STATS, dtype=torch.float64)
-        self.template[:, Stat.N] = torch.tensor(numels, dtype=torch.float64)
+        n, k = len(numels), len(unit_rows)
+        self.n = n
+        self.template = torch.zeros(n * N_STATS + k, dtype=torch.float64)
+        self.template[: n * N_STATS].view(n, N_STATS)[:, Stat.N] = torch.tensor(
+            numels, dtype=torch.float64
+        )
+        rows.set_layout(N_STATS, Stat.MEAN, Stat.OFF, n * N_STATS if k else None)
         self.unit_rows = unit_rows
         self.unit_sizes = [u for u in rows.units if u > 0]
+        in_order = unit_rows == sorted(unit_rows)
+        same = len(set(self.unit_sizes)) == 1
+        self.stack_shape = (k, self.unit_sizes[0]) if same and in_order else None
 
-    def run(self) -> tuple[Tensor, list[tuple[int, Tensor]], list[list[Tensor]]]:
-        out = self.template.clone()
-        all_off = self.rows.fill(out, Stat.MEAN, Stat.OFF)
-        masks = all_off.split(self.unit_sizes) if self.unit_sizes else ()
-        return out, list(zip(self.unit_rows, masks, strict=True)), self.groups
+    def run(self) -> tuple[Tensor, np.ndarray]:
+        """Measure the tensors now: (the new buffer: values, then dead fractions; the
+        units' all-off flags, concatenated)."""
+        flat = self.template.clone()
+        return flat, self.rows.fill(flat)
+
+    def row_values(
+        self, measured: tuple[Tensor, np.ndarray]
+    ) -> tuple[Tensor, list[tuple[int, Tensor]], list[list[Tensor]]]:
+        """Of a ``run``'s result: (values (rows, N_STATS), [(row, its units' all-off
+        flags)], the groups' flat tensors), ``Plan.row_values``' result, as views."""
+        flat, all_off = measured
+        values = flat[: self.n * N_STATS].view(self.n, N_STATS)
+        masks = torch.from_numpy(all_off).split(self.unit_sizes) if self.unit_sizes else ()
+        return values, list(zip(self.unit_rows, masks, strict=True)), self.groups
+
+    def dead_stack(self, measured: tuple[Tensor, np.ndarray]) -> Tensor | None:
+        """Of a ``run``'s result: the all-off flags as (masked rows, U) in row order, or
+        None (lengths differ)."""
+        if self.stack_shape is None:
+            return None
+        return torch.from_numpy(measured[1].reshape(self.stack_shape))
 
 
 class Plan:
@@ -453,7 +484,8 @@ class Plan:
         self, tensors: list[Tensor], prev: dict[int, Tensor]
     ) -> tuple[Tensor, list[tuple[int, Tensor]], list[list[Tensor]]]:
         """``row_values`` on the CPU (``NativeRows``, built for this call)."""
-        return self.native_rows(tensors, prev).run()
+        rows = self.native_rows(tensors, prev)
+        return rows.row_values(rows.run())
 
     def native_rows(self, tensors: list[Tensor], prev: dict[int, list[Tensor]]) -> NativeRows:
         """``row_values`` of ``tensors`` (one per row; ``prev[numel]``: the parameters'
@@ -489,7 +521,12 @@ class Plan:
                     off_rows.append(base + pos)
                     if units:
                         unit_rows.append(base + pos)
-        rows = native.Rows(xs, bs, offs, off_rows)
+        ranked = {r: i for i, r in enumerate(sorted(unit_rows))}  # a fraction per unit row
+        dead = [
+            ranked[r] if units else -1
+            for r, (_, _, _, units, _) in zip(off_rows, offs, strict=True)
+        ]
+        rows = native.Rows(xs, bs, offs, off_rows, dead)
         return NativeRows(rows, self.numels, unit_rows, groups)
 
     def _chunked(

@@ -203,6 +203,7 @@ class Probes(Capture):
         self._losses: list[Tensor | float] = []  # per step until flush(): on the device, or a float
         self._plans: dict[tuple, Plan] = {}
         self._merge_cache: dict = {}
+        self._fast: dict[bool, tuple | None] = {}  # _snapshot: (source, layout, dead keys)
         self._prev: dict[int, Tensor] = {}  # numel -> stacked parameters before the update
         self._param_groups: dict[int, list[Tensor]] = defaultdict(list)
         for _, p in self.params:
@@ -453,9 +454,38 @@ class Probes(Capture):
         return self._snapshot(step, measured)
 
     def _snapshot(self, step: int, m: Measured) -> Snapshot:
-        """Merge a record step's statistics per key and lay them out for the host."""
+        """Merge a record step's statistics per key and lay them out for the host.
+
+        An engine that measures the same tensors every record step may hand its values
+        already laid out (``Measured.flat``, ``source``): the first record step of each
+        kind (with and without histograms) for a source is laid out here, and where the
+        engine's values equal it bit for bit, the later ones take the engine's values
+        and this layout as they are (the fused engine's step in C: ~14 fewer tensor
+        operations a record step)."""
         hist = step % self.hist_every == 0
-        merged = merge(m.stats, self._merge_cache)
+        fast = self._fast.get(hist) if m.flat is not None else None
+        if fast is not None and fast[0] is m.source:
+            _, layout, keys = fast
+            if m.dead_stack is None or not self.window.and_stacked(keys, m.positions, m.dead_stack):
+                units = sorted(m.rows()[0].units, key=lambda u: u[0])
+                masks = dict(zip(keys, [mask for _, mask in units], strict=True))
+                self.window.update(masks, m.positions, _stacked(list(masks.values())))
+            if hist:
+                return Snapshot(step, layout, m.flat, m.counts, m.ranges, m.smap)
+            return Snapshot(step, layout, m.flat)
+        snap = self._laid_out(step, m, hist)
+        if m.flat is not None:
+            self._fast[hist] = None
+            takes = self.world == 1 and not m.carried and (not hist or m.counts is not None)
+            if takes and snap.values.shape == m.flat.shape:
+                a, b = snap.values, m.flat
+                if bool(((a == b) | (a.isnan() & b.isnan())).all()):
+                    self._fast[hist] = (m.source, snap.layout, tuple(snap.layout.dead))
+        return snap
+
+    def _laid_out(self, step: int, m: Measured, hist: bool) -> Snapshot:
+        """``_snapshot`` for any record step: merged per key, laid out."""
+        merged = merge(m.rows(), self._merge_cache)
         carried = torch.stack(m.carried).double() if m.carried else None
         if self.world > 1:  # the global step: one all_gather of the statistics
             sharded = [("param", n) not in self._replicated for n in m.carry]

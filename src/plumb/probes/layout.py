@@ -4,6 +4,7 @@ host reads the values; ``plumb.record.decode``)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -59,6 +60,20 @@ class Measured:
     # the model's output (logits) and its gradient, from an engine without hooks
     output: Tensor | None = None
     output_grad: Tensor | None = None
+    # an engine that measures the same tensors every record step (plumb.fused): its
+    # values already laid out as the snapshot's (merged rows, then dead fractions:
+    # ``plumb.stats.NativeRows``), the dead-unit masks stacked in that order (or None),
+    # and the object that stands for their layout (the same while it is the same)
+    flat: Tensor | None = None
+    dead_stack: Tensor | None = None
+    source: object = None
+    # ``stats`` computed when asked (the same engine: its rows are needed only until
+    # ``Probes`` has checked its layout once)
+    stats_of: Callable[[], list[RowStats]] | None = None
+
+    def rows(self) -> list[RowStats]:
+        """``stats``, or ``stats_of()``."""
+        return self.stats if self.stats_of is None else self.stats_of()
 
 
 PARAM_SECTIONS = ("param", "param_grad", "param_update")

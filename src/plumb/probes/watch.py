@@ -81,22 +81,35 @@ class DeadWindow:
     ) -> None:
         """AND this record step's per-unit masks into the window (``stacked``: the same
         masks as one (k, U) tensor, when they share a shape)."""
+        if stacked is not None and self.and_stacked(tuple(masks), positions, stacked):
+            return
         for k in masks:
             self.examples[k] = self.examples.get(k, 0) + positions.get(k, 0)
-        if stacked is not None:
-            sig = (tuple(masks), tuple(stacked.shape), stacked.dtype, stacked.device)
-            if self._stack is not None and self._stack[0] == sig:
-                self._stack[1].mul_(stacked)  # the views in ``off`` follow
-                return
         for k, mask in masks.items():
             prev = self.off.get(k)
             self.off[k] = mask if prev is None or prev.shape != mask.shape else prev * mask
         self._stack = None
         if stacked is not None:  # from now on one multiply: the window's own stack
             stack = torch.stack([self.off[k] for k in masks])
-            self._stack = (sig, stack)
+            self._stack = (self._signature(tuple(masks), stacked), stack)
             for i, k in enumerate(masks):
                 self.off[k] = stack[i]
+
+    def and_stacked(
+        self, keys: tuple[str, ...], positions: dict[str, int], stacked: Tensor
+    ) -> bool:
+        """``update`` by one multiply, when the window holds these layers' masks stacked
+        as ``stacked`` is (False: it does not, nothing done)."""
+        if self._stack is None or self._stack[0] != self._signature(keys, stacked):
+            return False
+        for k in keys:
+            self.examples[k] = self.examples.get(k, 0) + positions.get(k, 0)
+        self._stack[1].mul_(stacked)  # the views in ``off`` follow
+        return True
+
+    @staticmethod
+    def _signature(keys: tuple[str, ...], stacked: Tensor) -> tuple:
+        return (keys, tuple(stacked.shape), stacked.dtype, stacked.device)
 
     def reset(self) -> None:
         self.off, self.examples, self._stack = {}, {}, None
