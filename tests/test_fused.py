@@ -484,6 +484,71 @@ def test_native_record_step_measures_what_the_python_step_measures(norm, activat
         _same_measurements(a, b, cfg, B)
 
 
+@pytest.mark.skipif(not native.available(), reason="no C compiler: the graph measures")
+@pytest.mark.parametrize("corrupt", [False, True])
+def test_probes_take_the_fused_records_laid_out_values_only_where_they_checked_them(
+    monkeypatch, corrupt
+):
+    """The step in C hands its record's values laid out as a snapshot (rows, then the
+    fraction of dead units, from plumb.native); the probes lay out the first record of
+    each kind themselves, compare bit for bit, and take the engine's buffer afterwards.
+    The record (rows, histograms, dead-unit window) equals that of the same run laid out
+    by the probes every step; an engine buffer that differs once (here: one value off)
+    is never taken."""
+    from plumb.fused import FusedStep as FS
+
+    cfg = ModelConfig(n_layers=3, n_hidden=24, n_embd=4, norm="none", activation="relu")
+    runs = {}
+    for fast in (True, False):
+        orig = FS._native_record
+
+        def record(self, *a, _orig=orig, _fast=fast, **k):
+            out = _orig(self, *a, **k)
+            if out is not None and not _fast:  # the probes lay out every step
+                out[2].flat = None
+            elif out is not None and corrupt:
+                out[2].flat[-1] += 1.0  # a dead fraction (the rows are the values)
+            return out
+
+        monkeypatch.setattr(FS, "record", FS.record)  # untouched
+        monkeypatch.setattr(FS, "_native_record", record)
+        m = MLP(cfg, torch.Generator().manual_seed(3))
+        with torch.no_grad():  # 8 units of the first layer dead for every example
+            m.layers.linear1.bias[:8] = -50.0
+        step = FS(m, SGD(m.parameters(), lr=0.2), native=True)
+        mon = plumb.Monitor(m, report=False, every=2, hist_every=6)
+        mon.attach()
+        mon.external = True
+        for i in range(24):
+            X, Y = _batch(cfg, 16, i)
+            if mon.wants_record():
+                loss, _, me = step.record(
+                    X, Y, 0.2, bins=mon.bins, histograms=mon.wants_histograms()
+                )
+            else:
+                loss, me = step(X, Y, 0.2)[0], None
+            mon.step(loss, me)
+        mon.flush()
+        runs[fast] = (mon.history, mon.window_dead(), dict(mon._fast))
+        monkeypatch.setattr(FS, "_native_record", orig)
+    (fast, dead_fast, taken), (slow, dead_slow, _) = runs[True], runs[False]
+    if corrupt:
+        assert taken == {True: None, False: None}  # checked, differed: never taken
+    else:
+        assert taken[True] is not None and taken[False] is not None  # both kinds taken
+    import json
+
+    assert json.dumps(fast.rows) == json.dumps(slow.rows) and len(fast.rows) == 12
+    assert fast.hists.keys() == slow.hists.keys() and len(fast.hists) > 10
+    for key, h in fast.hists.items():
+        assert h["steps"] == slow.hists[key]["steps"] == [0, 6, 12, 18]
+        for a, b in zip(h["counts"], slow.hists[key]["counts"], strict=True):
+            assert (a == b).all()
+    assert dead_fast == dead_slow and len(dead_fast) == 3
+    assert dead_fast["layers.relu1"][0] >= 8 / 24
+    assert all(r["layer"]["layers.relu1"]["dead"] >= 8 / 24 for r in fast.rows)
+
+
 def _same_measurements(a, b, cfg, B):
     sa, sb = a.rows()[0], b.rows()[0]
     assert sa.keys == sb.keys and len(sa.keys) > 30
