@@ -660,6 +660,24 @@ def test_native_off_counts_are_the_off_masks(kind, shape):
         assert buf[18].item() == -7.0
 
 
+@pytest.mark.parametrize("kind", ["tanh", "sigmoid", "relu"])
+def test_saturation_map_on_the_host_is_torchs(kind):
+    """A CPU output's saturation map from its host array (no tensor operations) equals
+    torch's off_mask, mean over each example's positions, float16, bit for bit: (B, F),
+    (B, T, F) with more than 256 examples, and NCHW-like outputs."""
+    from plumb.stats import _satmap_host, off_mask
+
+    g = torch.Generator().manual_seed(len(kind))
+    for shape, ud in (((32, 100), 1), ((300, 7, 40), 2), ((5, 6, 7, 8), 1)):
+        x = torch.randn(shape, generator=g) * 2
+        x = torch.tanh(x) if kind == "tanh" else torch.sigmoid(x) if kind == "sigmoid" else x
+        mask = off_mask(kind, x).movedim(ud, -1)
+        want = mask.reshape(shape[0], -1, shape[ud]).float().mean(1)[:256, :256].half()
+        got = _satmap_host(kind, x.numpy(), ud)
+        assert got.dtype == torch.float16 and torch.equal(got, want)
+        assert 0 < want.float().mean() < 1
+
+
 def test_summarize_gives_each_rows_definitions_including_the_edge_cases():
     """The host's statistics, computed for all rows at once, equal each row's
     definitions: std = sqrt(M2 / (n - 1)) (0 for one value, NaN for none or a NaN M2),

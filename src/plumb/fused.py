@@ -40,6 +40,7 @@ import types
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -50,7 +51,7 @@ from plumb.kinds import layer_kind
 from plumb.models import MLP
 from plumb.optim import SGD
 from plumb.probes.layout import Measured
-from plumb.stats import Plan, Row, RowStats, Stat
+from plumb.stats import N_STATS, Plan, Row, RowStats, Stat
 
 COMPILE_OPTIONS = {"cpp_wrapper": True}  # the graph's wrapper in C++: less Python per step
 
@@ -704,18 +705,19 @@ class FusedStep:
         measured.flat, measured.dead_stack = run[0], rows.dead_stack(run)
         last = work.blocks[-1]  # the logits and their gradient (kept until the next step)
         measured.output, measured.output_grad = last["a"], last["da"]
-        if histograms:
-            values, _, groups = rows.row_values(run)
-            at = torch.tensor(self._hist_at)
-            lo, hi = values[at, Stat.MIN].float(), values[at, Stat.MAX].float()
+        if histograms:  # on the host arrays: lo, hi per histogram row, their counts
+            values = run[0].numpy()[: len(plan.keys) * N_STATS].reshape(-1, N_STATS)
+            lo = values[self._hist_at, Stat.MIN].astype(np.float32)
+            hi = values[self._hist_at, Stat.MAX].astype(np.float32)
             if len(self._rows) == 4:  # the histograms' native call, built once as well
                 hist_rows = self._hist_rows
                 slots = list(range(len(hist_rows)))
                 self._rows += (
-                    self.plan.native_histograms(groups, hist_rows, slots, len(hist_rows)),
+                    plan.native_histograms(rows.groups, hist_rows, slots, len(hist_rows)),
                 )
-            measured.counts = self.plan.count_native(self._rows[4], lo, hi)
-            measured.ranges, measured.smap = torch.stack([lo, hi], 1), self.plan.satmap(groups)
+            measured.counts = plan.count_native(self._rows[4], lo, hi)
+            measured.ranges = torch.from_numpy(np.stack([lo, hi], 1))
+            measured.smap = plan.satmap(rows.groups)
             measured.hist_keys = list(self._hist_keys)
         return loss, ok, measured
 

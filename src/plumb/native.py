@@ -359,6 +359,27 @@ class Histograms:
         self._ns = (ctypes.c_int64 * n)(*[x.numel() for x in xs])
         self._slots = (ctypes.c_int64 * n)(*slots)
 
+    def counts(self, lo: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        """A new (n_slots, bins) int64 table of the counts; ``lo``, ``scale``: (n,)
+        float32 arrays, per tensor."""
+        lo = np.ascontiguousarray(lo, dtype=np.float32)
+        scale = np.ascontiguousarray(scale, dtype=np.float32)
+        if lo.shape != (self.n,) or scale.shape != (self.n,):
+            raise ValueError("plumb.native.histograms: one lo, scale and slot per tensor")
+        out = np.zeros(self.shape, dtype=np.int64)
+        _hist(
+            self.n,
+            self._xs,
+            self._ns,
+            lo.ctypes.data,
+            scale.ctypes.data,
+            self._slots,
+            self.shape[1],
+            self._scratch.data_ptr(),
+            out.ctypes.data,
+        )
+        return out
+
     def add(self, lo: Tensor, scale: Tensor, out: Tensor) -> None:
         """Add the counts into ``out`` ((n_slots, bins) int64, contiguous, CPU); ``lo``,
         ``scale``: (n,) per tensor."""

@@ -124,14 +124,21 @@ class History:
                 row["skipped"] = True  # the GradScaler skipped the update (inf/NaN grads)
             rows.append(row)
             if s.hist is not None:
-                for j, (section, name) in enumerate(s.layout.hist_keys):
-                    key = f"{section}/{name}"
-                    entry = (s.step, counts[hoffset + j], ranges[hoffset + j])
-                    self.hists.setdefault(key, {"steps": [], "counts": [], "range": []})
-                    for field, x in zip(("steps", "counts", "range"), entry, strict=True):
-                        self.hists[key][field].append(x)
-                    new_hists.setdefault(key, []).append(entry)
-                hoffset += len(s.layout.hist_keys)
+                n = len(s.layout.hist_keys)
+                names = [f"{section}/{name}" for section, name in s.layout.hist_keys]
+                cs, rs = counts[hoffset : hoffset + n], ranges[hoffset : hoffset + n]
+                for key, c, r in zip(names, cs, rs, strict=True):
+                    h = self.hists.get(key)
+                    if h is None:
+                        h = self.hists[key] = {"steps": [], "counts": [], "range": []}
+                    h["steps"].append(s.step)
+                    h["counts"].append(c)
+                    h["range"].append(r)
+                    new = new_hists.get(key)
+                    if new is None:
+                        new = new_hists[key] = []
+                    new.append((s.step, c, r))
+                hoffset += n
             if s.satmap is not None:
                 self.satmaps.append((s.step, s.satmap.float().cpu().numpy()))
         self.rows.extend(rows)

@@ -256,6 +256,29 @@ class _Group:
 _OFF_THRESHOLD = {"tanh": TANH_SATURATION, "sigmoid": 0.5 - SIGMOID_SATURATION}
 
 
+def _satmap_host(kind: str, x: np.ndarray, ud: int) -> Tensor:
+    """``Plan.satmap`` of a float32 CPU output on its host array (no tensor operation):
+    ``off_mask``'s comparisons in float32, the fraction off over each example's
+    positions (a float32 mean of 0/1: exact sum, one division), as float16."""
+    if kind == "tanh":
+        mask = np.abs(x) > np.float32(TANH_SATURATION)
+    elif kind == "sigmoid":
+        mask = np.abs(x - np.float32(0.5)) > np.float32(0.5 - SIGMOID_SATURATION)
+    else:
+        mask = x <= 0
+    mask = np.moveaxis(mask, ud, -1).reshape(x.shape[0], -1, x.shape[ud])
+    frac = mask.sum(1, dtype=np.float32) / np.float32(mask.shape[1])
+    return torch.from_numpy(np.ascontiguousarray(frac[:256, :256]).astype(np.float16))
+
+
+def _bin_scale(lo: np.ndarray, hi: np.ndarray, bins: int) -> np.ndarray:
+    """``bin_indices``' scale, bins / max(hi - lo, tiny), in float32 as torch computes
+    ``bins / t``: t's reciprocal times bins (two roundings)."""
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        width = np.maximum(hi - lo, np.finfo(np.float32).tiny)  # NaN stays NaN
+        return (np.float32(1.0) / width) * np.float32(bins)
+
+
 class NativeRows:
     """``Plan.row_values`` of fixed tensors on the CPU, its native calls' arguments built
     once (``Plan.native_rows``): every row's mean, M2, min, max by ``plumb.native``'s
@@ -578,7 +601,10 @@ class Plan:
         ud = unit_dim(row.kind, len(row.shape))
         if ud is None:
             return None
-        mask = off_mask(row.kind, stacks[gi][pos].view(row.shape)).movedim(ud, -1)
+        x = stacks[gi][pos]
+        if x.is_cpu and x.dtype == torch.float32 and x.is_contiguous():
+            return _satmap_host(row.kind, x.numpy().reshape(row.shape), ud)
+        mask = off_mask(row.kind, x.view(row.shape)).movedim(ud, -1)
         m = mask.reshape(row.shape[0], -1, row.shape[ud]).float().mean(1)
         return m[:256, :256].to(torch.float16)
 
@@ -638,13 +664,15 @@ class Plan:
         xs = [stacks[gi][j] for gi, j in rows]
         return native.Histograms(xs, slots, n_slots, self.bins)
 
-    def count_native(self, hists: native.Histograms, lo: Tensor, hi: Tensor) -> Tensor:
+    def count_native(
+        self, hists: native.Histograms, lo: Tensor | np.ndarray, hi: Tensor | np.ndarray
+    ) -> Tensor:
         """``count`` by ``hists`` (``native_histograms``): a new (n_slots, bins) table, the
-        bins of ``bin_indices`` by the same float32 arithmetic."""
-        scale = self.bins / (hi - lo).clamp_min(torch.finfo(torch.float32).tiny)
-        counts = torch.zeros(hists.shape, dtype=torch.int64)
-        hists.add(lo, scale, counts)
-        return counts
+        bins of ``bin_indices`` by the same float32 arithmetic (host arrays: no tensor
+        operation, ~10 fewer on a record step)."""
+        lo = np.asarray(lo, dtype=np.float32)
+        hi = np.asarray(hi, dtype=np.float32)
+        return torch.from_numpy(hists.counts(lo, _bin_scale(lo, hi, self.bins)))
 
     def bin_indices(
         self,
