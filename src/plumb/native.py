@@ -238,7 +238,11 @@ class Rows:
             (ctypes.c_float * k)(*[o[2] for o in offs]),
             (ctypes.c_int64 * k)(*units),
             (ctypes.c_int64 * k)(*[o[4] for o in offs]),
-            ctypes.create_string_buffer(max(units, default=0) + 1),
+            ctypes.create_string_buffer(
+                max(units, default=0)
+                + max((u * o[4] for u, o in zip(units, offs, strict=True)), default=0)
+                + 1
+            ),
         )
         self._in_order = (ctypes.c_int64 * k)(*range(k))
         self.off_rows = None if off_rows is None else list(off_rows)  # for ``fill``

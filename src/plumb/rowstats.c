@@ -15,7 +15,9 @@
  *
  * The differences and squares are float32, as the values are; each sum runs in LANES
  * lanes (element j to lane j % LANES) that add K terms in float32 before passing their
- * sum to a double lane. So each float32 partial sum holds at most K rounded terms, and
+ * sum to a double lane (the last n % (LANES K) values: as many runs of LANES as there
+ * are, fewer than K, then the last n % LANES values one by one in double, in lane 0).
+ * So each float32 partial sum holds at most K rounded terms, and
  * with u = 2^-24: the mean is within K u (max - min) of the exact one (each term
  * |x - x0| <= max - min), and M2 within (K + 2) u = 6e-7 of sum (x - m)^2 (terms >= 0),
  * which exceeds M2 by n (m - mean)^2 <= n u^2 mean^2; the double sums add ~1e-16. So the
@@ -40,7 +42,7 @@
         double s[LANES] = {0}, q[LANES] = {0}, sum = 0.0, m2 = 0.0, mean, dm;        \
         float f[LANES], lo[LANES], hi[LANES], mn = INFINITY, mx = -INFINITY, x0, m;  \
         int nan[LANES] = {0}, anynan = 0, l;                                         \
-        int64_t full = n - n % (LANES * K), j, k;                                    \
+        int64_t full = n - n % (LANES * K), tail = n - n % LANES, j, k;              \
         (void)b;                                                                     \
         if (n == 0) { /* as the sums would say: no values */                         \
             out[0] = NAN;                                                            \
@@ -69,7 +71,19 @@
             for (l = 0; l < LANES; l++)                                              \
                 s[l] += (double)f[l];                                                \
         }                                                                            \
-        for (j = full; j < n; j++) {                                                 \
+        for (l = 0; l < LANES; l++) /* the rest: runs of LANES in the lanes, then */  \
+            f[l] = 0.0f;            /* the last n % LANES values in lane 0 */          \
+        for (k = full; k < tail; k += LANES)                                         \
+            for (l = 0; l < LANES; l++) {                                            \
+                float v = VALUE(k + l);                                              \
+                f[l] += v - x0;                                                      \
+                lo[l] = v < lo[l] ? v : lo[l];                                       \
+                hi[l] = v > hi[l] ? v : hi[l];                                       \
+                nan[l] |= v != v;                                                    \
+            }                                                                        \
+        for (l = 0; l < LANES; l++)                                                  \
+            s[l] += (double)f[l];                                                    \
+        for (j = tail; j < n; j++) {                                                 \
             float v = VALUE(j);                                                      \
             s[0] += (double)(v - x0);                                                \
             lo[0] = v < lo[0] ? v : lo[0];                                           \
@@ -95,7 +109,16 @@
             for (l = 0; l < LANES; l++)                                              \
                 q[l] += (double)f[l];                                                \
         }                                                                            \
-        for (j = full; j < n; j++) {                                                 \
+        for (l = 0; l < LANES; l++)                                                  \
+            f[l] = 0.0f;                                                             \
+        for (k = full; k < tail; k += LANES)                                         \
+            for (l = 0; l < LANES; l++) {                                            \
+                float d = VALUE(k + l) - m;                                          \
+                f[l] += d * d;                                                       \
+            }                                                                        \
+        for (l = 0; l < LANES; l++)                                                  \
+            q[l] += (double)f[l];                                                    \
+        for (j = tail; j < n; j++) {                                                 \
             float d = VALUE(j) - m;                                                  \
             q[0] += (double)(d * d);                                                 \
         }                                                                            \
@@ -190,46 +213,71 @@ void plumb_histograms(int64_t count, const float *const *xs, const int64_t *ns,
  * 1.0 where unit u is off for every outer and inner index, else 0.0, and where
  * frac_at[i] >= 0, counts[frac_at[i]] = (units all off) / units[i] (the fraction of
  * dead units: an integer over an integer, as torch's mean of the flags divides their
- * exact sum). scratch: max units bytes. */
+ * exact sum). scratch: max units + max units * inner bytes. */
+static int64_t count_off(const float *s, int64_t m, int64_t kind, float t)
+{
+    int64_t c = 0, k;
+    if (kind == 1)
+        for (k = 0; k < m; k++)
+            c += fabsf(s[k]) > t;
+    else if (kind == 2)
+        for (k = 0; k < m; k++)
+            c += fabsf(s[k] - 0.5f) > t;
+    else
+        for (k = 0; k < m; k++)
+            c += s[k] <= 0.0f;
+    return c;
+}
+
+/* f[k] = 1 where s[k] is off, for m values; returns how many are */
+static int64_t flag_off(const float *s, int64_t m, int64_t kind, float t, unsigned char *f)
+{
+    int64_t c = 0, k;
+    if (kind == 1)
+        for (k = 0; k < m; k++)
+            f[k] = fabsf(s[k]) > t;
+    else if (kind == 2)
+        for (k = 0; k < m; k++)
+            f[k] = fabsf(s[k] - 0.5f) > t;
+    else
+        for (k = 0; k < m; k++)
+            f[k] = s[k] <= 0.0f;
+    for (k = 0; k < m; k++)
+        c += f[k];
+    return c;
+}
+
 void plumb_off_counts(int64_t count, const float *const *xs, const int64_t *ns,
                       const int64_t *kinds, const float *thr, const int64_t *units,
                       const int64_t *inner, unsigned char *scratch, const int64_t *at,
                       const int64_t *frac_at, double *counts, double *all_off)
 {
+    int64_t most = 0; /* the largest units: scratch holds acc (most), then a slab's flags */
+    for (int64_t i = 0; i < count; i++)
+        most = units[i] > most ? units[i] : most;
     for (int64_t i = 0; i < count; i++) {
         const float *x = xs[i], t = thr[i];
         const int64_t n = ns[i], kind = kinds[i], U = units[i], in = inner[i];
         int64_t off = 0, j, u, k;
-        unsigned char *acc = scratch;
-        if (U > 0)
-            for (u = 0; u < U; u++)
-                acc[u] = 1;
-        for (j = 0; j < n;) {
-            /* one (units, inner) slab at a time when there are units, else all values */
-            int64_t m = U > 0 ? U * in : n, c = 0;
-            const float *s = x + j;
-            if (kind == 1)
-                for (k = 0; k < m; k++)
-                    c += fabsf(s[k]) > t;
-            else if (kind == 2)
-                for (k = 0; k < m; k++)
-                    c += fabsf(s[k] - 0.5f) > t;
+        unsigned char *acc = scratch, *f = scratch + most;
+        if (U == 0) {
+            counts[at[i]] = (double)count_off(x, n, kind, t);
+            continue;
+        }
+        for (u = 0; u < U; u++)
+            acc[u] = 1;
+        for (j = 0; j < n; j += U * in) { /* one (units, inner) slab at a time */
+            off += flag_off(x + j, U * in, kind, t, f);
+            if (in == 1)
+                for (u = 0; u < U; u++)
+                    acc[u] &= f[u];
             else
-                for (k = 0; k < m; k++)
-                    c += s[k] <= 0.0f;
-            off += c;
-            if (U > 0 && c < m) /* some value of the slab is on: its units are not all off */
                 for (u = 0; u < U; u++) {
                     unsigned char all = acc[u];
-                    for (k = 0; k < in && all; k++) {
-                        float v = s[u * in + k];
-                        all = kind == 1   ? fabsf(v) > t
-                              : kind == 2 ? fabsf(v - 0.5f) > t
-                                          : v <= 0.0f;
-                    }
+                    for (k = 0; k < in; k++)
+                        all &= f[u * in + k];
                     acc[u] = all;
                 }
-            j += m;
         }
         counts[at[i]] = (double)off;
         off = 0;
@@ -237,7 +285,7 @@ void plumb_off_counts(int64_t count, const float *const *xs, const int64_t *ns,
             all_off[u] = acc[u];
             off += acc[u];
         }
-        if (U > 0 && frac_at[i] >= 0)
+        if (frac_at[i] >= 0)
             counts[frac_at[i]] = (double)off / (double)U;
         all_off += U;
     }
