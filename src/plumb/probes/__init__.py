@@ -201,6 +201,7 @@ class Probes(Capture):
         self.step_count = 0
         self.snapshots: list[Snapshot] = []  # on the device, until flush()
         self._losses: list[Tensor | float] = []  # per step until flush(): on the device, or a float
+        self._device_losses = 0  # how many of them are tensors
         self._plans: dict[tuple, Plan] = {}
         self._merge_cache: dict = {}
         self._fast: dict[bool, tuple | None] = {}  # _snapshot: (source, layout, dead keys)
@@ -393,6 +394,7 @@ class Probes(Capture):
             if loss.dim() != 0:
                 loss = loss.reshape(())
             self._losses.append(loss if loss.dtype == torch.float32 else loss.float())
+            self._device_losses += 1
         else:  # a CPU loss is read now (no sync): a 0-d tensor kept per step cost ~3 us
             self._losses.append(loss.item() if isinstance(loss, Tensor) else float(loss))
         if measured is not None and self._is_record(self.step_count):
@@ -602,12 +604,12 @@ class Probes(Capture):
         if self.history is None:
             self.history = History(self.meta())
         start = self.step_count - len(self._losses)
-        losses = _loss_tensor(self._losses)
+        losses = _loss_tensor(self._losses, self._device_losses > 0)
         if self.world > 1 and self._losses:  # the global loss: the ranks' mean
             losses = mean_over_ranks(losses)
         losses = losses.cpu()
         snaps = self.snapshots
-        self._losses, self.snapshots = [], []
+        self._losses, self.snapshots, self._device_losses = [], [], 0
         rows, hists = self.history.add(start, losses, snaps)
         meta = self.meta()
         self.history.meta = meta
@@ -621,11 +623,14 @@ class Probes(Capture):
             sink.write(self.history, rows, hists)
 
 
-def _loss_tensor(losses: list[Tensor | float]) -> Tensor:
+def _loss_tensor(losses: list[Tensor | float], tensors: bool = True) -> Tensor:
     """The steps' losses as one float32 tensor (on the device of the first one kept as a
-    tensor; a float kept for a CPU loss is the float32 value itself, exact)."""
+    tensor; a float kept for a CPU loss is the float32 value itself, exact).
+    ``tensors`` False: they are all floats."""
     if not losses:
         return torch.empty(0)
+    if not tensors:
+        return torch.tensor(losses, dtype=torch.float32)
     device = next((t.device for t in losses if isinstance(t, Tensor)), None)
     if device is None:
         return torch.tensor(losses, dtype=torch.float32)
