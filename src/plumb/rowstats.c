@@ -161,44 +161,45 @@ void plumb_row_stats(int64_t count, const float *const *xs, const float *const *
  * in float32 (NaN -> bin 0, y clamped to [0, bins - 1]: the arithmetic of
  * plumb.stats.Plan.bin_indices, so the counts are the same), added into row slot[i] of
  * counts (n_slots, bins). The bins of a block of values are computed first (vectorised),
- * then counted into four interleaved tables (value j into table j % 4, summed at the
- * end), so that runs of one bin do not wait on the previous increment. scratch: 4 * bins
- * int64s. */
+ * then counted into eight interleaved 32-bit tables (value j into table j % 8, summed at
+ * the end, at least every 2^30 values so that none overflows), so that runs of one bin
+ * do not wait on the previous increment. scratch: 4 * bins int64s (8 * bins uint32s). */
 #define BLOCK 512
+#define TABLES 8
+#define CHUNK (1 << 30)
 
 void plumb_histograms(int64_t count, const float *const *xs, const int64_t *ns,
                       const float *lo, const float *scale, const int64_t *slot,
                       int64_t bins, int64_t *scratch, int64_t *counts)
 {
     const float top = (float)(bins - 1);
+    uint32_t *tab = (uint32_t *)scratch;
     int32_t at[BLOCK];
     for (int64_t i = 0; i < count; i++) {
         const float *x = xs[i], a = lo[i], s = scale[i];
-        int64_t n = ns[i], j, t, k;
-        int64_t *t0 = scratch, *t1 = scratch + bins, *t2 = scratch + 2 * bins,
-                *t3 = scratch + 3 * bins;
-        for (j = 0; j < 4 * bins; j++)
-            scratch[j] = 0;
-        for (j = 0; j < n; j += BLOCK) {
-            int64_t m = n - j < BLOCK ? n - j : BLOCK;
-            for (k = 0; k < m; k++) {
-                float y = (x[j + k] - a) * s;
-                y = y != y ? 0.0f : y;
-                y = y < 0.0f ? 0.0f : (y > top ? top : y);
-                at[k] = (int32_t)y;
+        int64_t n = ns[i], j, t, k, c;
+        for (c = 0; c < n; c += CHUNK) {
+            int64_t end = n - c < CHUNK ? n : c + CHUNK;
+            for (j = 0; j < TABLES * bins; j++)
+                tab[j] = 0;
+            for (j = c; j < end; j += BLOCK) {
+                int64_t m = end - j < BLOCK ? end - j : BLOCK;
+                for (k = 0; k < m; k++) { /* NaN and y < 0: 0; y > top: top */
+                    float y = (x[j + k] - a) * s;
+                    y = y > 0.0f ? y : 0.0f;
+                    y = y < top ? y : top;
+                    at[k] = (int32_t)y;
+                }
+                for (k = 0; k + TABLES <= m; k += TABLES)
+                    for (t = 0; t < TABLES; t++)
+                        tab[t * bins + at[k + t]]++;
+                for (; k < m; k++)
+                    tab[at[k]]++;
             }
-            for (k = 0; k + 4 <= m; k += 4) {
-                t0[at[k]]++;
-                t1[at[k + 1]]++;
-                t2[at[k + 2]]++;
-                t3[at[k + 3]]++;
-            }
-            for (; k < m; k++)
-                t0[at[k]]++;
+            for (t = 0; t < TABLES; t++)
+                for (j = 0; j < bins; j++)
+                    counts[slot[i] * bins + j] += tab[t * bins + j];
         }
-        for (t = 0; t < 4; t++)
-            for (j = 0; j < bins; j++)
-                counts[slot[i] * bins + j] += scratch[t * bins + j];
     }
 }
 
