@@ -455,6 +455,30 @@ def test_native_step_refuses_bad_ids_and_follows_replaced_optimizer_state():
 
 
 @needs_native
+def test_native_step_follows_replaced_storage():
+    """A parameter or buffer whose storage was replaced (``p.data = ...``) is stepped
+    where it is now: the C step takes new pointers (it never writes through the old,
+    freed ones) and goes on as the Python step does."""
+    cfg = ModelConfig(n_layers=2, n_hidden=12, n_embd=3, norm="batch", activation="tanh")
+    runs = []
+    for in_c in (False, True):
+        m = MLP(cfg, torch.Generator().manual_seed(0))
+        step = FusedStep(m, SGD(m.parameters(), lr=0.1), compile=False, native=in_c)
+        step(*_batch(cfg, 16, 0), 0.1)
+        w = step.params[1]  # the first Linear's weight
+        w.data = w.data.clone()
+        rm = step.buffers[0]
+        rm.data = rm.data.clone()
+        kept = w.detach().clone()
+        for k in range(1, 4):
+            step(*_batch(cfg, 16, k), 0.1)
+        assert not torch.equal(w, kept)  # the new storage is the one updated
+        runs.append(m)
+    for p, q in zip(runs[0].state_dict().values(), runs[1].state_dict().values(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+@needs_native
 @pytest.mark.parametrize(
     "norm, activation", [("batch", "tanh"), ("layer", "relu"), ("none", "sigmoid")]
 )

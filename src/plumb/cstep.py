@@ -139,6 +139,9 @@ class Workspace:
         net.sgemm = native.sgemm()
         self.ref = ctypes.byref(net)
         self.state: list[Any] = []  # AdamW's tensors the pointers were taken from
+        # the parameters' and buffers' storage the pointers were taken from: a tensor
+        # whose ``.data`` was replaced since gets a new workspace (NativeStep.__call__)
+        self.ptrs = [t.data_ptr() for t in (*params, *buffers)]
         self.runs = True  # batches of this size run here (NativeStep.runs_at)
         self._measured: list[Tensor] | None = None
 
@@ -204,6 +207,7 @@ class NativeStep:
         self.adamw, self.hyper, self.weight_decay = fused.adamw, fused.hyper, fused.weight_decay
         self.state: list[dict[str, Tensor]] = fused.state
         self.work: Workspace | None = None
+        self._tensors = [*self.params, *self.buffers]
         self._true, self._false = torch.tensor(True), torch.tensor(False)
 
     @staticmethod
@@ -231,7 +235,13 @@ class NativeStep:
         """(loss, ok), or None when this call cannot run here (the caller runs the graph)."""
         B = X.shape[0]
         work = self.work
-        if work is None or work.B != B:
+        # ~1.5 us a step: the C step writes where the pointers point, so a parameter or
+        # buffer whose storage was replaced (``p.data = ...``, ``.half()``) must not be
+        # written through the old pointers (freed memory)
+        if work is None or work.B != B or [t.data_ptr() for t in self._tensors] != work.ptrs:
+            self.work = None
+            if not usable(self.params, self.buffers):
+                return None
             work = self.work = Workspace(self, B)
             work.runs = self.runs_at(B)
             if self.adamw and not work.bind_state(self.state):
