@@ -42,7 +42,7 @@
         double s[LANES] = {0}, q[LANES] = {0}, sum = 0.0, m2 = 0.0, mean, dm;        \
         float f[LANES], lo[LANES], hi[LANES], mn = INFINITY, mx = -INFINITY, x0, m;  \
         int nan[LANES] = {0}, anynan = 0, l;                                         \
-        int64_t full = n - n % (LANES * K), tail = n - n % LANES, j, k;              \
+        int64_t tail = n - n % LANES, stop, j, k;                                    \
         (void)b;                                                                     \
         if (n == 0) { /* as the sums would say: no values */                         \
             out[0] = NAN;                                                            \
@@ -57,10 +57,11 @@
             lo[l] = INFINITY;                                                        \
             hi[l] = -INFINITY;                                                       \
         }                                                                            \
-        for (j = 0; j < full; j += LANES * K) {                                      \
+        for (j = 0; j < tail; j += LANES * K) { /* K runs, fewer at the end */      \
+            stop = j + LANES * K < tail ? j + LANES * K : tail;                      \
             for (l = 0; l < LANES; l++)                                              \
                 f[l] = 0.0f;                                                         \
-            for (k = j; k < j + LANES * K; k += LANES)                               \
+            for (k = j; k < stop; k += LANES)                                        \
                 for (l = 0; l < LANES; l++) {                                        \
                     float v = VALUE(k + l);                                          \
                     f[l] += v - x0;                                                  \
@@ -71,18 +72,6 @@
             for (l = 0; l < LANES; l++)                                              \
                 s[l] += (double)f[l];                                                \
         }                                                                            \
-        for (l = 0; l < LANES; l++) /* the rest: runs of LANES in the lanes, then */  \
-            f[l] = 0.0f;            /* the last n % LANES values in lane 0 */          \
-        for (k = full; k < tail; k += LANES)                                         \
-            for (l = 0; l < LANES; l++) {                                            \
-                float v = VALUE(k + l);                                              \
-                f[l] += v - x0;                                                      \
-                lo[l] = v < lo[l] ? v : lo[l];                                       \
-                hi[l] = v > hi[l] ? v : hi[l];                                       \
-                nan[l] |= v != v;                                                    \
-            }                                                                        \
-        for (l = 0; l < LANES; l++)                                                  \
-            s[l] += (double)f[l];                                                    \
         for (j = tail; j < n; j++) {                                                 \
             float v = VALUE(j);                                                      \
             s[0] += (double)(v - x0);                                                \
@@ -98,10 +87,11 @@
         }                                                                            \
         mean = (double)x0 + sum / (double)n;                                         \
         m = (float)mean;                                                             \
-        for (j = 0; j < full; j += LANES * K) {                                      \
+        for (j = 0; j < tail; j += LANES * K) {                                      \
+            stop = j + LANES * K < tail ? j + LANES * K : tail;                      \
             for (l = 0; l < LANES; l++)                                              \
                 f[l] = 0.0f;                                                         \
-            for (k = j; k < j + LANES * K; k += LANES)                               \
+            for (k = j; k < stop; k += LANES)                                        \
                 for (l = 0; l < LANES; l++) {                                        \
                     float d = VALUE(k + l) - m;                                      \
                     f[l] += d * d;                                                   \
@@ -109,15 +99,6 @@
             for (l = 0; l < LANES; l++)                                              \
                 q[l] += (double)f[l];                                                \
         }                                                                            \
-        for (l = 0; l < LANES; l++)                                                  \
-            f[l] = 0.0f;                                                             \
-        for (k = full; k < tail; k += LANES)                                         \
-            for (l = 0; l < LANES; l++) {                                            \
-                float d = VALUE(k + l) - m;                                          \
-                f[l] += d * d;                                                       \
-            }                                                                        \
-        for (l = 0; l < LANES; l++)                                                  \
-            q[l] += (double)f[l];                                                    \
         for (j = tail; j < n; j++) {                                                 \
             float d = VALUE(j) - m;                                                  \
             q[0] += (double)(d * d);                                                 \
