@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -452,6 +453,39 @@ def test_native_step_refuses_bad_ids_and_follows_replaced_optimizer_state():
     with pytest.raises(IndexError, match="index out of range"):
         sb(X, Y, 1e-2)
     assert all(torch.equal(p, q) for p, q in zip(mb.parameters(), before, strict=True))
+
+
+@needs_native
+@pytest.mark.parametrize("optimizer", ["sgd-wd", "adamw", "non-finite"])
+def test_native_record_measures_the_updates_it_applies(optimizer):
+    """The step in C keeps each parameter's update as it applies it (value after - value
+    before, in float32, no copy of the parameters): the record's update rows are, bit for
+    bit, plumb.native's statistics of after - before; a step that updates nothing (a
+    non-finite gradient) records p - p."""
+    cfg = ModelConfig(n_layers=2, n_hidden=12, n_embd=3, norm="batch", activation="tanh")
+    m = MLP(cfg, torch.Generator().manual_seed(1))
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
+    else:
+        opt = SGD(m.parameters(), lr=0.1, weight_decay=1e-2)
+    step = FusedStep(m, opt, compile=False, native=True)
+    step(*_batch(cfg, 16, 0), 0.1)
+    if optimizer == "non-finite":
+        with torch.no_grad():
+            m.layers.output.weight[0, 0] = float("inf")
+    before = [p.detach().clone() for p in step.params]
+    _, ok, me = step.record(*_batch(cfg, 16, 1), 0.1)
+    assert bool(ok) == (optimizer != "non-finite")
+    rows = me.rows()[0]
+    at = {k: i for i, k in enumerate(rows.keys)}
+    for name, p, b in zip(step.names, step.params, before, strict=True):
+        got = rows.values[at[("param_update", name)], 1:5]
+        want = native.row_stats([p.detach()], [b])[0]
+        assert np.array_equal(got.numpy(), want.numpy(), equal_nan=True), name
+    if optimizer == "non-finite":
+        assert rows.values[at[("param_update", "layers.output.weight")], 1].isnan()
+    else:
+        assert (rows.values[[at[("param_update", n)] for n in step.names], 2] > 0).all()
 
 
 @needs_native

@@ -44,7 +44,7 @@ class _Layer(ctypes.Structure):
 
 
 class _Param(ctypes.Structure):
-    _fields_ = [(n, _P) for n in ("p", "g", "m", "v", "prev")] + [("n", ctypes.c_int64)]
+    _fields_ = [(n, _P) for n in ("p", "g", "m", "v", "upd")] + [("n", ctypes.c_int64)]
 
 
 class _Net(ctypes.Structure):
@@ -76,7 +76,8 @@ class Workspace:
     ``blocks[k]``: per block, ``h`` (its input), ``z``, ``y``, ``xhat``, ``invstd``, ``a``,
     and the gradients ``dz``, ``dy``, ``da``, ``dh`` (y is z without a norm, a is y for a
     linear activation, and the same for their gradients); ``grads``: the parameters'
-    gradients in ``params`` order; ``prev``: their values before the last measured step."""
+    gradients in ``params`` order; ``updates``: their updates (value after - value before,
+    in float32) of the last measured step."""
 
     def __init__(self, step: NativeStep, B: int):
         self.B = B
@@ -84,7 +85,7 @@ class Workspace:
         E = params[0].shape[1]
         self.emb = torch.zeros(B, step.block_size * E)
         self.grads = [torch.zeros_like(p) for p in params]
-        self.prev = [torch.zeros_like(p) for p in params]
+        self.updates = [torch.zeros_like(p) for p in params]
         self.blocks: list[dict[str, Tensor]] = []
         self._layers = (_Layer * len(specs))()
         self._params = (_Param * len(params))()
@@ -123,8 +124,8 @@ class Workspace:
             for name in ("h", "z", "y", "xhat", "invstd", "a", "da", "dy", "dz", "dh", "scratch"):
                 setattr(L, name, blk[name].data_ptr())
             h, dh = blk["a"], blk["da"]
-        for P, p, g, prev in zip(self._params, params, self.grads, self.prev, strict=True):
-            P.p, P.g, P.prev, P.n = p.data_ptr(), g.data_ptr(), prev.data_ptr(), p.numel()
+        for P, p, g, u in zip(self._params, params, self.grads, self.updates, strict=True):
+            P.p, P.g, P.upd, P.n = p.data_ptr(), g.data_ptr(), u.data_ptr(), p.numel()
         net = self.net = _Net()
         net.B, net.T, net.E, net.V = B, step.block_size, E, params[0].shape[0]
         net.n_layers, net.n_params, net.adamw = len(specs), len(params), int(step.adamw)
@@ -202,7 +203,7 @@ class NativeStep:
     """``step(X, Y, lr, measure=False) -> (loss, ok)``: a ``FusedStep``'s step in C, on
     its specs, flat parameter and buffer lists and optimizer settings. ``ok`` False: a
     non-finite loss or gradient, nothing updated but the running statistics. With
-    ``measure``, the workspace keeps each parameter's value before the update."""
+    ``measure``, the workspace keeps each parameter's update (``Workspace.updates``)."""
 
     def __init__(self, fused: Any):
         self.specs, self.params, self.buffers = fused.specs, fused.params, fused.buffers

@@ -677,8 +677,8 @@ class FusedStep:
         self, X: Tensor, Y: Tensor, lr: float, histograms: bool
     ) -> tuple[Tensor, Tensor, Measured] | None:
         """``record`` with the step in C (``plumb.cstep``): the step keeps every tensor
-        the probes measure in its workspace and the parameters' values before the
-        update; their statistics and histogram counts are plumb.native's (the kernel the
+        the probes measure in its workspace, and each parameter's update as it applies
+        it; their statistics and histogram counts are plumb.native's (the kernel the
         Monitor uses on any model), read where the tensors lie. None: the graph runs."""
         done = self.native(X, Y, lr, measure=True)
         if done is None:
@@ -690,8 +690,8 @@ class FusedStep:
         key = (id(work), id(self.plan), tuple(p.data_ptr() for p in self.params))
         if self._rows is None or self._rows[0] != key:
             tensors = work.measured(self.specs, self.params, self.model.config.block_size)
-            prev = {n: [work.prev[k] for k in ks] for n, ks in self._prev_params.items()}
-            self._rows = (key, self.plan.native_rows(tensors, prev), work, self.plan)
+            upd = {n: [work.updates[k] for k in ks] for n, ks in self._prev_params.items()}
+            self._rows = (key, self.plan.native_rows(tensors, {}, upd), work, self.plan)
         rows, plan, unit_rows = self._rows[1], self.plan, self._unit_rows
         run = rows.run()
 

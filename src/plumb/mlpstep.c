@@ -43,7 +43,7 @@ typedef struct { /* one Linear [-> norm] [-> activation] block; NULL where absen
 } Layer;
 
 typedef struct { /* a parameter, its gradient, AdamW's moments, its value before the step */
-    float *p, *g, *m, *v, *prev;
+    float *p, *g, *m, *v, *upd; /* upd: the last measured update */
     int64_t n;
 } Param;
 
@@ -390,11 +390,19 @@ static void sum_rows(const float *dz, float *db, int64_t B, int64_t F)
         add_row(db, dz + i * F, F);
 }
 
-/* plumb's SGD: p <- p + (-lr) (g + weight_decay p) */
-static void sgd(float *restrict p, const float *restrict g, int64_t n, float step, float wd)
+/* plumb's SGD: p <- p + (-lr) (g + weight_decay p); with upd, upd <- p_new - p_old (in
+ * float32: the update a record step measures) */
+static void sgd(float *restrict p, const float *restrict g, float *restrict upd, int64_t n,
+                float step, float wd)
 {
     int64_t i;
-    if (wd != 0.0f)
+    if (upd)
+        for (i = 0; i < n; i++) {
+            float old = p[i];
+            p[i] = wd != 0.0f ? old + (g[i] + old * wd) * step : old + g[i] * step;
+            upd[i] = p[i] - old;
+        }
+    else if (wd != 0.0f)
         for (i = 0; i < n; i++)
             p[i] = p[i] + (g[i] + p[i] * wd) * step;
     else
@@ -402,17 +410,20 @@ static void sgd(float *restrict p, const float *restrict g, int64_t n, float ste
             p[i] = p[i] + g[i] * step;
 }
 
-/* torch.optim.AdamW: decoupled weight decay, bias-corrected moments */
+/* torch.optim.AdamW: decoupled weight decay, bias-corrected moments (upd as for sgd) */
 static void adamw(float *restrict p, const float *restrict g, float *restrict m,
-                  float *restrict v, int64_t n, float b1, float b2, float eps, float decay,
-                  float step_size, float bc2_sqrt)
+                  float *restrict v, float *restrict upd, int64_t n, float b1, float b2,
+                  float eps, float decay, float step_size, float bc2_sqrt)
 {
     for (int64_t i = 0; i < n; i++) {
         float mi = m[i] + (g[i] - m[i]) * (1.0f - b1);
         float vi = v[i] * b2 + g[i] * g[i] * (1.0f - b2);
+        float old = p[i];
         m[i] = mi;
         v[i] = vi;
-        p[i] = p[i] * decay - step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
+        p[i] = old * decay - step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
+        if (upd)
+            upd[i] = p[i] - old;
     }
 }
 
@@ -426,8 +437,8 @@ static inline int64_t id_at(const void *ids, int64_t width, int64_t i)
  * ``widths``: ids, targets), as plumb's datasets store them. Returns 1 (updated), 0 (a
  * non-finite loss or gradient: nothing updated but the running statistics), -1 (an id
  * outside the embedding), -2 (a target outside the output). *loss_out: the mean
- * cross-entropy. With ``measure``, each parameter's value before the update goes to its
- * ``prev``. */
+ * cross-entropy. With ``measure``, each parameter's update (p after - p before, in
+ * float32) goes to its ``upd``. */
 int plumb_mlp_step(Net *net, const void *ids_in, const void *targets_in, int64_t widths,
                    float lr, int64_t measure, float *loss_out)
 {
@@ -501,16 +512,20 @@ int plumb_mlp_step(Net *net, const void *ids_in, const void *targets_in, int64_t
     int ok = isfinite(loss);
     for (k = 0; k < net->n_params && ok; k++)
         ok = all_finite(net->params[k].g, net->params[k].n);
-    if (measure)
-        for (k = 0; k < net->n_params; k++)
-            memcpy(net->params[k].prev, net->params[k].p, net->params[k].n * sizeof(float));
-    if (!ok)
+    if (!ok) {
+        if (measure) /* nothing updated: each update is p - p (0, NaN where p is not finite) */
+            for (k = 0; k < net->n_params; k++)
+                for (i = 0; i < net->params[k].n; i++)
+                    net->params[k].upd[i] = net->params[k].p[i] - net->params[k].p[i];
         return 0;
+    }
 
     if (!net->adamw) {
         const float wd = net->weight_decay, step = -lr;
-        for (k = 0; k < net->n_params; k++)
-            sgd(net->params[k].p, net->params[k].g, net->params[k].n, step, wd);
+        for (k = 0; k < net->n_params; k++) {
+            const Param *P = &net->params[k];
+            sgd(P->p, P->g, measure ? P->upd : NULL, P->n, step, wd);
+        }
         return 1;
     }
     const float b1 = net->beta1, b2 = net->beta2, eps = net->adam_eps;
@@ -521,7 +536,8 @@ int plumb_mlp_step(Net *net, const void *ids_in, const void *targets_in, int64_t
     for (k = 0; k < net->n_params; k++) {
         const Param *P = &net->params[k];
         *net->steps[k] = (float)t;
-        adamw(P->p, P->g, P->m, P->v, P->n, b1, b2, eps, decay, step_size, bc2_sqrt);
+        adamw(P->p, P->g, P->m, P->v, measure ? P->upd : NULL, P->n, b1, b2, eps, decay,
+              step_size, bc2_sqrt);
     }
     return 1;
 }

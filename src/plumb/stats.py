@@ -510,11 +510,18 @@ class Plan:
         rows = self.native_rows(tensors, prev)
         return rows.row_values(rows.run())
 
-    def native_rows(self, tensors: list[Tensor], prev: dict[int, list[Tensor]]) -> NativeRows:
+    def native_rows(
+        self,
+        tensors: list[Tensor],
+        prev: dict[int, list[Tensor]],
+        updates: dict[int, list[Tensor]] | None = None,
+    ) -> NativeRows:
         """``row_values`` of ``tensors`` (one per row; ``prev[numel]``: the parameters'
-        values before the update, in the group's param order) as a ``NativeRows``, whose
-        ``run()`` reads the tensors' values at the call: a caller that measures the same
-        tensors every record step builds it once."""
+        values before the update, in the group's param order; or ``updates[numel]``: the
+        updates themselves, value after - value before in float32, as a step that applies
+        them can keep them) as a ``NativeRows``, whose ``run()`` reads the tensors' values
+        at the call: a caller that measures the same tensors every record step builds it
+        once."""
         groups: list[list[Tensor]] = []
         xs: list[Tensor] = []
         # update rows with no snapshot before the update: NaN (native.Rows.MISSING)
@@ -528,7 +535,10 @@ class Plan:
             groups.append(flat)
             xs += flat
             bs += [None] * len(flat)
-            if g.params is not None:
+            if g.params is not None and updates is not None and g.numel in updates:
+                xs += [_f32(u) for u in updates[g.numel]]
+                bs += [None] * (g.params.stop - g.params.start)
+            elif g.params is not None:
                 before = prev.get(g.numel)
                 for j, p in enumerate(flat[g.params]):
                     xs.append(p)
