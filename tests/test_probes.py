@@ -665,12 +665,17 @@ def test_saturation_map_on_the_host_is_torchs(kind):
     """A CPU output's saturation map from its host array (no tensor operations) equals
     torch's off_mask, mean over each example's positions, float16, bit for bit: (B, F),
     (B, T, F) with more than 256 examples, and NCHW-like outputs."""
-    from plumb.stats import _satmap_host, off_mask
+    from plumb.stats import _OFF_THRESHOLD, _satmap_host, off_mask
 
     g = torch.Generator().manual_seed(len(kind))
+    t = torch.tensor(_OFF_THRESHOLD.get(kind, 0.0))
+    edge = {"tanh": [t, -t], "sigmoid": [0.5 + t, 0.5 - t], "relu": [t, -t]}[kind]
+    edge = torch.stack([e for v in edge for e in (v, torch.nextafter(v, v + 1))])
     for shape, ud in (((32, 100), 1), ((300, 7, 40), 2), ((5, 6, 7, 8), 1)):
         x = torch.randn(shape, generator=g) * 2
         x = torch.tanh(x) if kind == "tanh" else torch.sigmoid(x) if kind == "sigmoid" else x
+        # values at the threshold and one ulp past it, in every example's first positions
+        x.view(shape[0], -1)[:, : len(edge)] = edge
         mask = off_mask(kind, x).movedim(ud, -1)
         want = mask.reshape(shape[0], -1, shape[ud]).float().mean(1)[:256, :256].half()
         got = _satmap_host(kind, x.numpy(), ud)
