@@ -604,7 +604,8 @@ class FusedStep:
         # histogram step); CUDA: in the graph, where bincount would sync on its size
         self._count_outside = device.type == "cpu"
         self._prepared: tuple | None = None  # (batch, bins, saturation layer) of self.plan
-        self._rows: tuple | None = None  # (key, NativeRows, the workspace and plan keyed)
+        self._rows: tuple | None = None  # (workspace, plan, their NativeRows)
+        self._hists: Any = None  # their native.Histograms, built on the first histogram step
         # CPU: the graph's wrapper in C++; CUDA: CUDA graphs (one launch per step), as
         # torch.compile's mode "reduce-overhead" does (mode and options are exclusive).
         how = {"mode": "reduce-overhead"} if device.type == "cuda" else {"options": COMPILE_OPTIONS}
@@ -686,13 +687,14 @@ class FusedStep:
         loss, ok = done
         work = self.native.work
         # the same tensors every record step: the native calls' arguments are built once
-        # per workspace, plan and parameter storage (~130 us of Python a step otherwise)
-        key = (id(work), id(self.plan), tuple(p.data_ptr() for p in self.params))
-        if self._rows is None or self._rows[0] != key:
+        # per workspace (a new one whenever a batch size or a storage changes) and plan
+        # (~130 us of Python a step otherwise)
+        if self._rows is None or self._rows[0] is not work or self._rows[1] is not self.plan:
             tensors = work.measured(self.specs, self.params, self.model.config.block_size)
             upd = {n: [work.updates[k] for k in ks] for n, ks in self._prev_params.items()}
-            self._rows = (key, self.plan.native_rows(tensors, {}, upd), work, self.plan)
-        rows, plan, unit_rows = self._rows[1], self.plan, self._unit_rows
+            self._rows = (work, self.plan, self.plan.native_rows(tensors, {}, upd))
+            self._hists = None
+        rows, plan, unit_rows = self._rows[2], self.plan, self._unit_rows
         run = rows.run()
 
         def stats_of() -> list[RowStats]:  # the rows, when the probes lay them out
@@ -709,13 +711,11 @@ class FusedStep:
             values = run[0].numpy()[: len(plan.keys) * N_STATS].reshape(-1, N_STATS)
             lo = values[self._hist_at, Stat.MIN].astype(np.float32)
             hi = values[self._hist_at, Stat.MAX].astype(np.float32)
-            if len(self._rows) == 4:  # the histograms' native call, built once as well
+            if self._hists is None:  # the histograms' native call, built once as well
                 hist_rows = self._hist_rows
                 slots = list(range(len(hist_rows)))
-                self._rows += (
-                    plan.native_histograms(rows.groups, hist_rows, slots, len(hist_rows)),
-                )
-            measured.counts = plan.count_native(self._rows[4], lo, hi)
+                self._hists = plan.native_histograms(rows.groups, hist_rows, slots, len(hist_rows))
+            measured.counts = plan.count_native(self._hists, lo, hi)
             measured.ranges = torch.from_numpy(np.stack([lo, hi], 1))
             measured.smap = plan.satmap(rows.groups)
             measured.hist_keys = list(self._hist_keys)
