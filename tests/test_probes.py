@@ -842,6 +842,59 @@ def test_a_flush_builds_its_rows_without_a_garbage_collection():
     assert gc.isenabled()
 
 
+def test_a_flush_files_each_histogram_under_its_key_when_the_keys_change():
+    """History.add files a flush's histograms by runs of steps with the same keys: with a
+    layer that runs on some steps only (the keys change from step to step), every key's
+    steps, counts and ranges are the snapshots' own rows, and the sinks' new entries too."""
+    from plumb.record import History
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(6, 12), nn.Linear(12, 12), nn.Linear(12, 3)
+            self.act = nn.Tanh()
+            self.use_b = True
+
+        def forward(self, x):
+            h = self.act(self.a(x))
+            if self.use_b:
+                h = self.act(self.b(h))
+            return self.c(h)
+
+    torch.manual_seed(0)
+    net = Net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    with Monitor(net, report=False, every=1, hist_every=2, flush_every=10**9) as mon:
+        for i in range(16):
+            net.use_b = i % 6 < 3  # runs of 3 steps with the layer, 3 without
+            loss = net(torch.randn(8, 6)).logsumexp(1).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(loss)
+        snaps, meta = list(mon.snapshots), mon.meta()
+    history = History(meta)
+    _, new = history.add(0, torch.zeros(16), snaps)
+    with_hist = [s for s in snaps if s.hist is not None]
+    key_sets = {tuple(s.layout.hist_keys) for s in with_hist}
+    assert len(with_hist) == 8 and len(key_sets) == 2  # the premise: the keys change
+    want: dict[str, list] = {}
+    for s in with_hist:
+        for j, (section, name) in enumerate(s.layout.hist_keys):
+            want.setdefault(f"{section}/{name}", []).append(
+                (s.step, s.hist[j].numpy(), s.hist_range[j].float().numpy())
+            )
+    assert sorted(history.hists) == sorted(want) == sorted(new)
+    for key, entries in want.items():
+        h = history.hists[key]
+        assert h["steps"] == [step for step, _, _ in entries] == [e[0] for e in new[key]]
+        for (_, c, r), hc, hr, (_, nc, nr) in zip(
+            entries, h["counts"], h["range"], new[key], strict=True
+        ):
+            assert hc.dtype == np.int32 and np.array_equal(hc, c) and np.array_equal(nc, c)
+            assert np.array_equal(hr, r) and np.array_equal(nr, r)
+
+
 def _reference_row(step, layout, values):
     """A record row by the definitions, key by key and statistic by statistic (what
     ``decode_many`` computes on whole arrays): ``summary``'s mean, std, rms, min, max and

@@ -109,13 +109,12 @@ class History:
         new_hists: dict[str, list] = {}
         if not snaps:
             return rows, new_hists
-        values = torch.cat([s.values for s in snaps]).cpu().numpy()
-        with_hist = [s for s in snaps if s.hist is not None]
-        if with_hist:
-            counts = torch.cat([s.hist for s in with_hist]).cpu().numpy().astype(np.int32)
-            ranges = torch.cat([s.hist_range for s in with_hist]).float().cpu().numpy()
-        hoffset = 0
         with paused_gc():
+            values = _host([s.values for s in snaps], np.float64)
+            with_hist = [s for s in snaps if s.hist is not None]
+            if with_hist:
+                counts = _host([s.hist for s in with_hist], np.int32)
+                ranges = _host([s.hist_range for s in with_hist], np.float32)
             decoded = _decode_runs(snaps, values)
             for s, row in zip(snaps, decoded, strict=True):
                 i = s.step - start
@@ -124,26 +123,52 @@ class History:
                 if getattr(s, "skipped", False):
                     row["skipped"] = True  # the GradScaler skipped the update (inf/NaN grads)
                 rows.append(row)
-                if s.hist is not None:
-                    n = len(s.layout.hist_keys)
-                    names = [f"{section}/{name}" for section, name in s.layout.hist_keys]
-                    cs, rs = counts[hoffset : hoffset + n], ranges[hoffset : hoffset + n]
-                    for key, c, r in zip(names, cs, rs, strict=True):
-                        h = self.hists.get(key)
-                        if h is None:
-                            h = self.hists[key] = {"steps": [], "counts": [], "range": []}
-                        h["steps"].append(s.step)
-                        h["counts"].append(c)
-                        h["range"].append(r)
-                        new = new_hists.get(key)
-                        if new is None:
-                            new = new_hists[key] = []
-                        new.append((s.step, c, r))
-                    hoffset += n
                 if s.satmap is not None:
                     self.satmaps.append((s.step, s.satmap.float().cpu().numpy()))
+            if with_hist:
+                self._add_hists(with_hist, counts, ranges, new_hists)
         self.rows.extend(rows)
         return rows, new_hists
+
+    def _add_hists(self, snaps: list, counts: np.ndarray, ranges: np.ndarray, new: dict) -> None:
+        """Append each histogram step's counts and ranges (rows of ``counts``, ``ranges``:
+        the steps' ``hist_keys`` one after another) to their keys, and to ``new`` as
+        (step, counts, range); steps in a run with the same keys are added key by key."""
+        offset = i = 0
+        while i < len(snaps):
+            keys = snaps[i].layout.hist_keys
+            j = i + 1
+            while j < len(snaps) and (
+                snaps[j].layout.hist_keys is keys or snaps[j].layout.hist_keys == keys
+            ):
+                j += 1
+            n, steps = len(keys), [s.step for s in snaps[i:j]]
+            size = (j - i) * n
+            cs = counts[offset : offset + size].reshape(j - i, n, -1)
+            rs = ranges[offset : offset + size].reshape(j - i, n, -1)
+            for k, (section, name) in enumerate(keys):
+                key = f"{section}/{name}"
+                c, r = list(cs[:, k]), list(rs[:, k])
+                h = self.hists.get(key)
+                if h is None:
+                    h = self.hists[key] = {"steps": [], "counts": [], "range": []}
+                h["steps"] += steps
+                h["counts"] += c
+                h["range"] += r
+                new.setdefault(key, []).extend(zip(steps, c, r, strict=True))
+            offset += size
+            i = j
+
+
+def _host(tensors: list[torch.Tensor], dtype: type) -> np.ndarray:
+    """The tensors' values one after another, as one new host array of ``dtype``: CPU
+    tensors read where they lie into it, in one copy (a flush's histogram counts are
+    ~30 MB of int64 for 1,000 steps: a joined int64 copy and then an int32 one cost
+    ~15 ms more, most of it the first touch of the fresh pages); device tensors joined
+    on their device, then copied."""
+    if all(t.is_cpu for t in tensors):
+        return np.concatenate([t.numpy() for t in tensors], dtype=dtype, casting="same_kind")
+    return torch.cat(tensors).cpu().numpy().astype(dtype, copy=False)
 
 
 @contextlib.contextmanager
