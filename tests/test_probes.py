@@ -580,6 +580,12 @@ def test_native_statistics_of_awkward_tensors(n):
     assert torch.equal(again[2], again[0]) and torch.equal(again[0], got[0])
     assert torch.equal(again[1], native.row_stats([head.clone()], [None])[0])
     assert torch.equal(again[3], got[1])  # with b: the update, not x again
+    with pytest.raises(ValueError, match="the size of xs"):
+        native.row_stats([x, x], [None, torch.zeros(n + 1)])
+    with pytest.raises(ValueError, match="contiguous float32"):
+        native.row_stats([x, x.double()], [None, None])
+    with pytest.raises(ValueError, match="contiguous float32"):
+        native.row_stats([x], [b.double()])
     # histograms: 7 bins over each tensor's own range (rows 2 and 3 into one slot)
     bins, vals = 7, [x, x - b, nan, inf]
     lo = torch.stack([v.amin() for v in vals])

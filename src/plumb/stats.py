@@ -31,6 +31,7 @@ edges, all histograms of a step in one ``bincount``.
 from __future__ import annotations
 
 import math
+import operator
 from collections import defaultdict
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -219,6 +220,17 @@ def _f32(t: Tensor) -> Tensor:
     if t.dtype == torch.float32 and t.is_contiguous():
         return t
     return t.detach().reshape(-1).float().contiguous()
+
+
+def _f32_all(ts: list[Tensor]) -> list[Tensor]:
+    """``_f32`` of each tensor; the list itself, one pass per property, when all are
+    float32 and contiguous already (the usual case: ~0.5 us of Python per tensor saved)."""
+    if set(map(_DTYPE, ts)) <= {torch.float32} and all(map(Tensor.is_contiguous, ts)):
+        return list(ts)
+    return [_f32(t) for t in ts]
+
+
+_DTYPE = operator.attrgetter("dtype")
 
 
 @dataclass
@@ -531,12 +543,12 @@ class Plan:
         unit_rows: list[int] = []
         for g in self.groups:
             base = len(xs)
-            flat = [_f32(tensors[i]) for i in g.members]  # as they lie, when they can
+            flat = _f32_all([tensors[i] for i in g.members])  # as they lie, when they can
             groups.append(flat)
             xs += flat
             bs += [None] * len(flat)
             if g.params is not None and updates is not None and g.numel in updates:
-                xs += [_f32(u) for u in updates[g.numel]]
+                xs += _f32_all(updates[g.numel])
                 bs += [None] * (g.params.stop - g.params.start)
             elif g.params is not None:
                 before = prev.get(g.numel)
