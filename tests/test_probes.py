@@ -806,6 +806,20 @@ def test_a_flush_decodes_its_steps_together_as_each_would_decode_alone():
         assert json.dumps(want) == json.dumps(t)  # the definitions, key by key
 
 
+def _recorded(net, steps, batch, **cadence):
+    """The snapshots and meta of ``steps`` SGD steps of ``net`` (loss: the logits'
+    logsumexp) under a Monitor that does not flush by itself; ``batch(i)``: step i's input."""
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    with Monitor(net, report=False, flush_every=10**9, **cadence) as mon:
+        for i in range(steps):
+            loss = net(batch(i)).logsumexp(1).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(loss)
+        return list(mon.snapshots), mon.meta()
+
+
 def test_a_flush_builds_its_rows_without_a_garbage_collection():
     """The rows of a flush are dicts of floats (no cycles): the collector stays off while
     they are built (each ~700 allocations would set one off, and now and then a full one
@@ -816,21 +830,13 @@ def test_a_flush_builds_its_rows_without_a_garbage_collection():
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
-    opt = torch.optim.SGD(net.parameters(), lr=0.02)
     runs: list[int] = []
 
     def seen(phase, info):
         if phase == "start":
             runs.append(info["generation"])
 
-    with Monitor(net, report=False, every=1, hist_every=10**9, flush_every=10**9) as mon:
-        for _ in range(120):
-            loss = net(torch.randn(8, 8)).logsumexp(1).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            mon.step(loss)
-        snaps, meta = list(mon.snapshots), mon.meta()
+    snaps, meta = _recorded(net, 120, lambda i: torch.randn(8, 8), every=1, hist_every=10**9)
     history = History(meta)
     threshold = gc.get_threshold()
     gc.set_threshold(50, 10, 10)  # a collection every 50 allocations, were it on
@@ -869,16 +875,12 @@ def test_a_flush_files_each_histogram_under_its_key_when_the_keys_change():
 
     torch.manual_seed(0)
     net = Net()
-    opt = torch.optim.SGD(net.parameters(), lr=0.05)
-    with Monitor(net, report=False, every=1, hist_every=2, flush_every=10**9) as mon:
-        for i in range(16):
-            net.use_b = i % 6 < 3  # runs of 3 steps with the layer, 3 without
-            loss = net(torch.randn(8, 6)).logsumexp(1).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            mon.step(loss)
-        snaps, meta = list(mon.snapshots), mon.meta()
+
+    def batch(i):
+        net.use_b = i % 6 < 3  # runs of 3 steps with the layer, 3 without
+        return torch.randn(8, 6)
+
+    snaps, meta = _recorded(net, 16, batch, every=1, hist_every=2)
     history = History(meta)
     _, new = history.add(0, torch.zeros(16), snaps)
     with_hist = [s for s in snaps if s.hist is not None]
