@@ -152,13 +152,19 @@ _DTYPE = operator.attrgetter("dtype")
 _IS_CPU = operator.attrgetter("is_cpu")
 
 
-def _check_all(ts: list[Tensor]) -> None:
-    """``_check`` of many tensors, with one pass per property."""
-    if not (
+def readable(ts: list[Tensor]) -> bool:
+    """Whether the kernels can read every tensor where it lies (float32, CPU, contiguous),
+    with one pass per property (no Python per tensor)."""
+    return (
         set(map(_DTYPE, ts)) <= {torch.float32}
         and all(map(_IS_CPU, ts))
         and all(map(Tensor.is_contiguous, ts))
-    ):
+    )
+
+
+def _check_all(ts: list[Tensor]) -> None:
+    """``_check`` of many tensors, with one pass per property."""
+    if not readable(ts):
         _check(ts)  # raises
 
 
